@@ -1,0 +1,3 @@
+"""okd_scale: Online Knowledge Distillation of autoregressive language models at DeepSpeed scale."""
+
+__version__ = "0.1.0"

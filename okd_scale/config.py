@@ -1,0 +1,301 @@
+"""The run configuration: one dataclass tree, read from YAML with `key=value` overrides, validated at start.
+
+Every error names the file or flag, the key and what was expected, and is raised before any engine starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("okd", "kd", "sft")
+TEACHER_METHODS = ("okd", "kd")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelArgs:
+    teacher: str = ""  # local Hugging Face model directory (needed by okd and kd)
+    student: str = ""  # local Hugging Face model directory
+    allow_hub: bool = False  # allow hub ids (downloads); off so a typo in a path is an error, not a download
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataArgs:
+    train_file: str = ""  # .jsonl / .json / a datasets.save_to_disk directory
+    eval_file: Optional[str] = None
+    max_length: int = 512
+    on_error: str = "raise"  # raise | skip
+
+
+@dataclass
+class TrainArgs:
+    max_steps: int = 100  # optimizer steps
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+
+
+@dataclass
+class LossArgs:
+    divergence: str = "fkl"  # D in LS = kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE
+    kd_ratio: float = 0.5  # alpha of design.md section 2
+    temperature: float = 1.0
+    js_beta: float = 0.5
+    skew_alpha: float = 0.1
+    akl_mu: float = 0.5
+    chunk_size: int = 1024  # tokens per chunk of the divergence computation
+
+
+@dataclass
+class OnlineArgs:
+    """The teacher's online module: a LoRA on its last `num_blocks` blocks, trained with LT."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    num_blocks: Optional[int] = None  # k; default a quarter of the teacher's blocks, at least 1
+    target_modules: list = field(default_factory=lambda: list(LLAMA_TARGETS))
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    update_every: int = 1  # update the online module every N optimizer steps
+    divergence: str = "fkl"  # D_T in LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT)
+    divergence_weight: float = 1.0  # lambda of design.md section 2
+
+
+@dataclass
+class DeepSpeedArgs:
+    teacher_config: str = "ds_configs/teacher_zero3_offload.json"
+    student_config: str = "ds_configs/student_zero2.json"
+    teacher_overrides: dict = field(default_factory=dict)  # merged into the teacher's JSON
+    student_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    method: str = "okd"
+    seed: int = 42
+    output_dir: str = "runs/okd"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    online: OnlineArgs = field(default_factory=OnlineArgs)
+    deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, cls, origin: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(RunConfig), n=1, cutoff=0.6)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return ConfigError(f'{origin}: unknown key "{key}"{hint}')
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, hint, key: str, origin: str) -> Any:
+    """Check `value` against a field's type; accept ints for floats and YAML 1.1 strings like 5e-5."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    want = typing.get_origin(hint) or hint
+    ok = False
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif want is str:
+        ok = isinstance(value, str)
+    elif want is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif want is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        name = {list: "list of strings"}.get(want, getattr(want, "__name__", str(want)))
+        raise ConfigError(f'{origin}: "{key}" must be {name}, got {type(value).__name__} {value!r}')
+    return value
+
+
+def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f'{origin}: "{prefix.rstrip(".") or "<top>"}" must be a mapping, got {values!r}')
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        full = prefix + str(key)
+        if key not in hints:
+            raise _unknown(full, type(obj), origin)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            _apply(getattr(obj, key), value or {}, origin, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hint, full, origin))
+
+
+def set_override(cfg: RunConfig, item: str) -> None:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML."""
+    origin = f"override {item!r}"
+    if "=" not in item:
+        raise ConfigError(f"{origin}: expected key=value, e.g. train.max_steps=10")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.split(".")
+    obj = cfg
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or p not in typing.get_type_hints(type(obj)):
+            raise _unknown(key, RunConfig, origin)
+        obj = getattr(obj, p)
+    hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    if parts[-1] not in hints or dataclasses.is_dataclass(hints[parts[-1]]):
+        raise _unknown(key, RunConfig, origin)
+    setattr(obj, parts[-1], _coerce(value, hints[parts[-1]], key, origin))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (optional), apply `key=value` overrides, validate."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        _apply(cfg, values, str(path))
+    for item in overrides:
+        set_override(cfg, item)
+    validate(cfg, origin=str(path) if path else "config")
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+def resolve_path(p: str) -> Path:
+    """A path as given if it exists, else relative to the repository (for the shipped ds_configs/)."""
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else path
+
+
+def _model_dir(value: str, key: str, allow_hub: bool, origin: str) -> None:
+    if not value:
+        raise ConfigError(f'{origin}: "{key}" is required: a local Hugging Face model directory')
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f'{origin}: "{key}": {path} has no config.json; expected a Hugging Face model '
+                              "directory (save_pretrained output)")
+        return
+    if allow_hub and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not value.startswith((".", "/")):
+        raise ConfigError(f'{origin}: "{key}": {value!r} is not a local directory. Models load from local '
+                          "directories; set model.allow_hub=true to download it from the Hugging Face Hub")
+    raise ConfigError(f'{origin}: "{key}": model directory not found: {path}')
+
+
+def _check(cond: bool, origin: str, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f'{origin}: "{key}" must be {expected}, got {value!r}')
+
+
+def validate(cfg: RunConfig, origin: str = "config") -> None:
+    """Ranges, choices and paths; raises ConfigError naming the key."""
+    from .divergences import DIVERGENCES
+
+    _check(cfg.method in METHODS, origin, "method", f"one of {', '.join(METHODS)}", cfg.method)
+    t, lo, on = cfg.train, cfg.loss, cfg.online
+    for key, v in [("train.max_steps", t.max_steps), ("train.per_device_train_batch_size", t.per_device_train_batch_size),
+                   ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                   ("train.logging_steps", t.logging_steps), ("data.max_length", cfg.data.max_length),
+                   ("loss.chunk_size", lo.chunk_size), ("online.r", on.r), ("online.update_every", on.update_every)]:
+        _check(v >= 1, origin, key, "an integer >= 1", v)
+    _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
+    _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),
+                   ("loss.temperature", lo.temperature)]:
+        _check(v > 0, origin, key, "a number > 0", v)
+    for key, v in [("train.weight_decay", t.weight_decay), ("online.weight_decay", on.weight_decay),
+                   ("train.max_grad_norm", t.max_grad_norm), ("online.divergence_weight", on.divergence_weight),
+                   ("online.lora_alpha", on.lora_alpha)]:
+        _check(v >= 0, origin, key, "a number >= 0", v)
+    _check(0.0 <= lo.kd_ratio <= 1.0, origin, "loss.kd_ratio", "in [0, 1]", lo.kd_ratio)
+    _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
+    _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
+    _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)
+    _check(0.0 <= on.lora_dropout < 1.0, origin, "online.lora_dropout", "in [0, 1)", on.lora_dropout)
+    _check(on.num_blocks is None or on.num_blocks >= 1, origin, "online.num_blocks", "null or an integer >= 1",
+           on.num_blocks)
+    _check(len(on.target_modules) > 0, origin, "online.target_modules", "a non-empty list of module names",
+           on.target_modules)
+    for key, v in [("loss.divergence", lo.divergence), ("online.divergence", on.divergence)]:
+        _check(v in DIVERGENCES, origin, key, f"one of {', '.join(DIVERGENCES)}", v)
+    _check(t.lr_scheduler_type in SCHEDULERS, origin, "train.lr_scheduler_type", f"one of {', '.join(SCHEDULERS)}",
+           t.lr_scheduler_type)
+    _check(cfg.data.on_error in ("raise", "skip"), origin, "data.on_error", "raise or skip", cfg.data.on_error)
+    _check(bool(cfg.output_dir), origin, "output_dir", "a directory path", cfg.output_dir)
+
+    _model_dir(cfg.model.student, "model.student", cfg.model.allow_hub, origin)
+    if cfg.method in TEACHER_METHODS:
+        _model_dir(cfg.model.teacher, "model.teacher", cfg.model.allow_hub, origin)
+    for key in ("train_file", "eval_file"):
+        value = getattr(cfg.data, key)
+        if key == "train_file" and not value:
+            raise ConfigError(f'{origin}: "data.train_file" is required')
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f'{origin}: "data.{key}": file not found: {value}')
+    for key in ("teacher_config", "student_config"):
+        value = getattr(cfg.deepspeed, key)
+        if not resolve_path(value).is_file():
+            raise ConfigError(f'{origin}: "deepspeed.{key}": DeepSpeed config not found: {value}')

@@ -1,0 +1,438 @@
+"""Token-level divergences between two next-token distributions, and cross-entropy.
+
+Notation: ``p`` is the *target* distribution (first argument) and ``q`` the second one. For the
+student loss the caller passes p = teacher, q = student; for the teacher's online loss it passes
+p = student (detached), q = teacher. Both arguments are differentiable: gradients reach whichever
+one the caller did not detach.
+
+Logits have shape ``[..., V]``; the distributions are ``softmax(logits / temperature)``, computed
+in float32 (or float64 for float64 inputs) whatever the input dtype, one chunk of tokens at a time.
+The temperature divides both logits; there is no ``temperature ** 2`` rescaling of the result
+(the caller scales the loss if it wants the classic Hinton factor).
+
+Numerics: everything works on log-probabilities (``log_softmax``); terms ``p log p`` with
+``p == 0`` count as 0 and have zero gradient, also for ``-inf`` logits (padded vocabulary entries)
+and for very large logits. Mixtures ``log(w p + (1 - w) q)`` are computed with ``logaddexp``.
+
+Memory: with ``chunk_size`` set, tokens are processed ``chunk_size`` (counted) tokens at a time by
+one autograd function that keeps only its inputs for backward and recomputes each chunk there, so
+at most one chunk's float32 ``[chunk, V]`` intermediates are alive, in forward and in backward.
+:func:`chunked_divergence_from_hidden` goes one step further and never forms more than one
+chunk of logits from the hidden states and lm_head weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES: tuple[str, ...] = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
+
+IGNORE_INDEX = -100
+
+Number = Union[float, int, Tensor]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_name(name: str) -> None:
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+
+
+def _check_params(temperature: float, beta: float, alpha: float, mu: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not 0 < beta < 1:
+        raise ValueError(f"beta must be in (0, 1), got {beta!r}")
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+    if not 0 < mu <= 1:
+        raise ValueError(f"mu must be in (0, 1], got {mu!r}")
+
+
+def _check_chunk_size(chunk_size: Optional[int]) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _check_pair(p_logits: Tensor, q_logits: Tensor) -> None:
+    if p_logits.shape[-1] != q_logits.shape[-1]:
+        raise ValueError(f"vocab sizes differ: p has {p_logits.shape[-1]}, q has {q_logits.shape[-1]}")
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"logit shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
+
+
+def _counted(token_shape: torch.Size, mask: Optional[Tensor], labels: Optional[Tensor] = None,
+             device=None) -> Optional[Tensor]:
+    """Flat bool [N] of counted tokens (None = all): mask != 0 and, with labels, labels != -100."""
+    counted = None
+    if mask is not None:
+        if mask.shape != token_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match token shape {tuple(token_shape)}")
+        counted = mask.reshape(-1) != 0
+    if labels is not None:
+        if labels.shape != token_shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match token shape {tuple(token_shape)}")
+        valid = labels.reshape(-1) != IGNORE_INDEX
+        counted = valid if counted is None else counted & valid
+    return counted
+
+
+# --------------------------------------------------------------------------- per-token math
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float32 for half types, unchanged for float32/float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) in at least float32.
+
+    The (detached) row max is subtracted before dividing by the temperature so that finite logits
+    near the float32 limit cannot overflow to inf; softmax is shift-invariant, so values and
+    gradients are unchanged.
+    """
+    x = _upcast(logits)
+    if temperature != 1:
+        top = x.detach().amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        x = (x - top) / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_i a_i (log a_i - log b_i), with 0 log 0 = 0 (value and gradient)."""
+    a = log_a.exp()
+    live = a > 0
+    # The inner where keeps (-inf) - (-inf) = nan out of the graph where a == 0.
+    diff = torch.where(live, log_a - log_b, torch.zeros_like(log_a))
+    return (a * diff).sum(dim=-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w a + (1 - w) b), stably; entries where a == b == 0 are left finite (they never count)."""
+    if w == 1:
+        return log_a
+    if w == 0:
+        return log_b
+    x = log_a + math.log(w)
+    y = log_b + math.log1p(-w)
+    dead = torch.isneginf(x) & torch.isneginf(y)
+    zero = torch.zeros_like(x)
+    return torch.logaddexp(torch.where(dead, zero, x), torch.where(dead, zero, y))
+
+
+def _fkl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Forward KL: FKL(p, q) = KL(p || q) = sum_v p_v log(p_v / q_v)."""
+    return _kl(logp, logq)
+
+
+def _rkl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Reverse KL: RKL(p, q) = KL(q || p) = sum_v q_v log(q_v / p_v)."""
+    return _kl(logq, logp)
+
+
+def _js(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+    """Generalised Jensen-Shannon: JS_beta = beta KL(p || m) + (1 - beta) KL(q || m),
+    m = beta p + (1 - beta) q. Bounded by -beta log beta - (1 - beta) log(1 - beta) nats."""
+    logm = _log_mix(logp, logq, beta)
+    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+
+
+def _tvd(logp: Tensor, logq: Tensor) -> Tensor:
+    """Total variation distance: TVD = 1/2 sum_v |p_v - q_v|, in [0, 1]."""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(dim=-1)
+
+
+def _skl(logp: Tensor, logq: Tensor, alpha: float) -> Tensor:
+    """Skew KL: SKL_alpha = KL(p || alpha p + (1 - alpha) q); alpha = 0 gives FKL."""
+    return _kl(logp, _log_mix(logp, logq, alpha))
+
+
+def _srkl(logp: Tensor, logq: Tensor, alpha: float) -> Tensor:
+    """Skew reverse KL: SRKL_alpha = KL(q || (1 - alpha) p + alpha q); alpha = 0 gives RKL."""
+    return _kl(logq, _log_mix(logp, logq, 1 - alpha))
+
+
+def _akl(logp: Tensor, logq: Tensor, mu: float) -> Tensor:
+    """Adaptive KL (Wu et al. 2024, arXiv 2404.02657):
+    AKL = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL, where the vocabulary
+    is sorted by p descending, the head is the smallest prefix whose cumulative p reaches mu, and
+    g_head = sum_head |p - q|, g_tail = sum_tail |p - q|. When p == q (g_head + g_tail = 0) the
+    result is 0.
+
+    The mixing weights are constants for autograd (computed under no_grad): the authors' code
+    computes the head/tail gaps from detached student probabilities and a teacher run without
+    gradient, so no gradient flows through the weights; gradients are
+    w_head * grad(FKL) + w_tail * grad(RKL). Ties in p are broken by vocabulary index (stable sort).
+    Note: their code puts the token whose cumulative mass first exceeds mu in the tail (unless it
+    is the top token); here it is in the head, per the paper's "smallest prefix reaching mu".
+    """
+    with torch.no_grad():
+        p, q = logp.exp(), logq.exp()
+        p_sorted, order = p.sort(dim=-1, descending=True, stable=True)
+        gap = (p_sorted - q.gather(-1, order)).abs()
+        cum = p_sorted.cumsum(dim=-1)
+        mass_before = F.pad(cum[..., :-1], (1, 0))  # mass of all tokens ranked above this one
+        head = mass_before < mu
+        g_head = (gap * head).sum(dim=-1)
+        g_total = gap.sum(dim=-1)
+        w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1.0), 0.5)
+    return w_head * _kl(logp, logq) + (1 - w_head) * _kl(logq, logp)
+
+
+def _per_token(name: str, logp: Tensor, logq: Tensor, beta: float, alpha: float, mu: float) -> Tensor:
+    if name == "fkl":
+        return _fkl(logp, logq)
+    if name == "rkl":
+        return _rkl(logp, logq)
+    if name == "js":
+        return _js(logp, logq, beta)
+    if name == "tvd":
+        return _tvd(logp, logq)
+    if name == "skl":
+        return _skl(logp, logq, alpha)
+    if name == "srkl":
+        return _srkl(logp, logq, alpha)
+    if name == "akl":
+        return _akl(logp, logq, mu)
+    _check_name(name)
+    raise AssertionError(name)
+
+
+def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.0,
+                     beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5) -> Tensor:
+    """Per-token divergence D(p || q), shape ``[...]`` for logits ``[..., V]``.
+
+    p = softmax(p_logits / temperature), q = softmax(q_logits / temperature), over the last dim.
+      fkl:  sum p log(p / q)
+      rkl:  sum q log(q / p)
+      js:   beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+      tvd:  1/2 sum |p - q|
+      skl:  KL(p || alpha p + (1 - alpha) q)
+      srkl: KL(q || (1 - alpha) p + alpha q)
+      akl:  w_head FKL + w_tail RKL with head/tail gap weights (see ``_akl``; weights are constants)
+    Result dtype: float32 (float64 for float64 inputs). No temperature**2 factor.
+    """
+    _check_name(name)
+    _check_params(temperature, beta, alpha, mu)
+    _check_pair(p_logits, q_logits)
+    logp = _log_probs(p_logits, temperature)
+    logq = _log_probs(q_logits, temperature)
+    return _per_token(name, logp, logq, beta, alpha, mu)
+
+
+# --------------------------------------------------------------------------- chunked sums
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """sum over chunks c of fn(*[r[c] for r in rows], *shared), recomputing each chunk in backward.
+
+    ``rows`` are [N, ...] tensors indexed by ``index`` (the counted rows), ``shared`` tensors (lm_head
+    weights) are used whole by every chunk. Forward keeps no intermediates; backward recomputes
+    one chunk at a time, writes the row gradients into place and accumulates shared gradients in
+    float32. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, index, chunk_size, num_rows, *tensors):
+        rows, shared = tensors[:num_rows], tensors[num_rows:]
+        total = None
+        for start in range(0, index.numel(), chunk_size):
+            sel = index[start:start + chunk_size]
+            value = fn(*[r.index_select(0, sel) for r in rows], *shared)
+            total = value if total is None else total + value
+        if total is None:
+            dtype = torch.promote_types(rows[0].dtype, torch.float32)
+            total = torch.zeros((), dtype=dtype, device=rows[0].device)
+        ctx.fn, ctx.chunk_size, ctx.num_rows = fn, chunk_size, num_rows
+        ctx.save_for_backward(index, *tensors)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        index, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        num_rows = ctx.num_rows
+        grads = [None] * len(tensors)
+        for i, (t, need) in enumerate(zip(tensors, needs)):
+            if need:
+                grads[i] = torch.zeros_like(t) if i < num_rows else torch.zeros_like(t, dtype=_upcast(t).dtype)
+        for start in range(0, index.numel(), ctx.chunk_size):
+            sel = index[start:start + ctx.chunk_size]
+            with torch.enable_grad():
+                inputs = [r.index_select(0, sel).detach().requires_grad_(need)
+                          for r, need in zip(tensors[:num_rows], needs[:num_rows])]
+                inputs += [w.detach().requires_grad_(need) for w, need in zip(tensors[num_rows:], needs[num_rows:])]
+                wanted = [x for x, need in zip(inputs, needs) if need]
+                value = ctx.fn(*inputs)
+                got = torch.autograd.grad(value, wanted, grad_out, allow_unused=True)
+            got = iter(got)
+            for i, need in enumerate(needs):
+                if not need:
+                    continue
+                g = next(got)
+                if g is None:
+                    continue
+                if i < num_rows:
+                    grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
+                else:
+                    grads[i] += g
+        for i in range(num_rows, len(tensors)):
+            if grads[i] is not None:
+                grads[i] = grads[i].to(tensors[i].dtype)
+        return (None, None, None, None, *grads)
+
+
+def _row_sum(fn: Callable[..., Tensor], rows: Sequence[Tensor], shared: Sequence[Tensor],
+             counted: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
+    """sum of fn over the counted rows of ``rows`` (flat [N, ...]); dense when chunk_size is None."""
+    if chunk_size is None:
+        if counted is not None:
+            index = counted.nonzero().squeeze(1)
+            rows = [r.index_select(0, index) for r in rows]
+        return fn(*rows, *shared)
+    n = rows[0].shape[0]
+    index = torch.arange(n, device=rows[0].device) if counted is None else counted.nonzero().squeeze(1)
+    return _ChunkedSum.apply(fn, index, chunk_size, len(rows), *rows, *shared)
+
+
+def _num_counted(counted: Optional[Tensor], total: int) -> Tensor:
+    if counted is None:
+        return torch.tensor(float(total))
+    return counted.sum()
+
+
+def _divide(value: Tensor, num_tokens: Number) -> Tensor:
+    if isinstance(num_tokens, Tensor):
+        return value / num_tokens.to(device=value.device, dtype=value.dtype).clamp_min(1)
+    return value / max(float(num_tokens), 1.0)
+
+
+def divergence_sum(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional[Tensor] = None, *,
+                   temperature: float = 1.0, chunk_size: Optional[int] = None, beta: float = 0.5,
+                   alpha: float = 0.1, mu: float = 0.5) -> Tensor:
+    """Sum of the per-token divergence (see :func:`token_divergence`) over tokens where ``mask`` is
+    nonzero (all tokens when mask is None); a scalar.
+
+    ``chunk_size``: process that many counted tokens at a time, recomputing each chunk in backward,
+    so only one chunk's float32 [chunk, V] intermediates are alive. Same values and gradients as
+    ``chunk_size=None`` (up to float summation order).
+    """
+    _check_name(name)
+    _check_params(temperature, beta, alpha, mu)
+    _check_chunk_size(chunk_size)
+    _check_pair(p_logits, q_logits)
+    vocab = p_logits.shape[-1]
+    counted = _counted(p_logits.shape[:-1], mask)
+
+    def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
+        logp = _log_probs(p_rows, temperature)
+        logq = _log_probs(q_rows, temperature)
+        return _per_token(name, logp, logq, beta, alpha, mu).sum()
+
+    return _row_sum(fn, [p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)], [], counted, chunk_size)
+
+
+def divergence_loss(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional[Tensor] = None, *,
+                    num_tokens: Optional[Number] = None, **kw) -> Tensor:
+    """divergence_sum(...) / num_tokens. ``num_tokens`` (float or 0-dim tensor, e.g. a global count)
+    defaults to the number of counted tokens; a count below 1 is treated as 1 (empty mask -> 0)."""
+    total = divergence_sum(name, p_logits, q_logits, mask, **kw)
+    if num_tokens is None:
+        num_tokens = _num_counted(_counted(p_logits.shape[:-1], mask), p_logits.shape[:-1].numel())
+    return _divide(total, num_tokens)
+
+
+def _ce_rows(logits: Tensor, labels: Tensor) -> Tensor:
+    """sum_tokens -log softmax(logits)[label], in at least float32."""
+    return F.cross_entropy(_upcast(logits), labels, reduction="sum")
+
+
+def ce_sum(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
+           chunk_size: Optional[int] = None) -> Tensor:
+    """Sum over counted tokens of -log softmax(logits)[label] (no temperature).
+
+    ``labels`` [...] int64, aligned with ``logits`` [..., V] (shift them before calling). Counted:
+    mask nonzero (all if None) and label != -100. ``chunk_size`` as in :func:`divergence_sum`.
+    """
+    _check_chunk_size(chunk_size)
+    vocab = logits.shape[-1]
+    counted = _counted(logits.shape[:-1], mask, labels)
+    return _row_sum(_ce_rows, [logits.reshape(-1, vocab), labels.reshape(-1)], [], counted, chunk_size)
+
+
+def ce_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
+            num_tokens: Optional[Number] = None, chunk_size: Optional[int] = None) -> Tensor:
+    """ce_sum(...) / num_tokens; ``num_tokens`` defaults to the number of counted tokens (min 1)."""
+    total = ce_sum(logits, labels, mask, chunk_size=chunk_size)
+    if num_tokens is None:
+        num_tokens = _num_counted(_counted(logits.shape[:-1], mask, labels), logits.shape[:-1].numel())
+    return _divide(total, num_tokens)
+
+
+# --------------------------------------------------------------------------- from hidden states
+
+
+def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor, q_hidden: Tensor,
+                                   q_weight: Tensor, mask: Optional[Tensor] = None, *,
+                                   chunk_size: Optional[int] = 1024, temperature: float = 1.0,
+                                   labels: Optional[Tensor] = None, ce_weight: float = 0.0,
+                                   div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                                   mu: float = 0.5) -> Tensor:
+    """Sum over counted tokens of div_weight * D(p || q) + ce_weight * CE(q_logits, labels), where
+    p_logits = p_hidden @ p_weight.T and q_logits = q_hidden @ q_weight.T ([..., H] hidden states,
+    [V, H] lm_head weights; the two V must be equal).
+
+    Logits are formed one chunk of ``chunk_size`` counted tokens at a time, in forward and again in
+    backward (None = one chunk). Gradients reach all four tensors when they require grad. Counted
+    tokens: mask nonzero (all if None) and, when labels are given, label != -100. The temperature
+    applies to D only; CE uses the untempered q logits. Logits are formed in the inputs' dtype (as
+    the lm_head would) and upcast to float32 per chunk.
+    """
+    _check_name(name)
+    _check_params(temperature, beta, alpha, mu)
+    _check_chunk_size(chunk_size)
+    if p_weight.shape[0] != q_weight.shape[0]:
+        raise ValueError(f"vocab sizes differ: p_weight has V={p_weight.shape[0]}, q_weight has "
+                         f"V={q_weight.shape[0]}; align the vocabularies before calling")
+    for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
+        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{side}_hidden [..., {hidden.shape[-1]}] does not match "
+                             f"{side}_weight {tuple(weight.shape)} (expected [V, {hidden.shape[-1]}])")
+    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
+        raise ValueError(f"token shapes differ: p_hidden {tuple(p_hidden.shape[:-1])} vs "
+                         f"q_hidden {tuple(q_hidden.shape[:-1])}")
+    if ce_weight != 0 and labels is None:
+        raise ValueError("ce_weight != 0 needs labels")
+    tokens = p_hidden.shape[:-1]
+    counted = _counted(tokens, mask, labels)
+    if chunk_size is None:
+        chunk_size = max(tokens.numel(), 1)
+    rows = [p_hidden.reshape(-1, p_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])]
+    use_ce = ce_weight != 0
+    if use_ce:
+        rows.append(labels.reshape(-1))
+
+    def fn(p_h: Tensor, q_h: Tensor, *rest: Tensor) -> Tensor:
+        lab = rest[0] if use_ce else None
+        p_w, q_w = rest[-2:]
+        q_logits = q_h @ q_w.t()
+        logp = _log_probs(p_h @ p_w.t(), temperature)
+        logq = _log_probs(q_logits, temperature)
+        total = div_weight * _per_token(name, logp, logq, beta, alpha, mu).sum()
+        if use_ce:
+            total = total + ce_weight * _ce_rows(q_logits, lab)
+        return total
+
+    index = (torch.arange(rows[0].shape[0], device=p_hidden.device) if counted is None
+             else counted.nonzero().squeeze(1))
+    return _ChunkedSum.apply(fn, index, chunk_size, len(rows), *rows, p_weight, q_weight)

@@ -1,0 +1,140 @@
+"""DeepSpeed set-up: the process group, the filled DeepSpeed configs, and the teacher and student engines."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from .config import ConfigError, RunConfig, resolve_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or create) the process group with the accelerator's backend; returns (rank, world_size, local_rank).
+
+    Under `deepspeed`, `torchrun` or srun with the torch variables set, the environment describes the group;
+    a plain `python` run becomes a group of one.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fill(cfg: dict, dotted: str, value: Any, run_key: str, origin: str) -> None:
+    """Set cfg[dotted] to value where it is missing or "auto"; refuse an explicit different value."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                   and abs(current - value) <= 1e-12 * max(1.0, abs(value))):
+        raise ConfigError(f'{origin}: "{dotted}" is {current!r} but the run config gives {value!r} ({run_key}); '
+                          'set it to "auto" or make the two equal')
+
+
+def _no_auto_left(node: Any, origin: str, path: str = "") -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_auto_left(v, origin, f"{path}.{k}" if path else k)
+    elif node == "auto":
+        raise ConfigError(f'{origin}: "{path}" is "auto" but okd_scale has no value to fill it with; set it')
+
+
+def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradient_accumulation_steps: int,
+                    world_size: int, learning_rate: float, weight_decay: float, bf16: bool, max_grad_norm: float,
+                    with_optimizer: bool = True, origin_key: str = "deepspeed") -> dict:
+    """A DeepSpeed config from a JSON file plus overrides, its "auto" values filled from the run config."""
+    file = resolve_path(path)
+    try:
+        cfg = json.loads(Path(file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{origin_key}: cannot read DeepSpeed config {file}: {e}") from None
+    cfg = _merge(cfg, overrides or {})
+    origin = str(file)
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, "train.per_device_train_batch_size", origin)
+    _fill(cfg, "gradient_accumulation_steps", gradient_accumulation_steps, "train.gradient_accumulation_steps", origin)
+    _fill(cfg, "train_batch_size", micro_batch_size * gradient_accumulation_steps * world_size,
+          "per_device_train_batch_size x gradient_accumulation_steps x world size", origin)
+    _fill(cfg, "gradient_clipping", max_grad_norm, "train.max_grad_norm", origin)
+    _fill(cfg, "bf16.enabled", bf16, "train.bf16", origin)
+    if with_optimizer and "optimizer" in cfg:
+        _fill(cfg, "optimizer.params.lr", learning_rate, f"{origin_key} learning_rate", origin)
+        _fill(cfg, "optimizer.params.weight_decay", weight_decay, f"{origin_key} weight_decay", origin)
+    if not with_optimizer:
+        cfg.pop("optimizer", None)
+        cfg.pop("scheduler", None)
+    _no_auto_left(cfg, origin)
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def make_scheduler(kind: str, warmup_steps: int, total_steps: int) -> Callable:
+    """A callable optimizer -> transformers LR schedule, for DeepSpeed to step at each boundary."""
+    from transformers import get_scheduler
+
+    def build(optimizer):
+        return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+    return build
+
+
+def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[list] = None,
+                lr_scheduler: Optional[Callable] = None):
+    """deepspeed.initialize over `parameters` (None: a frozen engine with no optimizer)."""
+    kwargs = dict(model=model, config=copy.deepcopy(ds_config))
+    if parameters is not None:
+        kwargs["model_parameters"] = parameters
+        if lr_scheduler is not None and "scheduler" not in ds_config:
+            kwargs["lr_scheduler"] = lr_scheduler
+    engine, *_ = deepspeed.initialize(**kwargs)
+    return engine
+
+
+def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dict]:
+    """The filled (teacher, student) DeepSpeed configs; teacher None for methods without one."""
+    t = cfg.train
+    common = dict(micro_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                  world_size=world_size, bf16=t.bf16, max_grad_norm=t.max_grad_norm)
+    student = build_ds_config(cfg.deepspeed.student_config, cfg.deepspeed.student_overrides,
+                              learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                              origin_key="deepspeed.student_config", **common)
+    teacher = None
+    if cfg.method in ("okd", "kd"):
+        teacher = build_ds_config(cfg.deepspeed.teacher_config, cfg.deepspeed.teacher_overrides,
+                                  learning_rate=cfg.online.learning_rate, weight_decay=cfg.online.weight_decay,
+                                  with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",
+                                  **common)
+    return teacher, student

@@ -1,0 +1,337 @@
+"""Generation + ROUGE-L on instruction-following sets (MiniLLM/DistiLLM format).
+
+    python -m okd_scale.evaluate --model DIR --data FILE [--data FILE2 ...] [--max-examples N]
+        [--max-new-tokens 128] [--do-sample --temperature 1.0 --top-p 1.0] [--seeds 1,2,3]
+        [--batch-size 8] [--dtype float32|bfloat16] [--out-json PATH] [--out-md PATH] [--name LABEL]
+
+Data: one JSON object a line with ``prompt`` (used verbatim; rows without it but with ``instruction``
+/ ``input`` get the Alpaca-style prompt of those sets) and ``output`` (a reference string or a list
+of references). Prompts are tokenized without special tokens, as the trainer does (okd_scale.data),
+left-padded, and generated from with ``model.generate`` (greedy by default; sampling uses
+temperature / top_p with top_k disabled), seeded with ``transformers.set_seed(seed)`` per seed,
+stopping at eos. Only the explicitly given generation settings apply (a fresh GenerationConfig, not
+the model's defaults), so models are compared under the same decoding.
+
+Score: ROUGE-L F-measure x100 from ``rouge-score`` (``RougeScorer(["rougeL"], use_stemmer=True)``),
+the best over the references; per set the mean over examples; over seeds the mean and the
+population standard deviation (ddof=0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+_SCORER = None
+
+
+class EvaluateError(RuntimeError):
+    pass
+
+
+def _scorer():
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER
+
+
+def rouge_l(prediction: str, references: str | list[str]) -> float:
+    """ROUGE-L F-measure x100 (0..100) of ``prediction``, the best over ``references``."""
+    if isinstance(references, str):
+        references = [references]
+    best = 0.0
+    for ref in references:
+        best = max(best, _scorer().score(str(ref), str(prediction))["rougeL"].fmeasure * 100.0)
+    return best
+
+
+# ----------------------------------------------------------------------------- data
+
+def _references(row: dict, where: str) -> list[str]:
+    out = row.get("output", row.get("response", row.get("references")))
+    if out is None:
+        raise EvaluateError(f'{where}: no "output" field')
+    refs = [out] if isinstance(out, str) else list(out) if isinstance(out, (list, tuple)) else None
+    if refs is None or not refs or not all(isinstance(r, str) for r in refs):
+        raise EvaluateError(f'{where}: "output" must be a string or a non-empty list of strings')
+    return refs
+
+
+def read_eval_set(path, max_examples=None) -> list[dict]:
+    """Rows {"prompt": str, "references": list[str]} from a MiniLLM-format jsonl (or JSON array) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluateError(f"evaluation file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        items = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+    else:
+        items = []
+        for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 etc. may sit inside strings
+            if line.strip():
+                try:
+                    items.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise EvaluateError(f"{path}:{i}: invalid JSON ({e})") from None
+    rows = []
+    for lineno, r in items:
+        where = f"{path}:{lineno}"
+        if not isinstance(r, dict):
+            raise EvaluateError(f"{where}: expected a JSON object")
+        prompt = r.get("prompt")
+        if prompt is None:
+            if not r.get("instruction"):
+                raise EvaluateError(f'{where}: no "prompt" (or "instruction") field')
+            inp = r.get("input") or ""
+            prompt = (PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT).format(instruction=r["instruction"], input=inp)
+        if not isinstance(prompt, str):
+            raise EvaluateError(f'{where}: "prompt" must be a string')
+        rows.append({"prompt": prompt, "references": _references(r, where)})
+        if max_examples is not None and len(rows) >= max_examples:
+            break
+    if not rows:
+        raise EvaluateError(f"{path}: no examples")
+    return rows
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        import torch
+        return torch.device("cpu")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        for i in ([src] if isinstance(src, int) else list(src or [])):
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise EvaluateError("neither the tokenizer nor the model's generation_config defines an eos token")
+    return ids
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=128, do_sample=False, temperature=1.0,
+             top_p=1.0, batch_size=8, seed=0, top_k=0, max_prompt_tokens=None) -> list[str]:
+    """Continuations of ``prompts`` (prompt tokens excluded, special tokens skipped, stripped).
+
+    Left-padded batches; ``transformers.set_seed(seed)`` once before the first batch; stops at eos.
+    ``max_prompt_tokens`` keeps only the last N prompt tokens (None: no truncation)."""
+    import torch
+    from transformers import GenerationConfig, set_seed
+
+    if batch_size < 1:
+        raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), eos_token_id=eos, pad_token_id=pad,
+              num_beams=1)
+    if do_sample:
+        kw.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0))
+    gen_cfg = GenerationConfig(**kw)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    set_seed(seed)
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            ids = [list(tokenizer.encode(p, add_special_tokens=False)) for p in batch]
+            if max_prompt_tokens:
+                ids = [x[-max_prompt_tokens:] for x in ids]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, x in enumerate(ids):  # left padding
+                if x:
+                    input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                    attn[i, width - len(x):] = 1
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                     generation_config=gen_cfg)
+            for row in out[:, width:].tolist():
+                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        if was_training:
+            model.train()
+    return outputs
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _named_sets(sets) -> dict[str, Path]:
+    if isinstance(sets, (str, Path)):
+        sets = [sets]
+    if isinstance(sets, dict):
+        return {str(k): Path(v) for k, v in sets.items()}
+    named: dict[str, Path] = {}
+    for p in sets:
+        name, k = Path(p).stem, 2
+        while name in named:
+            name, k = f"{Path(p).stem}_{k}", k + 1
+        named[name] = Path(p)
+    return named
+
+
+def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,), max_examples=None,
+                   num_samples: int = 3, **gen_kw) -> dict:
+    """Generate on each set for each seed and score ROUGE-L.
+
+    Returns {"settings": {...}, "sets": {name: {"path", "n", "rougeL", "std", "seeds", "per_seed",
+    "samples": [{"prompt", "references", "generation", "rougeL"}]}}, "average": mean of the set means,
+    "seconds"}. Greedy decoding is seed-independent, so it is generated once and reused for every seed."""
+    t0 = time.time()
+    seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
+    if not seeds:
+        raise EvaluateError("seeds is empty")
+    named = _named_sets(sets)
+    settings = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "batch_size": 8}
+    settings.update(gen_kw)
+    settings.update(seeds=seeds, max_examples=max_examples)
+    out_sets = {}
+    for name, path in named.items():
+        rows = read_eval_set(path, max_examples=max_examples)
+        prompts = [r["prompt"] for r in rows]
+        per_seed, samples, greedy_cache = [], [], None
+        for i, seed in enumerate(seeds):
+            if gen_kw.get("do_sample") or greedy_cache is None:
+                gens = generate(model, tokenizer, prompts, seed=seed, **gen_kw)
+                if not gen_kw.get("do_sample"):
+                    greedy_cache = gens
+            else:
+                gens = greedy_cache
+            scores = [rouge_l(g, r["references"]) for g, r in zip(gens, rows)]
+            per_seed.append(sum(scores) / len(scores))
+            if i == 0:
+                samples = [{"prompt": r["prompt"], "references": r["references"], "generation": g, "rougeL": s}
+                           for r, g, s in list(zip(rows, gens, scores))[:num_samples]]
+        out_sets[name] = {
+            "path": str(path), "n": len(rows), "rougeL": statistics.fmean(per_seed),
+            "std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
+            "seeds": seeds, "per_seed": per_seed, "samples": samples,
+        }
+    means = [v["rougeL"] for v in out_sets.values()]
+    return {"settings": settings, "sets": out_sets, "average": statistics.fmean(means) if means else math.nan,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per label (a result of :func:`evaluate_model`), one column per set + average.
+    Cells are ROUGE-L mean, with "± std" when a set was scored over more than one seed."""
+    columns: list[str] = []
+    n_of: dict[str, int] = {}
+    for res in results.values():
+        for name, v in res["sets"].items():
+            if name not in columns:
+                columns.append(name)
+                n_of[name] = v["n"]
+    head = "| model | " + " | ".join(f"{c} (n={n_of[c]})" for c in columns) + " | average |"
+    sep = "|---|" + "---:|" * (len(columns) + 1)
+    lines = [head, sep]
+    for label, res in results.items():
+        cells = []
+        for c in columns:
+            v = res["sets"].get(c)
+            if v is None:
+                cells.append("-")
+            elif len(v.get("per_seed", [])) > 1:
+                cells.append(f"{v['rougeL']:.2f} ± {v['std']:.2f}")
+            else:
+                cells.append(f"{v['rougeL']:.2f}")
+        avg = statistics.fmean(v["rougeL"] for v in res["sets"].values()) if res["sets"] else math.nan
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_model(model_dir, dtype: str = "float32"):
+    """(model, tokenizer) from a local Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EvaluateError(f"model directory not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise EvaluateError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluateError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    model.eval()
+    return model, tokenizer
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    if not vals:
+        raise argparse.ArgumentTypeError("no seeds given")
+    return vals
+
+
+def main(argv=None) -> int:
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(k, "1")
+    ap = argparse.ArgumentParser(prog="python -m okd_scale.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", required=True, help="local Hugging Face model directory")
+    ap.add_argument("--data", required=True, action="append", help="eval jsonl file (repeatable)")
+    ap.add_argument("--max-examples", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--do-sample", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated, e.g. 1,2,3 (default 0)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--out-json", default=None)
+    ap.add_argument("--out-md", default=None)
+    ap.add_argument("--name", default=None, help="label of the model in the table (default: the dir name)")
+    args = ap.parse_args(argv)
+    try:
+        for p in args.data:
+            if not Path(p).is_file():
+                raise EvaluateError(f"evaluation file not found: {p}")
+        model, tokenizer = load_model(args.model, args.dtype)
+        label = args.name or Path(args.model).resolve().name
+        res = evaluate_model(model, tokenizer, _named_sets(args.data), seeds=args.seeds,
+                             max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                             batch_size=args.batch_size)
+    except EvaluateError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    res = {"name": label, "model": str(Path(args.model).resolve()), "dtype": args.dtype, **res}
+    table = format_table({label: res})
+    print(table, end="")
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.out_md:
+        Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_md).write_text(table, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

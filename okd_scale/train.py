@@ -1,0 +1,71 @@
+"""Entry point: `deepspeed okd_scale/train.py --config cfg.yaml [key=value ...]` (also torchrun, or plain python).
+
+Exit status: 0 done; 2 bad configuration, data or model (the message names what); 1 any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="okd_scale/train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML run config")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    return p.parse_intermixed_args(argv)
+
+
+def _shutdown(code: int) -> None:
+    """Leave the process group cleanly; os._exit avoids gloo's occasional abort at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv=None) -> int:
+    from okd_scale.config import ConfigError, load_config
+    from okd_scale.data import DataError
+    from okd_scale.models import ModelError
+
+    args = parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="[%(asctime)s] [okd_scale] %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from okd_scale.trainer import train
+
+        train(cfg)
+    except (ConfigError, DataError, ModelError) as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    code = 1
+    try:
+        code = main()
+    except BaseException:  # print the traceback before the hard exit below
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        _shutdown(code)

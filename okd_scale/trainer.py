@@ -1,0 +1,201 @@
+"""The training loop: data, engines, gradient accumulation over the global batch, logging, final save.
+
+The loop knows nothing of any method's math: it hands each micro-batch to `methods.METHODS[cfg.method]`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import yaml
+
+from . import checkpoint, data, engines, models
+from .config import TEACHER_METHODS, RunConfig
+from .methods import METHODS, StepContext, targets
+
+log = logging.getLogger("okd_scale")
+
+
+@dataclass
+class TrainResult:
+    student: object  # DeepSpeed engine
+    teacher: Optional[object]
+    tokenizer: object
+    output_dir: Path
+    history: list = field(default_factory=list)  # one dict of scalars per optimizer step
+    metrics: dict = field(default_factory=dict)
+
+
+def _batches(loader) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build(cfg: RunConfig, rank: int, world: int):
+    """Tokenizer, data loader and the engines for `cfg`: (tokenizer, loader, stats, teacher, student)."""
+    m = cfg.model
+    tokenizer = models.load_tokenizer(m.student, trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    if cfg.method in TEACHER_METHODS:
+        t_tok = models.load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+        models.check_same_tokenizer(t_tok, tokenizer, m.teacher, m.student)
+    examples, stats = data.load_dataset(cfg.data.train_file, tokenizer, cfg.data.max_length,
+                                        on_error=cfg.data.on_error)
+    t = cfg.train
+    loader = data.build_dataloader(examples, batch_size=t.per_device_train_batch_size,
+                                   pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world, seed=cfg.seed)
+    if len(loader) == 0:
+        raise data.DataError(f"{cfg.data.train_file}: {len(examples)} examples is fewer than one global batch "
+                             f"(per_device_train_batch_size {t.per_device_train_batch_size} x {world} ranks)")
+    ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
+    teacher = None
+    if cfg.method in TEACHER_METHODS:
+        tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
+                                       trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+        models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
+        if cfg.method == "okd":
+            tmodel = models.add_online_module(tmodel, cfg.online)
+            every = cfg.online.update_every
+            sched = engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps // every,
+                                           max(1, math.ceil(t.max_steps / every)))
+            teacher = engines.init_engine(tmodel, ds_teacher, models.trainable_parameters(tmodel), sched)
+        else:
+            models.freeze(tmodel)
+            teacher = engines.init_engine(tmodel, ds_teacher)
+        teacher.train(cfg.method == "okd")
+    smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16,
+                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    models.check_vocab(smodel, tokenizer, m.student, "student")
+    if t.gradient_checkpointing:
+        smodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = engines.init_engine(smodel, ds_student, models.trainable_parameters(smodel),
+                                  engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps, t.max_steps))
+    student.train()
+    return tokenizer, loader, stats, teacher, student
+
+
+@torch.no_grad()
+def eval_loss(engine, loader, vocab_size: int) -> float:
+    """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
+    from .divergences import ce_sum
+    from .methods import response_logits
+
+    was_training = engine.training
+    engine.eval()
+    total = count = 0.0
+    for batch in loader:
+        batch = _to(batch, engine.device)
+        labels, mask = targets(batch)
+        total += float(ce_sum(response_logits(engine, batch, mask, vocab_size), labels[mask]))
+        count += float(mask.sum())
+    engine.train(was_training)
+    total, count = _all_reduce_sum([total, count], engine.device)
+    return total / max(count, 1.0)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run `cfg` to `train.max_steps` optimizer steps; save the student (and online module) at the end."""
+    from transformers import set_seed
+
+    rank, world, _ = engines.init_distributed()
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
+    log.info("data: %s", stats.summary())
+    vocab = len(tokenizer)
+    step_fn = METHODS[cfg.method]
+    t = cfg.train
+    gas = t.gradient_accumulation_steps
+    device = student.device
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.max_steps, desc=cfg.method, disable=rank != 0, dynamic_ncols=True)
+
+    result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out)
+    batches = _batches(loader)
+    for step in range(1, t.max_steps + 1):
+        start = time.perf_counter()
+        micro = [_to(next(batches), device) for _ in range(gas)]
+        counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
+                                         sum(float(b["attention_mask"].sum()) for b in micro)], device)
+        update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
+        ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=max(counted, 1.0) / (world * gas),
+                          vocab_size=vocab, update_online=update_online)
+        sums: dict[str, float] = defaultdict(float)
+        for b in micro:
+            for k, v in step_fn(b, ctx).items():
+                sums[k] += float(v)
+            student.step()
+            if update_online:
+                teacher.step()
+        keys = sorted(sums)
+        means = dict(zip(keys, (v / max(counted, 1.0) for v in _all_reduce_sum([sums[k] for k in keys], device))))
+        elapsed = time.perf_counter() - start
+        row = {"step": step, **means, "lr/student": student.get_lr()[0], "time/step_s": elapsed,
+               "tokens_per_s": seen / elapsed, "tokens/counted": counted}
+        if teacher is not None and cfg.method == "okd":
+            row["lr/online"] = teacher.get_lr()[0]
+        result.history.append(row)
+        if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, step)
+        bar.set_postfix({k.split("/")[-1] if k.startswith("student/") else k: f"{v:.4g}"
+                         for k, v in row.items() if k in ("student/loss", "teacher/loss")})
+        bar.update(1)
+    bar.close()
+
+    metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": world, "data": vars(stats),
+               "final": {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")},
+               "median_step_s": sorted(r["time/step_s"] for r in result.history)[len(result.history) // 2]}
+    if cfg.data.eval_file:
+        eval_examples, _ = data.load_dataset(cfg.data.eval_file, tokenizer, cfg.data.max_length,
+                                             on_error=cfg.data.on_error)
+        eval_loader = data.build_dataloader(eval_examples, batch_size=t.per_device_train_batch_size,
+                                            pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
+                                            seed=cfg.seed, shuffle=False, drop_last=False)
+        metrics["eval/student_ce"] = eval_loss(student, eval_loader, vocab)
+        if teacher is not None:
+            metrics["eval/teacher_ce"] = eval_loss(teacher, eval_loader, vocab)
+        if writer is not None:
+            for k in ("eval/student_ce", "eval/teacher_ce"):
+                if k in metrics:
+                    writer.add_scalar(k, metrics[k], t.max_steps)
+        log.info("eval: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")})
+
+    checkpoint.export_hf(student, tokenizer, out / "student")
+    if cfg.method == "okd":
+        checkpoint.export_online_module(teacher, out / "online_module")
+    result.metrics = metrics
+    if rank == 0:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        writer.close()
+        log.info("saved the student to %s%s", out / "student",
+                 f" and the online module to {out / 'online_module'}" if cfg.method == "okd" else "")
+    return result

