@@ -27,11 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+from okd_scale.data import alpaca_prompt
 
 _SCORER = None
 
@@ -96,7 +92,7 @@ def read_eval_set(path, max_examples=None) -> list[dict]:
             if not r.get("instruction"):
                 raise EvaluateError(f'{where}: no "prompt" (or "instruction") field')
             inp = r.get("input") or ""
-            prompt = (PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT).format(instruction=r["instruction"], input=inp)
+            prompt = alpaca_prompt(r["instruction"], inp)
         if not isinstance(prompt, str):
             raise EvaluateError(f'{where}: "prompt" must be a string')
         rows.append({"prompt": prompt, "references": _references(r, where)})

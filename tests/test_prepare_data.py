@@ -73,12 +73,12 @@ def test_prompt_template_matches_dolly(tmp_path):
     with_input = [r for r in dolly if r["input"]]
     assert no_input and with_input
     for r in no_input[:50]:
-        assert pdt.format_prompt(r["instruction"]) == r["prompt"]
+        assert pdt.alpaca_prompt(r["instruction"]) == r["prompt"]
     for r in with_input[:50]:
-        assert pdt.format_prompt(r["instruction"], r["input"]) == r["prompt"]
+        assert pdt.alpaca_prompt(r["instruction"], r["input"]) == r["prompt"]
     pdt.prepare_data(tmp_path, num_eval=5, verbose=False)
     ours = _read(tmp_path / "train.jsonl")[0]
-    assert ours["prompt"] == pdt.format_prompt(ours["instruction"])
+    assert ours["prompt"] == pdt.alpaca_prompt(ours["instruction"])
     head, tail = no_input[0]["prompt"].split(no_input[0]["instruction"])
     assert ours["prompt"] == head + ours["instruction"] + tail
     assert ours["prompt"].endswith("\n\n### Response:\n")

@@ -35,11 +35,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+from okd_scale.data import alpaca_prompt
 
 SOURCES = {
     "chatterbot": {
@@ -60,13 +56,6 @@ GPT_ROLES = {"gpt", "chatgpt", "assistant", "bard", "bing"}
 
 class PrepareDataError(RuntimeError):
     pass
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The MiniLLM/DistiLLM Alpaca-style prompt (ends with '### Response:\\n')."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 def pip_command(source: str) -> str:
@@ -228,7 +217,7 @@ def split_pairs(pairs, num_eval=None, eval_fraction=0.1, max_examples=None, seed
 
 
 def _row(q: str, a: str) -> dict:
-    return {"prompt": format_prompt(q), "output": a, "instruction": q, "input": ""}
+    return {"prompt": alpaca_prompt(q), "output": a, "instruction": q, "input": ""}
 
 
 def _write_jsonl(path: Path, pairs) -> None:
