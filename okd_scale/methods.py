@@ -25,6 +25,13 @@ class StepContext:
     update_online: bool = False
 
 
+def loss_normaliser(counted_tokens: float, world_size: int, accumulation_steps: int) -> float:
+    """What each micro-batch's loss sum is divided by, so that after DeepSpeed's scaling (1 / accumulation
+    steps) and its gradient average over ranks, the gradient is that of the mean over the global batch's
+    counted tokens."""
+    return max(counted_tokens, 1.0) / (world_size * accumulation_steps)
+
+
 def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [B, T-1], mask [B, T-1]) aligned with logits[:, :-1]."""
     labels = batch["labels"][:, 1:]

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the package importable
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     from okd_scale.models import ModelError
 
     args = parse_args(argv)
+    # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step: not actionable here
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="[%(asctime)s] [okd_scale] %(message)s", datefmt="%H:%M:%S")

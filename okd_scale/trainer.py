@@ -18,7 +18,7 @@ import yaml
 
 from . import checkpoint, data, engines, models
 from .config import TEACHER_METHODS, RunConfig
-from .methods import METHODS, StepContext, targets
+from .methods import METHODS, StepContext, loss_normaliser, targets
 
 log = logging.getLogger("okd_scale")
 
@@ -55,6 +55,13 @@ def _to(batch: dict, device) -> dict:
 def build(cfg: RunConfig, rank: int, world: int):
     """Tokenizer, data loader and the engines for `cfg`: (tokenizer, loader, stats, teacher, student)."""
     m = cfg.model
+    clock = time.perf_counter()
+
+    def done(what: str) -> None:
+        nonlocal clock
+        log.info("%s (%.1f s)", what, time.perf_counter() - clock)
+        clock = time.perf_counter()
+
     tokenizer = models.load_tokenizer(m.student, trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
     if cfg.method in TEACHER_METHODS:
         t_tok = models.load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
@@ -67,12 +74,14 @@ def build(cfg: RunConfig, rank: int, world: int):
     if len(loader) == 0:
         raise data.DataError(f"{cfg.data.train_file}: {len(examples)} examples is fewer than one global batch "
                              f"(per_device_train_batch_size {t.per_device_train_batch_size} x {world} ranks)")
+    done(f"data: {stats.summary()}")
     ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
     teacher = None
     if cfg.method in TEACHER_METHODS:
         tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
                                        trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
         models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
+        done(f"teacher loaded (ZeRO-{engines.zero_stage(ds_teacher)})")
         if cfg.method == "okd":
             tmodel = models.add_online_module(tmodel, cfg.online)
             every = cfg.online.update_every
@@ -83,6 +92,7 @@ def build(cfg: RunConfig, rank: int, world: int):
             models.freeze(tmodel)
             teacher = engines.init_engine(tmodel, ds_teacher)
         teacher.train(cfg.method == "okd")
+        done("teacher engine ready")
     smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16,
                                    trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
     models.check_vocab(smodel, tokenizer, m.student, "student")
@@ -91,6 +101,7 @@ def build(cfg: RunConfig, rank: int, world: int):
     student = engines.init_engine(smodel, ds_student, models.trainable_parameters(smodel),
                                   engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps, t.max_steps))
     student.train()
+    done(f"student engine ready (ZeRO-{engines.zero_stage(ds_student)})")
     return tokenizer, loader, stats, teacher, student
 
 
@@ -124,7 +135,6 @@ def train(cfg: RunConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
-    log.info("data: %s", stats.summary())
     vocab = len(tokenizer)
     step_fn = METHODS[cfg.method]
     t = cfg.train
@@ -145,7 +155,7 @@ def train(cfg: RunConfig) -> TrainResult:
         counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
                                          sum(float(b["attention_mask"].sum()) for b in micro)], device)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
-        ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=max(counted, 1.0) / (world * gas),
+        ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, world, gas),
                           vocab_size=vocab, update_online=update_online)
         sums: dict[str, float] = defaultdict(float)
         for b in micro:

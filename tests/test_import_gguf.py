@@ -29,7 +29,7 @@ def test_refuses_non_empty_out_dir(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(ig.ImportGGUFError, match=f"{out.resolve()}.*--overwrite|not empty"):
+    with pytest.raises(ig.OutputDirError, match=f"{out.resolve()}.*--overwrite|not empty"):
         ig.import_gguf(fake, out, verbose=False)
     assert ig.main([str(out), "--gguf", str(fake)]) == 2
     err = capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_keep_layers_and_cli(teacher_dir, tmp_path):
     assert out_ids.shape[1] <= 7
     # refuses a non-empty output directory, naming it; --overwrite replaces it
     assert ms.main([str(teacher_dir), str(out), "--keep-layers", "0,1"]) == 2
-    with pytest.raises(ms.MakeStudentError, match=str(out.resolve())):
+    with pytest.raises(ms.OutputDirError, match=str(out.resolve())):
         ms.make_student(teacher_dir, out, keep_layers=[0, 1], verbose=False)
     assert ms.main([str(teacher_dir), str(out), "--keep-layers", "0,1", "--overwrite"]) == 0
     assert len(_load(out).model.layers) == 2

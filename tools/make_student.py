@@ -23,11 +23,11 @@ safetensors weights in the teacher's dtype. Llama-family models (model.model.lay
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
+
+from okd_scale.checkpoint import OutputDirError, check_output_dir, staged_dir
 
 FRESH_KEYS = {  # CLI name -> config attribute
     "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -56,35 +56,6 @@ def _check_keep(keep: list[int], num_layers: int) -> list[int]:
     if any(b <= a for a, b in zip(keep, keep[1:])):
         raise MakeStudentError(f"keep_layers must be strictly increasing (no repeats), got {keep}")
     return keep
-
-
-def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise MakeStudentError(f"output path {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise MakeStudentError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-
-
-def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
-    _check_out(out_dir, overwrite)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _install_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_config(cfg):
@@ -145,7 +116,7 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
         raise MakeStudentError("OUT_DIR must differ from TEACHER_DIR")
     if fresh is not None and keep_layers is not None:
         raise MakeStudentError("--fresh and --keep-layers are exclusive")
-    _check_out(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     if not getattr(tokenizer, "chat_template", None):
@@ -200,15 +171,10 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
     with torch.no_grad():  # smoke test before anything lands on disk
         student(input_ids=torch.tensor([[tokenizer.eos_token_id or 0, 1, 2]]))
 
-    tmp = _prepare_out(out_dir, overwrite)
-    try:
+    with staged_dir(out_dir) as tmp:
         student.save_pretrained(str(tmp), safe_serialization=True)
         gen.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _install_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in student.parameters())
     what = f"fresh (seed {seed})" if fresh is not None else f"kept teacher blocks {kept}"
     log(f"OK {out_dir}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
@@ -249,7 +215,7 @@ def main(argv=None) -> int:
         make_student(args.teacher_dir, args.out_dir, keep_layers=args.keep_layers, keep_every=args.keep_every,
                      fresh={k: v for k, v in sizes.items() if v is not None} if args.fresh else None,
                      seed=args.seed, overwrite=args.overwrite)
-    except MakeStudentError as e:
+    except (MakeStudentError, OutputDirError) as e:
         print(f"make_student: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,148 @@
+"""Bad input stops a run before any engine starts, with a message naming the key, file or line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tiny
+from okd_scale.config import ConfigError, load_config
+from okd_scale.engines import build_ds_config, ds_configs_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("cfg")
+    tiny.make_llama(d / "teacher", tokenizer, num_layers=2, hidden=16, heads=2, intermediate=32)
+    tiny.make_llama(d / "student", tokenizer, num_layers=1, hidden=16, heads=2, intermediate=32)
+    tiny.write_jsonl(d / "train.jsonl", tiny.make_rows(8))
+    return d
+
+
+def base(d: Path) -> dict:
+    return {"method": "okd", "output_dir": str(d / "out"),
+            "model": {"teacher": str(d / "teacher"), "student": str(d / "student")},
+            "data": {"train_file": str(d / "train.jsonl"), "max_length": 32}}
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_valid_config_and_overrides(tmp_path, assets):
+    cfg = load_config(write(tmp_path, base(assets)),
+                      ["train.max_steps=7", "loss.divergence=rkl", "online.target_modules=q_proj,v_proj",
+                       "train.learning_rate=5e-5"])
+    assert cfg.train.max_steps == 7 and cfg.loss.divergence == "rkl"
+    assert cfg.online.target_modules == ["q_proj", "v_proj"] and cfg.train.learning_rate == 5e-5
+
+
+@pytest.mark.parametrize("mutate, overrides, message", [
+    (lambda c: c["train"].update(max_step=3) if "train" in c else c.update(train={"max_step": 3}), [],
+     'unknown key "train.max_step" (did you mean "train.max_steps"?)'),
+    (lambda c: c.update(methd="okd"), [], 'unknown key "methd"'),
+    (lambda c: None, ["train.max_steps=ten"], '"train.max_steps" must be int'),
+    (lambda c: None, ["loss.kd_ratio=1.5"], '"loss.kd_ratio" must be in [0, 1]'),
+    (lambda c: None, ["loss.divergence=kl"], '"loss.divergence" must be one of fkl, rkl'),
+    (lambda c: None, ["method=ppo"], '"method" must be one of okd, kd, sft'),
+    (lambda c: None, ["train.per_device_train_batch_size=0"], '"train.per_device_train_batch_size" must be an integer >= 1'),
+    (lambda c: None, ["train.nope=1"], 'unknown key "train.nope"'),
+    (lambda c: None, ["train.max_steps"], "expected key=value"),
+    (lambda c: c["model"].update(teacher="/no/such/teacher"), [], '"model.teacher": model directory not found: /no/such/teacher'),
+    (lambda c: c["model"].update(student="HuggingFaceTB/SmolLM2-135M"), [],
+     "is not a local directory. Models load from local directories; set model.allow_hub=true"),
+    (lambda c: c["data"].update(train_file="/no/such.jsonl"), [], '"data.train_file": file not found: /no/such.jsonl'),
+    (lambda c: None, ["deepspeed.student_config=nope.json"], '"deepspeed.student_config": DeepSpeed config not found'),
+])
+def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):
+    cfg = base(assets)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, cfg), overrides)
+    assert message in str(e.value)
+
+
+def test_sft_needs_no_teacher(tmp_path, assets):
+    cfg = base(assets)
+    cfg["model"]["teacher"] = ""
+    assert load_config(write(tmp_path, {**cfg, "method": "sft"})).method == "sft"
+    with pytest.raises(ConfigError, match='"model.teacher" is required'):
+        load_config(write(tmp_path, cfg))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_ds_config_auto_filled_and_conflicts_refused(tmp_path, assets):
+    cfg = load_config(write(tmp_path, base(assets)), ["train.gradient_accumulation_steps=3", "train.bf16=true"])
+    teacher, student = ds_configs_for(cfg, world_size=2)
+    assert student["train_batch_size"] == 4 * 3 * 2 and student["bf16"]["enabled"] is True
+    assert teacher["zero_optimization"]["stage"] == 3 and teacher["optimizer"]["params"]["lr"] == cfg.online.learning_rate
+    assert student["optimizer"]["params"]["lr"] == cfg.train.learning_rate
+    kd_teacher, _ = ds_configs_for(load_config(write(tmp_path, {**base(assets), "method": "kd"})), world_size=1)
+    assert "optimizer" not in kd_teacher
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r'ds.json: "train_micro_batch_size_per_gpu" is 8 but the run config gives 4'):
+        build_ds_config(str(ds), {}, micro_batch_size=4, gradient_accumulation_steps=1, world_size=1,
+                        learning_rate=1e-4, weight_decay=0.0, bf16=False, max_grad_norm=1.0)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": "auto"}}))
+    with pytest.raises(ConfigError, match='"zero_optimization.stage" is "auto" but okd_scale has no value'):
+        build_ds_config(str(ds), {}, micro_batch_size=4, gradient_accumulation_steps=1, world_size=1,
+                        learning_rate=1e-4, weight_decay=0.0, bf16=False, max_grad_norm=1.0)
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env_drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    return subprocess.run([sys.executable, str(ROOT / "okd_scale" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_cli_bad_config_exits_2_before_any_engine(tmp_path, assets):
+    proc = run_cli("--config", str(write(tmp_path, base(assets))), "train.max_stepz=3")
+    assert proc.returncode == 2
+    assert 'error: ' in proc.stderr and 'unknown key "train.max_stepz"' in proc.stderr
+    assert not (assets / "out").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "no rows (empty data file"),
+    ([{"prompt": "please tell me", "output": "a cat"}, {"prompt": "name a dog"}], 'line 2'),
+])
+def test_cli_bad_data_exits_2(tmp_path, assets, rows, message):
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = base(assets)
+    cfg["data"]["train_file"] = str(data)
+    cfg["output_dir"] = str(tmp_path / "out")
+    proc = run_cli("--config", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: " in proc.stderr and "train.jsonl" in proc.stderr and message in proc.stderr.lower()
+
+
+def test_cli_different_tokenizers_refused(tmp_path, assets):
+    other = tmp_path / "other_tok"
+    tiny.make_tokenizer(other, vocab_size=300)
+    from transformers import AutoTokenizer
+    tiny.make_llama(tmp_path / "teacher2", AutoTokenizer.from_pretrained(str(other)), num_layers=1, hidden=16,
+                    heads=2, intermediate=32)
+    cfg = base(assets)
+    cfg["model"]["teacher"] = str(tmp_path / "teacher2")
+    proc = run_cli("--config", str(write(tmp_path, cfg)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "different tokenizers" in proc.stderr and "teacher2" in proc.stderr and "student" in proc.stderr
