@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step: not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="[%(asctime)s] [okd_scale] %(message)s", datefmt="%H:%M:%S")

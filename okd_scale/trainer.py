@@ -18,7 +18,8 @@ import yaml
 
 from . import checkpoint, data, engines, models
 from .config import TEACHER_METHODS, RunConfig
-from .methods import METHODS, StepContext, loss_normaliser, targets
+from .divergences import ce_sum
+from .methods import METHODS, StepContext, loss_normaliser, response_logits, targets
 
 log = logging.getLogger("okd_scale")
 
@@ -108,9 +109,6 @@ def build(cfg: RunConfig, rank: int, world: int):
 @torch.no_grad()
 def eval_loss(engine, loader, vocab_size: int) -> float:
     """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
-    from .divergences import ce_sum
-    from .methods import response_logits
-
     was_training = engine.training
     engine.eval()
     total = count = 0.0

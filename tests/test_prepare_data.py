@@ -144,3 +144,22 @@ def test_sharegpt_real(tmp_path):
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
     # ASCII-escaped lines: readers that split on every Unicode line break (str.splitlines) see one row a line
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == len(train) == counts["train"]
+
+
+@needs_chatterbot
+def test_chat_rows_train_on_the_answer_and_evaluate_on_the_rendered_prompt(tmp_path, tokenizer_dir, tokenizer):
+    """--chat-template-from: `messages` for training, the template-rendered user turn as `prompt` for eval."""
+    from okd_scale.data import IGNORE_INDEX, load_dataset
+
+    assert pdt.main([str(tmp_path / "d"), "--num-eval", "5", "--max-examples", "40",
+                     "--chat-template-from", str(tokenizer_dir)]) == 0
+    rows = _read(tmp_path / "d" / "eval.jsonl")
+    for r in rows:
+        user, answer = r["messages"]
+        assert user["role"] == "user" and answer == {"role": "assistant", "content": r["output"]}
+        assert r["prompt"] == f"<|im_start|>user\n{user['content']}<|im_end|>\n<|im_start|>assistant\n"
+    examples, _ = load_dataset(tmp_path / "d" / "eval.jsonl", tokenizer, 512)
+    for r, e in zip(rows, examples):
+        trained = tokenizer.decode([t for t, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE_INDEX])
+        assert trained == r["output"] + "<|im_end|>"
+        assert tokenizer.decode(e["input_ids"]).startswith(r["prompt"])

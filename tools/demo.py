@@ -29,6 +29,13 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def question(prompt: str) -> str:
+    """The user's question inside a ChatML or Alpaca-style prompt, for display."""
+    if "<|im_start|>user\n" in prompt:
+        return prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0].strip()
+    return prompt.split("### Instruction:\n")[-1].split("\n\n### Response:")[0].strip()
+
+
 def train_command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     return [launcher, "--num_gpus", str(nproc), "--master_port", os.environ.get("MASTER_PORT", "29511"),
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
 
     t = _step("3/5 data: chatterbot-corpus train/eval split")
     if not (out / "data" / "train.jsonl").is_file():
-        prepare_data(out / "data", source="chatterbot")
+        prepare_data(out / "data", source="chatterbot", chat_template_from=out / "teacher")
     timings["prepare data"] = time.perf_counter() - t
 
     t = _step(f"4/5 train: OKD on {args.nproc} processes (deepspeed launcher)")
@@ -102,8 +109,7 @@ def main(argv=None) -> int:
     samples = []
     first = results["teacher"]["sets"]["chatterbot-eval"]["samples"]
     for i, s in enumerate(first):
-        prompt = s["prompt"].split("### Instruction:\n")[-1].split("\n\n### Response:")[0]
-        samples.append(f"**{prompt.strip()}**  \n" + "  \n".join(
+        samples.append(f"**{question(s['prompt'])}**  \n" + "  \n".join(
             f"- {label}: {results[label]['sets']['chatterbot-eval']['samples'][i]['generation'].strip()[:160]!r}"
             for label in models) + f"  \n- reference: {s['references'][0][:160]!r}")
     report = "\n".join([

