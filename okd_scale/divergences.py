@@ -286,6 +286,7 @@ class _ChunkedSum(torch.autograd.Function):
                     grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
                 else:
                     grads[i] += g
+            got = g = value = inputs = wanted = None  # free this chunk's buffers before the next one
         for i in range(num_rows, len(tensors)):
             if grads[i] is not None:
                 grads[i] = grads[i].to(tensors[i].dtype)

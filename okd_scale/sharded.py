@@ -178,7 +178,10 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
             if not ctx.needs_input_grad[2 + i]:
                 result.append(None)
                 continue
-            result.append(((g - logp.exp() * total[:, i:i + 1]) / t).to(dtype))
+            grad = logp.exp().mul_(-total[:, i:i + 1]).add_(g)  # g - p * sum(g), one [n, Vs] buffer
+            if t != 1:
+                grad.div_(t)
+            result.append(grad.to(dtype))
         return (None, None, *result)
 
 

@@ -65,7 +65,8 @@ CHUNK_ELEMENTS = 2 ** 24  # default token chunk: about this many [chunk, V] elem
 
 
 class CpuPeak(TorchDispatchMode):
-    """Live and peak bytes of the storages of tensors created by ops run under this mode."""
+    """Live and peak bytes of the storages of tensors created by ops run under this mode (storages
+    that existed before, such as the inputs', are not counted, nor are views of them)."""
 
     def __init__(self):
         super().__init__()
@@ -77,12 +78,15 @@ class CpuPeak(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        # an output sharing an input's storage (a view, an in-place or out= result) is no new memory
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._seen:
+                if key not in self._seen and key not in inputs:
                     self._seen.add(key)
                     self.live += storage.nbytes()
                     weakref.finalize(storage, self._free, key, storage.nbytes())
