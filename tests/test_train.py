@@ -235,3 +235,22 @@ def test_gradient_equals_float64_global_token_mean(tmp_path, pair):
     (total / counted).backward()
     for n, p in ref_s.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_padded_vocab_sizes_are_aligned_to_the_tokenizer(tmp_path, pair, tokenizer):
+    """One tokenizer, a teacher padded by 32 entries and a student to 384: both distributions are
+    taken over the tokenizer's real vocabulary, and training runs."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    n = len(tokenizer)
+    tiny.make_llama(tmp_path / "teacher", tokenizer, num_layers=2, hidden=32, vocab_size=n + 32)
+    tiny.make_llama(tmp_path / "student", tokenizer, num_layers=1, hidden=32, vocab_size=384)
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
+                      [f"model.teacher={tmp_path / 'teacher'}", f"model.student={tmp_path / 'student'}",
+                       "online.num_blocks=1", "train.max_steps=3"])
+    history = run_and_dump(cfg)["history"]
+    assert all(torch.isfinite(torch.tensor(r["student/kd"])) for r in history)
+    sizes = {json.loads((tmp_path / m / "config.json").read_text())["vocab_size"] for m in ("teacher", "student")}
+    assert len(sizes | {n}) == 3  # three different sizes: the shapes only meet through the alignment
