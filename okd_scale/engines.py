@@ -8,9 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import deepspeed
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from .config import ConfigError, RunConfig, resolve_path
 
@@ -31,6 +29,9 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
     if accel.device_name() != "cpu":
@@ -38,6 +39,24 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def exit_distributed(code: int) -> None:
+    """Leave the process group (after a barrier when `code` is 0), flush and exit the process with `code`.
+
+    os._exit: with gloo, a thread can outlive the interpreter and abort it at normal exit."""
+    import sys
+
+    if torch.distributed.is_initialized():
+        try:
+            if code == 0:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -114,6 +133,8 @@ def make_scheduler(kind: str, warmup_steps: int, total_steps: int) -> Callable:
 def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[list] = None,
                 lr_scheduler: Optional[Callable] = None):
     """deepspeed.initialize over `parameters` (None: a frozen engine with no optimizer)."""
+    import deepspeed
+
     kwargs = dict(model=model, config=copy.deepcopy(ds_config))
     if parameters is not None:
         kwargs["model_parameters"] = parameters

@@ -23,22 +23,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _shutdown(code: int) -> None:
-    """Leave the process group cleanly; os._exit avoids gloo's occasional abort at interpreter exit."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv=None) -> int:
     from okd_scale.config import ConfigError, load_config
     from okd_scale.data import DataError
@@ -72,4 +56,6 @@ if __name__ == "__main__":
 
         traceback.print_exc()
     finally:
-        _shutdown(code)
+        from okd_scale.engines import exit_distributed
+
+        exit_distributed(code)

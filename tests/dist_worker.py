@@ -30,9 +30,8 @@ def run_and_dump(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
-
     from okd_scale.config import load_config
+    from okd_scale.engines import exit_distributed
 
     code = 1
     try:
@@ -43,10 +42,4 @@ if __name__ == "__main__":
 
         traceback.print_exc()
     finally:
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_distributed(code)

@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from okd_scale.engines import exit_distributed  # noqa: E402
+
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
 
 
@@ -99,10 +101,4 @@ def main(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_distributed(code)

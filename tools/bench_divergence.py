@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from okd_scale import sharded  # noqa: E402
+from okd_scale.engines import exit_distributed  # noqa: E402
 from okd_scale.divergences import DIVERGENCES, chunked_divergence_from_hidden, divergence_sum  # noqa: E402
 
 FULL_SIZES = ((32000, 4096), (49152, 4096), (151936, 2048))  # (vocab, tokens)
@@ -183,9 +184,16 @@ def make_step(method: str, name: str, x: dict, vocab: int, chunk_size: int | Non
 
 def run_local(configs, names, methods, args, device) -> list[dict]:
     """dense and chunked rows, in this process."""
+    return _measure_rows(configs, names, methods, args, device)
+
+
+def _measure_rows(configs, names, methods, args, device, rank_world=None) -> list[dict]:
+    """One row per (config, divergence, method): value, time and peak memory; `rank_world` = (rank, world)
+    builds this rank's vocabulary slice of the lm_head."""
     rows = []
     for vocab, tokens in configs:
-        x = make_inputs(vocab, tokens, args.hidden, device)
+        shard = sharded.vocab_range(vocab, *rank_world) if rank_world else None
+        x = make_inputs(vocab, tokens, args.hidden, device, rows=shard)
         for name in names:
             for method in methods:
                 value, seconds, peak = measure(make_step(method, name, x, vocab, args.chunk_size), device,
@@ -209,28 +217,13 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str, configs, nam
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-        rows = []
-        for vocab, tokens in configs:
-            x = make_inputs(vocab, tokens, args.hidden, device, rows=sharded.vocab_range(vocab, rank, world))
-            for name in names:
-                for method in methods:
-                    value, seconds, peak = measure(make_step(method, name, x, vocab, args.chunk_size), device,
-                                                   args.repeats)
-                    rows.append(dict(divergence=name, vocab=vocab, tokens=tokens, method=method, value=value,
-                                     time_s=seconds, peak_bytes=peak, chunk=chunk_for(vocab, args.chunk_size)))
-            del x
+        rows = _measure_rows(configs, names, methods, args, device, rank_world=(rank, world))
         torch.save(rows, Path(out_dir) / f"rank{rank}.pt")
         code = 0
     except BaseException:
         traceback.print_exc()
     finally:
-        if dist.is_initialized():
-            if code == 0:
-                dist.barrier()
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_distributed(code)
 
 
 def run_sharded(configs, names, methods, args) -> list[dict]:
