@@ -383,6 +383,20 @@ def ce_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
 # --------------------------------------------------------------------------- from hidden states
 
 
+def _check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight, *,
+                         weight_name: str = "weight", rows: str = "V") -> None:
+    """Hidden states [..., H] against lm_head weights [rows, H], equal token shapes, labels when CE is asked."""
+    for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
+        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{side}_hidden [..., {hidden.shape[-1]}] does not match {side}_{weight_name} "
+                             f"{tuple(weight.shape)} (expected [{rows}, {hidden.shape[-1]}])")
+    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
+        raise ValueError(f"token shapes differ: p_hidden {tuple(p_hidden.shape[:-1])} vs "
+                         f"q_hidden {tuple(q_hidden.shape[:-1])}")
+    if ce_weight != 0 and labels is None:
+        raise ValueError("ce_weight != 0 needs labels")
+
+
 def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor, q_hidden: Tensor,
                                    q_weight: Tensor, mask: Optional[Tensor] = None, *,
                                    chunk_size: Optional[int] = 1024, temperature: float = 1.0,
@@ -405,15 +419,7 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
     if p_weight.shape[0] != q_weight.shape[0]:
         raise ValueError(f"vocab sizes differ: p_weight has V={p_weight.shape[0]}, q_weight has "
                          f"V={q_weight.shape[0]}; align the vocabularies before calling")
-    for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
-        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(f"{side}_hidden [..., {hidden.shape[-1]}] does not match "
-                             f"{side}_weight {tuple(weight.shape)} (expected [V, {hidden.shape[-1]}])")
-    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
-        raise ValueError(f"token shapes differ: p_hidden {tuple(p_hidden.shape[:-1])} vs "
-                         f"q_hidden {tuple(q_hidden.shape[:-1])}")
-    if ce_weight != 0 and labels is None:
-        raise ValueError("ce_weight != 0 needs labels")
+    _check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight)
     tokens = p_hidden.shape[:-1]
     counted = _counted(tokens, mask, labels)
     if chunk_size is None:

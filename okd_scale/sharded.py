@@ -41,6 +41,7 @@ from torch import Tensor
 from okd_scale.divergences import (
     IGNORE_INDEX,
     _check_chunk_size,
+    _check_hidden_inputs,
     _check_name,
     _check_pair,
     _check_params,
@@ -357,15 +358,8 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
         return chunked_divergence_from_hidden(name, p_hidden, p_weight_shard, q_hidden, q_weight_shard, mask,
                                               chunk_size=chunk_size, temperature=temperature, labels=labels,
                                               ce_weight=ce_weight, div_weight=div_weight, **params)
-    for side, hidden, weight in (("p", p_hidden, p_weight_shard), ("q", q_hidden, q_weight_shard)):
-        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(f"{side}_hidden [..., {hidden.shape[-1]}] does not match {side}_weight_shard "
-                             f"{tuple(weight.shape)} (expected [end - start, {hidden.shape[-1]}])")
-    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
-        raise ValueError(f"token shapes differ: p_hidden {tuple(p_hidden.shape[:-1])} vs "
-                         f"q_hidden {tuple(q_hidden.shape[:-1])}")
-    if ce_weight != 0 and labels is None:
-        raise ValueError("ce_weight != 0 needs labels")
+    _check_hidden_inputs(p_hidden, p_weight_shard, q_hidden, q_weight_shard, labels, ce_weight,
+                         weight_name="weight_shard", rows="end - start")
     use_ce = ce_weight != 0
     tokens = p_hidden.shape[:-1]
     counted = _counted(tokens, mask, labels)
