@@ -59,6 +59,23 @@ def exit_distributed(code: int) -> None:
     os._exit(code)
 
 
+def run_and_exit(fn: Callable, *args) -> None:
+    """Run `fn(*args)` as a process's whole job and exit through `exit_distributed`: with its int result
+    (None: 0), with a SystemExit's own status, or with 1 after printing the traceback of any other exception."""
+    import traceback
+
+    code = 1
+    try:
+        result = fn(*args)
+        code = 0 if result is None else int(result)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the hard exit below
+        traceback.print_exc()
+    finally:
+        exit_distributed(code)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():

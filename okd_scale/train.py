@@ -48,14 +48,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = 1
-    try:
-        code = main()
-    except BaseException:  # print the traceback before the hard exit below
-        import traceback
+    from okd_scale.engines import run_and_exit
 
-        traceback.print_exc()
-    finally:
-        from okd_scale.engines import exit_distributed
-
-        exit_distributed(code)
+    run_and_exit(main)

@@ -31,15 +31,9 @@ def run_and_dump(cfg) -> dict:
 
 if __name__ == "__main__":
     from okd_scale.config import load_config
-    from okd_scale.engines import exit_distributed
+    from okd_scale.engines import run_and_exit
 
-    code = 1
-    try:
+    def worker() -> None:
         run_and_dump(load_config(sys.argv[1], sys.argv[2:]))
-        code = 0
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        exit_distributed(code)
+    run_and_exit(worker)

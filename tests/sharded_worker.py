@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from okd_scale.engines import exit_distributed  # noqa: E402
+from okd_scale.engines import run_and_exit  # noqa: E402
 
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
 
@@ -87,18 +86,14 @@ def run_case(case: dict, group=None) -> dict:
     return {"value": value.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}}
 
 
-def main(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
-    """torch.multiprocessing.spawn entry point."""
+def _work(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    code = 1
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        results = [run_case(case) for case in cases]
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        exit_distributed(code)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save([run_case(case) for case in cases], Path(out_dir) / f"rank{rank}.pt")
+
+
+def main(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
+    """torch.multiprocessing.spawn entry point."""
+    run_and_exit(_work, rank, world, port, out_dir, cases)

@@ -146,3 +146,11 @@ def test_cli_different_tokenizers_refused(tmp_path, assets):
     proc = run_cli("--config", str(write(tmp_path, cfg)))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "different tokenizers" in proc.stderr and "teacher2" in proc.stderr and "student" in proc.stderr
+
+
+def test_cli_help_and_unknown_flag_exit_statuses():
+    """argparse's own exits pass through the distributed shutdown unchanged: --help 0, a bad flag 2."""
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr
+    proc = run_cli("--bogus")
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr and "Traceback" not in proc.stderr

@@ -39,7 +39,6 @@ import socket
 import sys
 import tempfile
 import time
-import traceback
 import weakref
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from okd_scale import sharded  # noqa: E402
-from okd_scale.engines import exit_distributed  # noqa: E402
+from okd_scale.engines import run_and_exit  # noqa: E402
 from okd_scale.divergences import DIVERGENCES, chunked_divergence_from_hidden, divergence_sum  # noqa: E402
 
 FULL_SIZES = ((32000, 4096), (49152, 4096), (151936, 2048))  # (vocab, tokens)
@@ -204,26 +203,24 @@ def _measure_rows(configs, names, methods, args, device, rank_world=None) -> lis
     return rows
 
 
-def _sharded_worker(rank: int, world: int, port: int, out_dir: str, configs, names, methods, args) -> None:
-    """torch.multiprocessing.spawn entry point: the sharded rows on this rank, saved to out_dir."""
+def _sharded_rows(rank: int, world: int, port: int, out_dir: str, configs, names, methods, args) -> None:
+    """The sharded rows on this rank, saved to out_dir."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    code = 1
-    try:
-        use_cuda = args.device == "cuda"
-        device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-        rows = _measure_rows(configs, names, methods, args, device, rank_world=(rank, world))
-        torch.save(rows, Path(out_dir) / f"rank{rank}.pt")
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        exit_distributed(code)
+    use_cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    rows = _measure_rows(configs, names, methods, args, device, rank_world=(rank, world))
+    torch.save(rows, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _sharded_worker(*args) -> None:
+    """torch.multiprocessing.spawn entry point: `_sharded_rows`, then a clean exit."""
+    run_and_exit(_sharded_rows, *args)
 
 
 def run_sharded(configs, names, methods, args) -> list[dict]:
