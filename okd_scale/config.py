@@ -66,6 +66,8 @@ class LossArgs:
     skew_alpha: float = 0.1
     akl_mu: float = 0.5
     chunk_size: int = 1024  # tokens per chunk of the divergence computation
+    from_hidden: bool = True  # losses from final hidden states and lm_head weights, logits one chunk at a time
+    vocab_shards: int = 1  # W > 1: each group of W ranks splits the vocabulary (needs from_hidden)
 
 
 @dataclass
@@ -259,7 +261,7 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     for key, v in [("train.max_steps", t.max_steps), ("train.per_device_train_batch_size", t.per_device_train_batch_size),
                    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                    ("train.logging_steps", t.logging_steps), ("data.max_length", cfg.data.max_length),
-                   ("loss.chunk_size", lo.chunk_size), ("online.r", on.r), ("online.update_every", on.update_every)]:
+                   ("loss.chunk_size", lo.chunk_size), ("loss.vocab_shards", lo.vocab_shards), ("online.r", on.r), ("online.update_every", on.update_every)]:
         _check(v >= 1, origin, key, "an integer >= 1", v)
     _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
     _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
@@ -279,6 +281,10 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
            on.num_blocks)
     _check(len(on.target_modules) > 0, origin, "online.target_modules", "a non-empty list of module names",
            on.target_modules)
+    _check(lo.vocab_shards == 1 or lo.from_hidden, origin, "loss.vocab_shards",
+           "1 when loss.from_hidden is false (sharding splits the lm_head)", lo.vocab_shards)
+    _check("lm_head" not in on.target_modules, origin, "online.target_modules",
+           "modules of the teacher's blocks (the lm_head stays frozen)", on.target_modules)
     for key, v in [("loss.divergence", lo.divergence), ("online.divergence", on.divergence)]:
         _check(v in DIVERGENCES, origin, key, f"one of {', '.join(DIVERGENCES)}", v)
     _check(t.lr_scheduler_type in SCHEDULERS, origin, "train.lr_scheduler_type", f"one of {', '.join(SCHEDULERS)}",

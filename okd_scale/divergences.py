@@ -235,6 +235,7 @@ def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *, temperatu
 
 class _ChunkedSum(torch.autograd.Function):
     """sum over chunks c of fn(*[r[c] for r in rows], *shared), recomputing each chunk in backward.
+    fn returns a scalar or a small vector of terms (summed elementwise over chunks).
 
     ``rows`` are [N, ...] tensors indexed by ``index`` (the counted rows), ``shared`` tensors (lm_head
     weights) are used whole by every chunk. Forward keeps no intermediates; backward recomputes
@@ -250,9 +251,8 @@ class _ChunkedSum(torch.autograd.Function):
             sel = index[start:start + chunk_size]
             value = fn(*[r.index_select(0, sel) for r in rows], *shared)
             total = value if total is None else total + value
-        if total is None:
-            dtype = torch.promote_types(rows[0].dtype, torch.float32)
-            total = torch.zeros((), dtype=dtype, device=rows[0].device)
+        if total is None:  # no counted rows: fn on empty rows gives zeros of the right shape
+            total = fn(*[r[:0] for r in rows], *shared)
         ctx.fn, ctx.chunk_size, ctx.num_rows = fn, chunk_size, num_rows
         ctx.save_for_backward(index, *tensors)
         return total
@@ -402,10 +402,12 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
                                    chunk_size: Optional[int] = 1024, temperature: float = 1.0,
                                    labels: Optional[Tensor] = None, ce_weight: float = 0.0,
                                    div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                                   mu: float = 0.5) -> Tensor:
+                                   mu: float = 0.5, split: bool = False) -> Tensor:
     """Sum over counted tokens of div_weight * D(p || q) + ce_weight * CE(q_logits, labels), where
     p_logits = p_hidden @ p_weight.T and q_logits = q_hidden @ q_weight.T ([..., H] hidden states,
-    [V, H] lm_head weights; the two V must be equal).
+    [V, H] lm_head weights; the two V must be equal). ``split=True`` returns the two terms as a [2]
+    vector (div_weight * sum D, ce_weight * sum CE) instead of their sum, so a caller can log both and
+    weight them in one pass.
 
     Logits are formed one chunk of ``chunk_size`` counted tokens at a time, in forward and again in
     backward (None = one chunk). Gradients reach all four tensors when they require grad. Counted
@@ -435,11 +437,25 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
         q_logits = q_h @ q_w.t()
         logp = _log_probs(p_h @ p_w.t(), temperature)
         logq = _log_probs(q_logits, temperature)
-        total = div_weight * _per_token(name, logp, logq, beta, alpha, mu).sum()
-        if use_ce:
-            total = total + ce_weight * _ce_rows(q_logits, lab)
-        return total
+        div = div_weight * _per_token(name, logp, logq, beta, alpha, mu).sum()
+        ce = ce_weight * _ce_rows(q_logits, lab) if use_ce else div.new_zeros(())
+        return torch.stack([div, ce]) if split else div + ce
 
-    index = (torch.arange(rows[0].shape[0], device=p_hidden.device) if counted is None
-             else counted.nonzero().squeeze(1))
-    return _ChunkedSum.apply(fn, index, chunk_size, len(rows), *rows, p_weight, q_weight)
+    return _row_sum(fn, rows, [p_weight, q_weight], counted, chunk_size)
+
+
+def ce_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
+                   chunk_size: Optional[int] = 1024) -> Tensor:
+    """Sum over counted tokens of -log softmax(hidden @ weight.T)[label]: ``ce_sum`` of the logits of
+    [..., H] hidden states under a [V, H] lm_head, formed one chunk of ``chunk_size`` counted tokens
+    at a time in forward and again in backward (None: all at once, kept for backward)."""
+    _check_chunk_size(chunk_size)
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight {tuple(weight.shape)} "
+                         f"(expected [V, {hidden.shape[-1]}])")
+    counted = _counted(hidden.shape[:-1], mask, labels)
+
+    def fn(h: Tensor, lab: Tensor, w: Tensor) -> Tensor:
+        return _ce_rows(h @ w.t(), lab)
+
+    return _row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight], counted, chunk_size)

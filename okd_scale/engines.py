@@ -176,3 +176,18 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
                                   with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",
                                   **common)
     return teacher, student
+
+
+def vocab_shard_group(shards: int, rank: int, world: int):
+    """(group, rank in group) for splitting the vocabulary over blocks of `shards` consecutive ranks
+    (loss.vocab_shards); every rank creates every block's group, as torch.distributed requires."""
+    import torch.distributed as dist
+
+    if world % shards:
+        raise ConfigError(f'"loss.vocab_shards" must divide the world size {world}, got {shards}')
+    mine = None
+    for first in range(0, world, shards):
+        group = dist.new_group(list(range(first, first + shards)))
+        if first <= rank < first + shards:
+            mine = group
+    return mine, rank % shards

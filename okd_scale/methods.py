@@ -2,6 +2,10 @@
 
 A step returns the *sums* over its counted tokens of each loss term (detached), so the trainer can report
 means over the global batch; the losses it backpropagates are those sums divided by `ctx.num_tokens`.
+
+Token distributions come from the models' final hidden states at the counted positions and their lm_head
+weights, one chunk of tokens at a time (`loss.from_hidden`, the default; with `loss.vocab_shards` W > 1 the
+W ranks of a group also split the vocabulary), or from the models' logits at the counted positions.
 """
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .config import RunConfig
 from .data import IGNORE_INDEX
-from .divergences import ce_sum, divergence_sum
+from .divergences import ce_from_hidden, ce_sum, chunked_divergence_from_hidden, divergence_sum
+from .sharded import gather_rows, sharded_ce_from_hidden, sharded_divergence_from_hidden
 
 
 @dataclass
@@ -23,6 +29,16 @@ class StepContext:
     num_tokens: float  # the normaliser: counted tokens of the global batch / (world size x accumulation steps)
     vocab_size: int  # the tokenizer's real size; logits beyond it (padding) are dropped
     update_online: bool = False
+    from_hidden: bool = False  # score hidden states with lm_head rows (else: logits at the counted positions)
+    teacher_head: Optional[torch.Tensor] = None  # the frozen teacher lm_head's rows vocab_slice, gathered once
+    vocab_slice: Optional[tuple[int, int]] = None  # this rank's [start, end) of the vocabulary; None: all of it
+    vocab_group: object = None  # the group the vocabulary is split over (loss.vocab_shards > 1), else None
+    vocab_shards: int = 1
+
+    def student_head(self) -> torch.Tensor:
+        """The student's lm_head rows for this rank (a view: gradients reach the parameter)."""
+        start, end = self.vocab_slice or (0, self.vocab_size)
+        return self.student.module.get_output_embeddings().weight[start:end]
 
 
 def loss_normaliser(counted_tokens: float, world_size: int, accumulation_steps: int) -> float:
@@ -38,63 +54,107 @@ def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, labels != IGNORE_INDEX
 
 
-def response_logits(engine, batch: dict, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Logits at the counted positions only: [N, vocab_size]."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1][mask][:, :vocab_size]
+def forward_counted(engine, batch: dict, mask: torch.Tensor, vocab_size: int, *, hidden: bool) -> torch.Tensor:
+    """The model's outputs at the counted positions (mask [B, T-1]): its final (post-norm) hidden states
+    [N, H] when ``hidden``, else its logits [N, vocab_size]. Either way no [B, T, V] logits are formed:
+    transformers' ``logits_to_keep`` mask selects the positions the lm_head sees (none, for hidden)."""
+    keep = F.pad(mask, (0, 1), value=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not hidden:
+        return engine(**inputs, logits_to_keep=keep).logits[:, :vocab_size]
+    captured = []
+
+    def grab(module, args, out):
+        captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    handle = engine.module.get_decoder().register_forward_hook(grab)
+    try:
+        engine(**inputs, logits_to_keep=torch.zeros_like(keep))
+    finally:
+        handle.remove()
+    return captured[-1][keep]
 
 
-def _div(name: str, p: torch.Tensor, q: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    lo = cfg.loss
-    return divergence_sum(name, p, q, temperature=lo.temperature, chunk_size=lo.chunk_size, beta=lo.js_beta,
-                          alpha=lo.skew_alpha, mu=lo.akl_mu)
+def _terms(ctx: StepContext, name: str, p: torch.Tensor, q: torch.Tensor, y: torch.Tensor,
+           p_head: Optional[torch.Tensor] = None, q_head: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[sum D(p || q), sum CE(q, y)] over the counted tokens: p, q are logits, or hidden states scored
+    with the lm_head rows p_head, q_head (vocab-sharded over ctx.vocab_group when it is set)."""
+    lo = ctx.cfg.loss
+    kw = dict(temperature=lo.temperature, chunk_size=lo.chunk_size, beta=lo.js_beta, alpha=lo.skew_alpha,
+              mu=lo.akl_mu)
+    if p_head is None:
+        return torch.stack([divergence_sum(name, p, q, **kw), ce_sum(q, y, chunk_size=lo.chunk_size)])
+    if ctx.vocab_group is not None:
+        return sharded_divergence_from_hidden(name, p, p_head, q, q_head, labels=y, ce_weight=1.0, split=True,
+                                              vocab_size=ctx.vocab_size, group=ctx.vocab_group, **kw)
+    return chunked_divergence_from_hidden(name, p, p_head, q, q_head, labels=y, ce_weight=1.0, split=True, **kw)
+
+
+def _outputs(ctx: StepContext, batch: dict, *, teacher_grad: bool) -> tuple:
+    """(teacher outputs or None, student outputs, labels) at the counted positions, gathered over the
+    vocab-sharded group when there is one."""
+    labels, mask = targets(batch)
+    y = labels[mask]
+    zt = None
+    if ctx.teacher is not None:
+        with torch.enable_grad() if teacher_grad else torch.no_grad():
+            zt = forward_counted(ctx.teacher, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+    zs = forward_counted(ctx.student, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+    if ctx.vocab_group is not None:
+        rows = (zs, y) if zt is None else (zs, y, zt)
+        zs, y, *rest = gather_rows(*rows, group=ctx.vocab_group, pad_values=(0, IGNORE_INDEX, 0))
+        zt = rest[0] if rest else None
+    return zt, zs, y
 
 
 def _student_update(ctx: StepContext, zt: torch.Tensor, zs: torch.Tensor, y: torch.Tensor) -> dict:
     """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y); backward on the student."""
     lo = ctx.cfg.loss
-    kd = _div(lo.divergence, zt.detach(), zs, ctx.cfg)
-    ce = ce_sum(zs, y, chunk_size=lo.chunk_size)
+    heads = (ctx.teacher_head, ctx.student_head()) if ctx.from_hidden else ()
+    kd, ce = _terms(ctx, lo.divergence, zt.detach(), zs, y, *heads)
     total = lo.kd_ratio * kd + (1.0 - lo.kd_ratio) * ce
     ctx.student.backward(total / ctx.num_tokens)
-    return {"student/loss": total.detach(), "student/kd": kd.detach(), "student/ce": ce.detach()}
+    return _logs(ctx, {"student/loss": total, "student/kd": kd, "student/ce": ce})
+
+
+def _logs(ctx: StepContext, values: dict) -> dict:
+    """Detached sums for this rank: a vocab-sharded group's sums are the group's, so each rank reports 1/W."""
+    return {k: v.detach() / ctx.vocab_shards for k, v in values.items()}
 
 
 def sft_step(batch: dict, ctx: StepContext) -> dict:
     """Cross-entropy on the response tokens."""
-    labels, mask = targets(batch)
-    zs = response_logits(ctx.student, batch, mask, ctx.vocab_size)
-    ce = ce_sum(zs, labels[mask], chunk_size=ctx.cfg.loss.chunk_size)
+    _, zs, y = _outputs(ctx, batch, teacher_grad=False)
+    chunk = ctx.cfg.loss.chunk_size
+    if not ctx.from_hidden:
+        ce = ce_sum(zs, y, chunk_size=chunk)
+    elif ctx.vocab_group is not None:
+        ce = sharded_ce_from_hidden(zs, ctx.student_head(), y, vocab_size=ctx.vocab_size, group=ctx.vocab_group,
+                                    chunk_size=chunk)
+    else:
+        ce = ce_from_hidden(zs, ctx.student_head(), y, chunk_size=chunk)
     ctx.student.backward(ce / ctx.num_tokens)
-    return {"student/loss": ce.detach(), "student/ce": ce.detach()}
+    return _logs(ctx, {"student/loss": ce, "student/ce": ce})
 
 
 def kd_step(batch: dict, ctx: StepContext) -> dict:
     """Frozen teacher; the student learns kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
-    labels, mask = targets(batch)
-    with torch.no_grad():
-        zt = response_logits(ctx.teacher, batch, mask, ctx.vocab_size)
-    zs = response_logits(ctx.student, batch, mask, ctx.vocab_size)
-    return _student_update(ctx, zt, zs, labels[mask])
+    zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
+    return _student_update(ctx, zt, zs, y)
 
 
 def okd_step(batch: dict, ctx: StepContext) -> dict:
     """Online KD (design.md section 2): the student step of `kd`, and on update steps the online module's
     LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT), backpropagated into the teacher's LoRA only."""
-    labels, mask = targets(batch)
-    y = labels[mask]
-    grad = torch.enable_grad() if ctx.update_online else torch.no_grad()
-    with grad:
-        zt = response_logits(ctx.teacher, batch, mask, ctx.vocab_size)
-    zs = response_logits(ctx.student, batch, mask, ctx.vocab_size)
+    zt, zs, y = _outputs(ctx, batch, teacher_grad=ctx.update_online)
     logs = _student_update(ctx, zt, zs, y)
     if ctx.update_online:
         on = ctx.cfg.online
-        ce_t = ce_sum(zt, y, chunk_size=ctx.cfg.loss.chunk_size)
-        kd_t = _div(on.divergence, zs.detach(), zt, ctx.cfg)
+        heads = (ctx.student_head().detach(), ctx.teacher_head) if ctx.from_hidden else ()
+        kd_t, ce_t = _terms(ctx, on.divergence, zs.detach(), zt, y, *heads)
         total_t = ce_t + on.divergence_weight * kd_t
         ctx.teacher.backward(total_t / ctx.num_tokens)
-        logs.update({"teacher/loss": total_t.detach(), "teacher/ce": ce_t.detach(), "teacher/kd": kd_t.detach()})
+        logs.update(_logs(ctx, {"teacher/loss": total_t, "teacher/ce": ce_t, "teacher/kd": kd_t}))
     return logs
 
 

@@ -94,3 +94,19 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 def freeze(model) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def frozen_head_rows(model, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of the model's lm_head weight as a detached tensor on its device, gathered (and
+    copied) when ZeRO-3 partitions it: for a lm_head that does not train, read once."""
+    import deepspeed
+
+    weight = model.get_output_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        rows = weight[start:end].detach()
+        return rows.clone() if is_partitioned(weight) else rows
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 partitions this parameter (its full data exists only inside the module's forward)."""
+    return hasattr(param, "ds_id")

@@ -50,13 +50,14 @@ from okd_scale.divergences import (
     _per_token,
     _row_sum,
     _upcast,
+    ce_from_hidden,
     ce_sum,
     chunked_divergence_from_hidden,
     divergence_sum,
 )
 
 __all__ = ["vocab_range", "shard_logits", "all_gather_shards", "copy_to_group", "sharded_divergence_sum",
-           "sharded_ce_sum", "sharded_divergence_from_hidden"]
+           "sharded_ce_sum", "sharded_divergence_from_hidden", "sharded_ce_from_hidden", "gather_rows"]
 
 
 # --------------------------------------------------------------------------- layout
@@ -338,7 +339,7 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
                                    group=None, chunk_size: Optional[int] = 1024, temperature: float = 1.0,
                                    labels: Optional[Tensor] = None, ce_weight: float = 0.0,
                                    div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                                   mu: float = 0.5) -> Tensor:
+                                   mu: float = 0.5, split: bool = False) -> Tensor:
     """``divergences.chunked_divergence_from_hidden`` with a vocab-sharded lm_head: the hidden states
     [..., H] are replicated, each rank holds rows [start, end) of each lm_head weight ([end-start, H]).
 
@@ -357,7 +358,7 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
     if _rank_world(group)[1] == 1:
         return chunked_divergence_from_hidden(name, p_hidden, p_weight_shard, q_hidden, q_weight_shard, mask,
                                               chunk_size=chunk_size, temperature=temperature, labels=labels,
-                                              ce_weight=ce_weight, div_weight=div_weight, **params)
+                                              ce_weight=ce_weight, div_weight=div_weight, split=split, **params)
     _check_hidden_inputs(p_hidden, p_weight_shard, q_hidden, q_weight_shard, labels, ce_weight,
                          weight_name="weight_shard", rows="end - start")
     use_ce = ce_weight != 0
@@ -380,10 +381,73 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
             shards.append(q_logits)
             temps.append(1.0)
         logs = _VocabParallelLogSoftmax.apply(tuple(temps), group, *shards)
-        local = div_weight * _local_divergence(name, logs[0], logs[1], start=start, vocab_size=vocab_size,
-                                               group=group, **params)
-        if use_ce:
-            local = local + ce_weight * _local_ce(logs[2], rest[0], start)
-        return _AllReduceSum.apply(local, group)
+        div = div_weight * _local_divergence(name, logs[0], logs[1], start=start, vocab_size=vocab_size,
+                                             group=group, **params)
+        ce = ce_weight * _local_ce(logs[2], rest[0], start) if use_ce else div.new_zeros(())
+        return _AllReduceSum.apply(torch.stack([div, ce]) if split else div + ce, group)
 
     return _row_sum(fn, rows, [p_weight_shard, q_weight_shard], counted, chunk_size)
+
+
+def sharded_ce_from_hidden(hidden: Tensor, weight_shard: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
+                           vocab_size: int, group=None, chunk_size: Optional[int] = 1024) -> Tensor:
+    """``divergences.ce_from_hidden`` with a vocab-sharded lm_head (layout and gradients as in
+    :func:`sharded_divergence_from_hidden`)."""
+    _check_chunk_size(chunk_size)
+    start, _ = _my_range(vocab_size, group, weight_shard.shape[0])
+    if _rank_world(group)[1] == 1:
+        return ce_from_hidden(hidden, weight_shard, labels, mask, chunk_size=chunk_size)
+    if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
+        raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight_shard "
+                         f"{tuple(weight_shard.shape)} (expected [end - start, {hidden.shape[-1]}])")
+    counted = _counted(hidden.shape[:-1], mask, labels)
+    _check_labels(labels, counted, vocab_size)
+
+    def fn(h: Tensor, lab: Tensor, w: Tensor) -> Tensor:
+        (h,) = copy_to_group(h, group=group)
+        (logp,) = _VocabParallelLogSoftmax.apply((1.0,), group, h @ w.t())
+        return _AllReduceSum.apply(_local_ce(logp, lab, start), group)
+
+    return _row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight_shard], counted,
+                    chunk_size)
+
+
+# --------------------------------------------------------------------------- data-parallel rows
+
+
+class _GatherRows(torch.autograd.Function):
+    """[W * n_max, ...] from each rank's [n, ...] rows (padded to n_max); backward keeps this rank's
+    rows of the incoming gradient, which the vocab-sharded sums have already summed over the group."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, n_max: int, pad_value: float):
+        rank, world = _rank_world(group)
+        padded = x.new_full((n_max, *x.shape[1:]), pad_value)
+        padded[:x.shape[0]] = x
+        out = x.new_empty(world * n_max, *x.shape[1:])
+        _all_gather_into_tensor(out, padded, group=group)
+        ctx.rows = (rank * n_max, rank * n_max + x.shape[0])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        start, end = ctx.rows
+        return grad[start:end], None, None, None
+
+
+def gather_rows(*tensors: Tensor, group=None, pad_values: Sequence[float] = ()) -> tuple[Tensor, ...]:
+    """Data-parallel tokens onto a vocab-sharded group: each rank's [n_r, ...] rows (hidden states,
+    labels; n_r may differ) become the group's [W * max n_r, ...] rows on every rank, in one
+    ``all_gather_into_tensor`` per tensor into a preallocated buffer; padding rows get
+    ``pad_values[i]`` (default 0; give labels ``IGNORE_INDEX`` so the padding is not counted).
+
+    Gradients: the backward returns this rank's rows of the incoming gradient, which is exact when the
+    consumer sums hidden-state gradients over the group (:func:`sharded_divergence_from_hidden` and
+    :func:`sharded_ce_from_hidden` do). With world size 1 the tensors are returned as they are.
+    """
+    if _rank_world(group)[1] == 1:
+        return tensors
+    counts = torch.tensor([t.shape[0] for t in tensors], device=tensors[0].device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    pads = list(pad_values) + [0] * (len(tensors) - len(pad_values))
+    return tuple(_GatherRows.apply(t, group, int(n), pad) for t, n, pad in zip(tensors, counts.tolist(), pads))

@@ -16,10 +16,10 @@ from typing import Iterator, Optional
 import torch
 import yaml
 
-from . import checkpoint, data, engines, models
-from .config import TEACHER_METHODS, RunConfig
+from . import checkpoint, data, engines, models, sharded
+from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
-from .methods import METHODS, StepContext, loss_normaliser, response_logits, targets
+from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
 
 log = logging.getLogger("okd_scale")
 
@@ -106,6 +106,32 @@ def build(cfg: RunConfig, rank: int, world: int):
     return tokenizer, loader, stats, teacher, student
 
 
+def loss_heads(cfg: RunConfig, teacher, student, vocab_size: int, rank: int, world: int) -> dict:
+    """The StepContext fields that say how losses read the models (see methods.py): from hidden states
+    and lm_head rows (this rank's vocabulary slice when loss.vocab_shards > 1), or from logits."""
+    lo = cfg.loss
+    weight = student.module.get_output_embeddings().weight
+    if not lo.from_hidden:
+        return {}
+    if models.is_partitioned(weight):
+        if lo.vocab_shards > 1:
+            raise ConfigError(f'"loss.vocab_shards" is {lo.vocab_shards}, but the student runs under ZeRO-3 '
+                              f"({cfg.deepspeed.student_config}), which partitions its lm_head; use a ZeRO-0/1/2 "
+                              f"student config or loss.vocab_shards=1")
+        log.info("student under ZeRO-3: its lm_head is partitioned, so the losses use logits at the response "
+                 "positions (loss.from_hidden needs the student's lm_head whole on each rank)")
+        return {}
+    fields = {"from_hidden": True}
+    start, end = 0, vocab_size
+    if lo.vocab_shards > 1:
+        group, shard_rank = engines.vocab_shard_group(lo.vocab_shards, rank, world)
+        start, end = sharded.vocab_range(vocab_size, shard_rank, lo.vocab_shards)
+        fields.update(vocab_group=group, vocab_slice=(start, end), vocab_shards=lo.vocab_shards)
+    if teacher is not None:
+        fields["teacher_head"] = models.frozen_head_rows(teacher.module, start, end)
+    return fields
+
+
 @torch.no_grad()
 def eval_loss(engine, loader, vocab_size: int) -> float:
     """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
@@ -115,7 +141,7 @@ def eval_loss(engine, loader, vocab_size: int) -> float:
     for batch in loader:
         batch = _to(batch, engine.device)
         labels, mask = targets(batch)
-        total += float(ce_sum(response_logits(engine, batch, mask, vocab_size), labels[mask]))
+        total += float(ce_sum(forward_counted(engine, batch, mask, vocab_size, hidden=False), labels[mask]))
         count += float(mask.sum())
     engine.train(was_training)
     total, count = _all_reduce_sum([total, count], engine.device)
@@ -134,6 +160,7 @@ def train(cfg: RunConfig) -> TrainResult:
         (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     vocab = len(tokenizer)
+    heads = loss_heads(cfg, teacher, student, vocab, rank, world)
     step_fn = METHODS[cfg.method]
     t = cfg.train
     gas = t.gradient_accumulation_steps
@@ -154,7 +181,7 @@ def train(cfg: RunConfig) -> TrainResult:
                                          sum(float(b["attention_mask"].sum()) for b in micro)], device)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, world, gas),
-                          vocab_size=vocab, update_online=update_online)
+                          vocab_size=vocab, update_online=update_online, **heads)
         sums: dict[str, float] = defaultdict(float)
         for b in micro:
             for k, v in step_fn(b, ctx).items():

@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from okd_scale.engines import run_and_exit  # noqa: E402
 
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
+SPLIT_WEIGHTS = (0.4, 0.9)  # how the "hidden_split" cases weight their [divergence, CE] terms
+DP_ROWS = [(0, 7), (7, 10)]  # the "dp_rows" cases: rank r owns these of the 10 flattened token rows
 
 
 def case_inputs(case: dict) -> dict:
@@ -56,6 +58,7 @@ def run_case(case: dict, group=None) -> dict:
     vocab = case["vocab"]
     start, end = sharded.vocab_range(vocab, rank, world)
     kind = case["kind"]
+    extra = {}
     if kind == "gather":
         full = sharded.all_gather_shards(sharded.shard_logits(x["p"]), vocab)
         return {"full": full}
@@ -66,6 +69,28 @@ def run_case(case: dict, group=None) -> dict:
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
             chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=0.7,
             div_weight=1.3, **PARAMS)
+    elif kind == "hidden_split":  # the two terms as a vector, weighted by the caller
+        leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
+        leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        terms = sharded.sharded_divergence_from_hidden(
+            case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
+            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=1.0, split=True, **PARAMS)
+        value = SPLIT_WEIGHTS[0] * terms[0] + SPLIT_WEIGHTS[1] * terms[1]
+        extra["terms"] = terms.detach()
+    elif kind == "ce_hidden":
+        leaves = {"qh": x["qh"].clone().requires_grad_(), "qw": x["qw"][start:end].clone().requires_grad_()}
+        value = sharded.sharded_ce_from_hidden(leaves["qh"], leaves["qw"], x["labels"], x["mask"], vocab_size=vocab,
+                                               chunk_size=case.get("chunk"))
+    elif kind == "dp_rows":  # each rank its own, uneven rows; gathered onto the group, vocabulary split
+        lo, hi = DP_ROWS[rank]
+        rows = {k: x[k].reshape(-1, x[k].shape[-1])[lo:hi] for k in ("ph", "qh")}
+        leaves = {"ph": rows["ph"], "qh": rows["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
+        leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        ph, qh, labels = sharded.gather_rows(leaves["ph"], leaves["qh"], x["labels"].reshape(-1)[lo:hi],
+                                             pad_values=(0, 0, -100))
+        value = sharded.sharded_divergence_from_hidden(
+            case["name"], ph, leaves["pw"], qh, leaves["qw"], vocab_size=vocab, chunk_size=case.get("chunk"),
+            temperature=case["temperature"], labels=labels, ce_weight=0.7, div_weight=1.3, **PARAMS)
     elif kind == "logits_from_hidden":  # logits shards from replicated hidden states: copy_to_group
         leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
         leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
@@ -83,7 +108,7 @@ def run_case(case: dict, group=None) -> dict:
                                                temperature=case["temperature"], chunk_size=case.get("chunk"),
                                                **PARAMS)
     value.backward()
-    return {"value": value.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}}
+    return {"value": value.detach(), **extra, **{f"grad_{k}": v.grad for k, v in leaves.items()}}
 
 
 def _work(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:

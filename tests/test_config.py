@@ -61,6 +61,11 @@ def test_valid_config_and_overrides(tmp_path, assets):
      "is not a local directory. Models load from local directories; set model.allow_hub=true"),
     (lambda c: c["data"].update(train_file="/no/such.jsonl"), [], '"data.train_file": file not found: /no/such.jsonl'),
     (lambda c: None, ["deepspeed.student_config=nope.json"], '"deepspeed.student_config": DeepSpeed config not found'),
+    (lambda c: None, ["loss.vocab_shards=0"], '"loss.vocab_shards" must be an integer >= 1'),
+    (lambda c: None, ["loss.vocab_shards=2", "loss.from_hidden=false"],
+     '"loss.vocab_shards" must be 1 when loss.from_hidden is false'),
+    (lambda c: None, ['online.target_modules=["q_proj", "lm_head"]'],
+     '"online.target_modules" must be modules of the teacher\'s blocks (the lm_head stays frozen)'),
 ])
 def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):
     cfg = base(assets)

@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_leaves
 
 from okd_scale.divergences import (
     DIVERGENCES,
+    ce_from_hidden,
     ce_loss,
     ce_sum,
     chunked_divergence_from_hidden,
@@ -454,6 +455,29 @@ def test_hidden_path_bf16_never_forms_full_float32_logits():
         chunked_divergence_from_hidden("fkl", *ins, mask, chunk_size=chunk, labels=labels, ce_weight=1.0).backward()
     assert seen.largest <= max(chunk * vocab, vocab * hidden), seen.largest  # weight grads accumulate in fp32
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all() for t in ins)
+
+
+def test_ce_from_hidden_equals_ce_of_the_logits():
+    _, _, qh, qw, labels, mask = hidden_case()
+    counted = mask & (labels != -100)
+    ref, ref_grads = value_and_grads(lambda c, d: ce_sum(c @ d.T, labels, counted), qh, qw)
+    for chunk_size in (1, 7, None):
+        v, grads = value_and_grads(lambda c, d: ce_from_hidden(c, d, labels, mask, chunk_size=chunk_size), qh, qw)
+        close(v, ref, rtol=1e-10, atol=1e-12)
+        for ours, theirs in zip(grads, ref_grads):
+            close(ours, theirs, rtol=1e-10, atol=1e-12)
+    empty = ce_from_hidden(qh, qw, labels, torch.zeros_like(mask), chunk_size=4)
+    assert empty.item() == 0.0
+
+
+def test_split_terms_are_the_weighted_divergence_and_ce():
+    ph, pw, qh, qw, labels, mask = hidden_case()
+    counted = mask & (labels != -100)
+    terms = chunked_divergence_from_hidden("rkl", ph, pw, qh, qw, mask, chunk_size=3, labels=labels, ce_weight=0.25,
+                                           div_weight=2.0, split=True, **PARAMS)
+    assert terms.shape == (2,)
+    close(terms[0], 2.0 * divergence_sum("rkl", ph @ pw.T, qh @ qw.T, counted, **PARAMS), rtol=1e-10, atol=1e-12)
+    close(terms[1], 0.25 * ce_sum(qh @ qw.T, labels, counted), rtol=1e-10, atol=1e-12)
 
 
 def test_hidden_path_rejects_different_vocab_sizes():

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from okd_scale import sharded
 from okd_scale.divergences import DIVERGENCES, ce_sum, chunked_divergence_from_hidden, divergence_sum
-from sharded_worker import PARAMS, case_inputs, run_case
+from sharded_worker import DP_ROWS, PARAMS, SPLIT_WEIGHTS, case_inputs, run_case
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -40,6 +40,14 @@ def _cases() -> list[dict]:
     for name, chunk in (("fkl", 4), ("akl", 3), ("tvd", None)):
         cases.append(dict(kind="hidden", name=name, vocab=101, masked=True, temperature=2.0, chunk=chunk,
                           hidden=True, seed=700 + len(cases)))
+    for name, chunk in (("js", 3), ("akl", None)):
+        cases.append(dict(kind="hidden_split", name=name, vocab=101, masked=True, temperature=1.5, chunk=chunk,
+                          hidden=True, seed=760 + len(cases)))
+    for vocab, chunk in ((101, 4), (257, None)):
+        cases.append(dict(kind="ce_hidden", vocab=vocab, masked=True, chunk=chunk, hidden=True, seed=770 + vocab))
+    for name, chunk in (("fkl", 3), ("rkl", None)):
+        cases.append(dict(kind="dp_rows", name=name, vocab=101, temperature=1.0, chunk=chunk, hidden=True,
+                          seed=780 + len(cases)))
     cases.append(dict(kind="logits_from_hidden", name="srkl", vocab=257, masked=True, temperature=1.3, chunk=4,
                       hidden=True, seed=750))
     cases.append(dict(kind="gather", vocab=101, seed=800))
@@ -79,6 +87,27 @@ def _dense(case: dict) -> dict:
         value = chunked_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], chunk_size=None,
             temperature=case["temperature"], labels=x["labels"], ce_weight=0.7, div_weight=1.3, **PARAMS)
+    elif case["kind"] == "hidden_split":
+        leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
+        terms = chunked_divergence_from_hidden(
+            case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], chunk_size=None,
+            temperature=case["temperature"], labels=x["labels"], ce_weight=1.0, split=True, **PARAMS)
+        split_value = SPLIT_WEIGHTS[0] * terms[0] + SPLIT_WEIGHTS[1] * terms[1]
+        summed = chunked_divergence_from_hidden(  # split=False with the same weights: the same number
+            case["name"], x["ph"], x["pw"], x["qh"], x["qw"], x["mask"], chunk_size=2, div_weight=SPLIT_WEIGHTS[0],
+            temperature=case["temperature"], labels=x["labels"], ce_weight=SPLIT_WEIGHTS[1], **PARAMS)
+        torch.testing.assert_close(split_value, summed, rtol=1e-10, atol=0)
+        split_value.backward()
+        return {"value": split_value.detach(), "terms": terms.detach(),
+                **{f"grad_{k}": v.grad for k, v in leaves.items()}}
+    elif case["kind"] == "ce_hidden":
+        leaves = {k: x[k].clone().requires_grad_() for k in ("qh", "qw")}
+        value = ce_sum(leaves["qh"] @ leaves["qw"].t(), x["labels"], x["mask"])
+    elif case["kind"] == "dp_rows":
+        leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
+        value = chunked_divergence_from_hidden(
+            case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], chunk_size=None,
+            temperature=case["temperature"], labels=x["labels"], ce_weight=0.7, div_weight=1.3, **PARAMS)
     elif case["kind"] == "logits_from_hidden":
         leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
         value = divergence_sum(case["name"], leaves["ph"] @ leaves["pw"].t(), leaves["qh"] @ leaves["qw"].t(),
@@ -115,11 +144,16 @@ def test_sharded_equals_dense(sharded_results, index):
         got = sharded_results[r][index]
         start, end = sharded.vocab_range(case["vocab"], r, WORLD)
         torch.testing.assert_close(got["value"], want["value"], **_tol(case))
+        if "terms" in want:
+            torch.testing.assert_close(got["terms"], want["terms"], **_tol(case))
         for key, grad in want.items():
             if not key.startswith("grad_"):
                 continue
             if key in ("grad_p", "grad_q", "grad_pw", "grad_qw"):  # this rank's rows of the vocabulary
                 grad = grad[..., start:end] if key in ("grad_p", "grad_q") else grad[start:end]
+            elif case["kind"] == "dp_rows":  # this rank's own token rows
+                lo, hi = DP_ROWS[r]
+                grad = grad.reshape(-1, grad.shape[-1])[lo:hi]
             assert got[key].shape == grad.shape, key
             torch.testing.assert_close(got[key], grad, **_tol(case), msg=lambda m: f"rank {r} {key}: {m}")
 

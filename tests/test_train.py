@@ -194,27 +194,33 @@ def test_bf16_one_process(tmp_path, pair, tokenizer):
         student_ce(pair / "student", pair / "train.jsonl", tokenizer)
 
 
-def test_gradient_equals_float64_global_token_mean(tmp_path, pair):
+@pytest.mark.parametrize("from_hidden", [True, False])
+def test_gradient_equals_float64_global_token_mean(tmp_path, pair, from_hidden):
     """After 2 accumulated micro-batches, DeepSpeed's student gradient equals the float64 gradient of
-    LS = sum over counted tokens of [kd_ratio * KL(pT || pS) + (1 - kd_ratio) * CE] / (counted tokens)."""
+    LS = sum over counted tokens of [kd_ratio * KL(pT || pS) + (1 - kd_ratio) * CE] / (counted tokens),
+    whether the losses read hidden states and lm_head rows (the default) or logits."""
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
     from okd_scale.config import load_config
     from okd_scale.engines import init_distributed
     from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
-    from okd_scale.trainer import build
+    from okd_scale.trainer import build, loss_heads
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
                       ["train.per_device_train_batch_size=3", "train.gradient_accumulation_steps=2",
-                       "train.max_grad_norm=0", "loss.kd_ratio=0.3"])
+                       "train.max_grad_norm=0", "loss.kd_ratio=0.3", f"loss.from_hidden={str(from_hidden).lower()}",
+                       "loss.chunk_size=7"])
     init_distributed()
     tokenizer, loader, _, teacher, student = build(cfg, 0, 1)
     it = iter(loader)
     micro = [next(it), next(it)]
     counted = sum(float(targets(b)[1].sum()) for b in micro)
     assert float(targets(micro[0])[1].sum()) != float(targets(micro[1])[1].sum())  # unequal micro-batches
-    ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, 1, 2), vocab_size=len(tokenizer))
+    heads = loss_heads(cfg, teacher, student, len(tokenizer), 0, 1)
+    assert heads.get("from_hidden", False) == from_hidden
+    ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, 1, 2),
+                      vocab_size=len(tokenizer), **heads)
     kd_step(micro[0], ctx)
     student.step()  # not a boundary: accumulates
     kd_step(micro[1], ctx)
@@ -254,3 +260,56 @@ def test_padded_vocab_sizes_are_aligned_to_the_tokenizer(tmp_path, pair, tokeniz
     assert all(torch.isfinite(torch.tensor(r["student/kd"])) for r in history)
     sizes = {json.loads((tmp_path / m / "config.json").read_text())["vocab_size"] for m in ("teacher", "student")}
     assert len(sizes | {n}) == 3  # three different sizes: the shapes only meet through the alignment
+
+
+def _comparable(history: list) -> list:
+    return [{k: v for k, v in r.items() if "/" in k and not k.startswith(("time", "tokens_", "lr/"))} for r in history]
+
+
+def _assert_same_runs(a: Path, b: Path, rtol: float) -> None:
+    """Two runs' loss histories and final student and teacher weights agree within rtol."""
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for x, y in zip(_comparable(ra["history"]), _comparable(rb["history"]), strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=rtol), key
+    for name in ("student/model.safetensors", "teacher_after.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_hidden_path_equals_logits_path(tmp_path, pair):
+    """okd from hidden states and lm_head rows, chunked (default) = okd from full logits: the same
+    losses and the same student and online-module weights after 6 steps."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    for name, hidden in (("hidden", "true"), ("logits", "false")):
+        run_and_dump(load_config(write_config(tmp_path / f"{name}.yaml", pair, "okd"),
+                                 [f"output_dir={tmp_path / name}", f"loss.from_hidden={hidden}", "loss.chunk_size=5",
+                                  "loss.divergence=js", "online.divergence=rkl", "data.eval_file=null"]))
+    _assert_same_runs(tmp_path / "hidden", tmp_path / "logits", rtol=1e-4)
+
+
+def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
+    """loss.vocab_shards=2 on 2 ranks (each rank scores both ranks' tokens on half the vocabulary,
+    uneven rows gathered) trains exactly as vocab_shards=1 on 2 ranks."""
+    for shards in (1, 2):
+        cfg = write_config(tmp_path / f"cfg{shards}.yaml", pair, "okd")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / f'shards{shards}'}",
+               f"loss.vocab_shards={shards}", "loss.chunk_size=9", "data.eval_file=null"]
+        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_same_runs(tmp_path / "shards1", tmp_path / "shards2", rtol=1e-4)
+
+
+def test_vocab_shards_must_divide_the_world_size(tmp_path, pair):
+    from okd_scale.config import ConfigError, load_config
+    from okd_scale.trainer import train
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), ["loss.vocab_shards=2"])
+    with pytest.raises(ConfigError, match="loss.vocab_shards.*world size 1"):
+        train(cfg)
