@@ -16,8 +16,9 @@ from typing import Any, Optional
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("okd", "kd", "sft")
-TEACHER_METHODS = ("okd", "kd")
+METHODS = ("okd", "kd", "sft", "seqkd", "sgo")
+TEACHER_METHODS = ("okd", "kd", "sgo", "seqkd")  # need model.teacher (seqkd: to generate its training data)
+_ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -87,6 +88,30 @@ class OnlineArgs:
 
 
 @dataclass
+class SGOArgs:
+    """Student-generated outputs, GKD-style (method sgo): with probability `lambda` a step's responses are
+    sampled from the current student, then scored by the teacher with loss.divergence."""
+
+    lmbda: float = 0.5  # config key sgo.lambda (TRL's GKDConfig calls it lmbda; both are accepted)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class SeqKDArgs:
+    """Sequence-level KD (method seqkd): the teacher's responses to the training prompts, generated once
+    before training and cached as jsonl; the student is then fine-tuned on them."""
+
+    cache_file: Optional[str] = None  # default: <output_dir>/seqkd/teacher_responses.jsonl
+    max_new_tokens: int = 128
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
 class DeepSpeedArgs:
     teacher_config: str = "ds_configs/teacher_zero3_offload.json"
     student_config: str = "ds_configs/student_zero2.json"
@@ -104,6 +129,8 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
     loss: LossArgs = field(default_factory=LossArgs)
     online: OnlineArgs = field(default_factory=OnlineArgs)
+    sgo: SGOArgs = field(default_factory=SGOArgs)
+    seqkd: SeqKDArgs = field(default_factory=SeqKDArgs)
     deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
 
     def to_dict(self) -> dict:
@@ -171,6 +198,7 @@ def _apply(obj, values: dict, origin: str, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         full = prefix + str(key)
+        key = _ALIASES.get(key, key)
         if key not in hints:
             raise _unknown(full, type(obj), origin)
         hint = hints[key]
@@ -188,7 +216,7 @@ def set_override(cfg: RunConfig, item: str) -> None:
     key, raw = item.split("=", 1)
     key = key.strip()
     value = yaml.safe_load(raw) if raw.strip() else ""
-    parts = key.split(".")
+    parts = [_ALIASES.get(p, p) for p in key.split(".")]
     obj = cfg
     for p in parts[:-1]:
         if not dataclasses.is_dataclass(obj) or p not in typing.get_type_hints(type(obj)):
@@ -273,6 +301,15 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                    ("online.lora_alpha", on.lora_alpha)]:
         _check(v >= 0, origin, key, "a number >= 0", v)
     _check(0.0 <= lo.kd_ratio <= 1.0, origin, "loss.kd_ratio", "in [0, 1]", lo.kd_ratio)
+    sg, sq = cfg.sgo, cfg.seqkd
+    _check(0.0 <= sg.lmbda <= 1.0, origin, "sgo.lambda", "in [0, 1]", sg.lmbda)
+    for key, v in [("sgo.max_new_tokens", sg.max_new_tokens), ("seqkd.max_new_tokens", sq.max_new_tokens),
+                   ("seqkd.batch_size", sq.batch_size)]:
+        _check(v >= 1, origin, key, "an integer >= 1", v)
+    for key, v in [("sgo.temperature", sg.temperature), ("seqkd.temperature", sq.temperature)]:
+        _check(v > 0, origin, key, "a number > 0", v)
+    for key, v in [("sgo.top_p", sg.top_p), ("seqkd.top_p", sq.top_p)]:
+        _check(0.0 < v <= 1.0, origin, key, "in (0, 1]", v)
     _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
     _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
     _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)

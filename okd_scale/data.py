@@ -37,7 +37,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -64,6 +64,7 @@ class DataStats:
     num_examples: int = 0   # examples kept
     num_truncated: int = 0  # examples whose prompt or response was cut to fit max_length
     num_skipped: int = 0    # rows skipped (only with on_error="skip")
+    seqkd: Optional[dict] = None  # method seqkd: {"generated": n, "cached": n} teacher responses
 
     def summary(self) -> str:
         """One log line."""
@@ -308,7 +309,7 @@ def _tokenize_chat_row(messages: Any, tokenizer) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
-def _truncate(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+def truncate(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
     """Apply the module's truncation rule; the prompt is everything before the first trained token."""
     if len(ids) <= max_length:
         return ids, mask, False
@@ -355,7 +356,7 @@ def _tokenize(rows: Iterable, tokenizer, max_length: int, source: str, on_error:
             elif stats.num_skipped == _MAX_LOGGED_SKIPS + 1:
                 log.warning("skipping further bad rows of %s without logging them", source)
             continue
-        ids, mask, cut = _truncate(ids, mask, max_length)
+        ids, mask, cut = truncate(ids, mask, max_length)
         stats.num_truncated += cut
         examples.append({"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
     stats.num_examples = len(examples)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .config import ConfigError, RunConfig, resolve_path
+from .config import TEACHER_METHODS, ConfigError, RunConfig, resolve_path
 
 
 def _free_port() -> int:
@@ -170,7 +170,7 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
                               learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                               origin_key="deepspeed.student_config", **common)
     teacher = None
-    if cfg.method in ("okd", "kd"):
+    if cfg.method in TEACHER_METHODS:
         teacher = build_ds_config(cfg.deepspeed.teacher_config, cfg.deepspeed.teacher_overrides,
                                   learning_rate=cfg.online.learning_rate, weight_decay=cfg.online.weight_decay,
                                   with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",

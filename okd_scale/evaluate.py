@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from okd_scale.data import alpaca_prompt
+from okd_scale.generation import GenerationError, eos_ids, generate_ids
 
 _SCORER = None
 
@@ -105,70 +106,26 @@ def read_eval_set(path, max_examples=None) -> list[dict]:
 
 # ----------------------------------------------------------------------------- generation
 
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        import torch
-        return torch.device("cpu")
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        for i in ([src] if isinstance(src, int) else list(src or [])):
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise EvaluateError("neither the tokenizer nor the model's generation_config defines an eos token")
-    return ids
-
-
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=128, do_sample=False, temperature=1.0,
              top_p=1.0, batch_size=8, seed=0, top_k=0, max_prompt_tokens=None) -> list[str]:
     """Continuations of ``prompts`` (prompt tokens excluded, special tokens skipped, stripped).
 
-    Left-padded batches; ``transformers.set_seed(seed)`` once before the first batch; stops at eos.
-    ``max_prompt_tokens`` keeps only the last N prompt tokens (None: no truncation)."""
-    import torch
-    from transformers import GenerationConfig, set_seed
+    Left-padded batches (``generation.generate_ids``); ``transformers.set_seed(seed)`` once before the
+    first batch; stops at eos. ``max_prompt_tokens`` keeps only the last N prompt tokens (None: all)."""
+    from transformers import set_seed
 
-    if batch_size < 1:
-        raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), eos_token_id=eos, pad_token_id=pad,
-              num_beams=1)
-    if do_sample:
-        kw.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0))
-    gen_cfg = GenerationConfig(**kw)
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    set_seed(seed)
-    outputs: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            ids = [list(tokenizer.encode(p, add_special_tokens=False)) for p in batch]
-            if max_prompt_tokens:
-                ids = [x[-max_prompt_tokens:] for x in ids]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, x in enumerate(ids):  # left padding
-                if x:
-                    input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                    attn[i, width - len(x):] = 1
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                     generation_config=gen_cfg)
-            for row in out[:, width:].tolist():
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        if was_training:
-            model.train()
-    return outputs
+        eos = eos_ids(model, tokenizer)
+        ids = [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        if max_prompt_tokens:
+            ids = [x[-max_prompt_tokens:] for x in ids]
+        set_seed(seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        rows = generate_ids(model, ids, eos=eos, pad_id=pad, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size)
+    except GenerationError as e:
+        raise EvaluateError(str(e)) from None
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -9,7 +9,7 @@ W ranks of a group also split the vocabulary), or from the models' logits at the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .config import RunConfig
 from .data import IGNORE_INDEX
 from .divergences import ce_from_hidden, ce_sum, chunked_divergence_from_hidden, divergence_sum
+from .perf import PhaseTimer
 from .sharded import gather_rows, sharded_ce_from_hidden, sharded_divergence_from_hidden
 
 
@@ -29,6 +30,8 @@ class StepContext:
     num_tokens: float  # the normaliser: counted tokens of the global batch / (world size x accumulation steps)
     vocab_size: int  # the tokenizer's real size; logits beyond it (padding) are dropped
     update_online: bool = False
+    on_policy: bool = False  # sgo: this step's responses were sampled from the student (the loss is D alone)
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
     from_hidden: bool = False  # score hidden states with lm_head rows (else: logits at the counted positions)
     teacher_head: Optional[torch.Tensor] = None  # the frozen teacher lm_head's rows vocab_slice, gathered once
     vocab_slice: Optional[tuple[int, int]] = None  # this rank's [start, end) of the vocabulary; None: all of it
@@ -97,23 +100,29 @@ def _outputs(ctx: StepContext, batch: dict, *, teacher_grad: bool) -> tuple:
     y = labels[mask]
     zt = None
     if ctx.teacher is not None:
-        with torch.enable_grad() if teacher_grad else torch.no_grad():
+        with ctx.timer.phase("teacher_forward"), torch.enable_grad() if teacher_grad else torch.no_grad():
             zt = forward_counted(ctx.teacher, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
-    zs = forward_counted(ctx.student, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+    with ctx.timer.phase("student_forward"):
+        zs = forward_counted(ctx.student, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
     if ctx.vocab_group is not None:
         rows = (zs, y) if zt is None else (zs, y, zt)
-        zs, y, *rest = gather_rows(*rows, group=ctx.vocab_group, pad_values=(0, IGNORE_INDEX, 0))
+        with ctx.timer.phase("comm"):
+            zs, y, *rest = gather_rows(*rows, group=ctx.vocab_group, pad_values=(0, IGNORE_INDEX, 0))
         zt = rest[0] if rest else None
     return zt, zs, y
 
 
 def _student_update(ctx: StepContext, zt: torch.Tensor, zs: torch.Tensor, y: torch.Tensor) -> dict:
-    """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y); backward on the student."""
+    """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y); backward on the student.
+    On an sgo step with sampled responses, LS = D(pT.detach() || pS) (GKD: no CE on the student's own samples)."""
     lo = ctx.cfg.loss
     heads = (ctx.teacher_head, ctx.student_head()) if ctx.from_hidden else ()
-    kd, ce = _terms(ctx, lo.divergence, zt.detach(), zs, y, *heads)
-    total = lo.kd_ratio * kd + (1.0 - lo.kd_ratio) * ce
-    ctx.student.backward(total / ctx.num_tokens)
+    ratio = 1.0 if ctx.on_policy else lo.kd_ratio
+    with ctx.timer.phase("loss"):
+        kd, ce = _terms(ctx, lo.divergence, zt.detach(), zs, y, *heads)
+        total = ratio * kd + (1.0 - ratio) * ce
+    with ctx.timer.phase("student_backward"):
+        ctx.student.backward(total / ctx.num_tokens)
     return _logs(ctx, {"student/loss": total, "student/kd": kd, "student/ce": ce})
 
 
@@ -126,14 +135,16 @@ def sft_step(batch: dict, ctx: StepContext) -> dict:
     """Cross-entropy on the response tokens."""
     _, zs, y = _outputs(ctx, batch, teacher_grad=False)
     chunk = ctx.cfg.loss.chunk_size
-    if not ctx.from_hidden:
-        ce = ce_sum(zs, y, chunk_size=chunk)
-    elif ctx.vocab_group is not None:
-        ce = sharded_ce_from_hidden(zs, ctx.student_head(), y, vocab_size=ctx.vocab_size, group=ctx.vocab_group,
-                                    chunk_size=chunk)
-    else:
-        ce = ce_from_hidden(zs, ctx.student_head(), y, chunk_size=chunk)
-    ctx.student.backward(ce / ctx.num_tokens)
+    with ctx.timer.phase("loss"):
+        if not ctx.from_hidden:
+            ce = ce_sum(zs, y, chunk_size=chunk)
+        elif ctx.vocab_group is not None:
+            ce = sharded_ce_from_hidden(zs, ctx.student_head(), y, vocab_size=ctx.vocab_size,
+                                        group=ctx.vocab_group, chunk_size=chunk)
+        else:
+            ce = ce_from_hidden(zs, ctx.student_head(), y, chunk_size=chunk)
+    with ctx.timer.phase("student_backward"):
+        ctx.student.backward(ce / ctx.num_tokens)
     return _logs(ctx, {"student/loss": ce, "student/ce": ce})
 
 
@@ -151,11 +162,15 @@ def okd_step(batch: dict, ctx: StepContext) -> dict:
     if ctx.update_online:
         on = ctx.cfg.online
         heads = (ctx.student_head().detach(), ctx.teacher_head) if ctx.from_hidden else ()
-        kd_t, ce_t = _terms(ctx, on.divergence, zs.detach(), zt, y, *heads)
-        total_t = ce_t + on.divergence_weight * kd_t
-        ctx.teacher.backward(total_t / ctx.num_tokens)
+        with ctx.timer.phase("online_loss"):
+            kd_t, ce_t = _terms(ctx, on.divergence, zs.detach(), zt, y, *heads)
+            total_t = ce_t + on.divergence_weight * kd_t
+        with ctx.timer.phase("online_backward"):
+            ctx.teacher.backward(total_t / ctx.num_tokens)
         logs.update(_logs(ctx, {"teacher/loss": total_t, "teacher/ce": ce_t, "teacher/kd": kd_t}))
     return logs
 
 
-METHODS: dict[str, Callable[[dict, StepContext], dict]] = {"sft": sft_step, "kd": kd_step, "okd": okd_step}
+# seqkd is sft on the teacher's cached responses; sgo is kd on batches the trainer may first resample
+METHODS: dict[str, Callable[[dict, StepContext], dict]] = {"sft": sft_step, "seqkd": sft_step, "kd": kd_step,
+                                                           "sgo": kd_step, "okd": okd_step}

@@ -110,3 +110,16 @@ def frozen_head_rows(model, start: int, end: int) -> torch.Tensor:
 def is_partitioned(param: torch.nn.Parameter) -> bool:
     """Whether ZeRO-3 partitions this parameter (its full data exists only inside the module's forward)."""
     return hasattr(param, "ds_id")
+
+
+def block_parameter_count(model, blocks: list[int]) -> int:
+    """Parameters (ZeRO-3 partitioned ones included) of the decoder blocks with these indices."""
+    import re
+
+    pattern = re.compile(r"\.layers\.(\d+)\.")
+    total = 0
+    for name, p in model.named_parameters():
+        match = pattern.search(name)
+        if match and int(match.group(1)) in blocks:
+            total += getattr(p, "ds_numel", p.numel())
+    return total

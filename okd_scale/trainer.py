@@ -16,12 +16,13 @@ from typing import Iterator, Optional
 import torch
 import yaml
 
-from . import checkpoint, data, engines, models, sharded
+from . import checkpoint, data, engines, generation, models, perf, seqkd, sharded
 from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
 from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
 
 log = logging.getLogger("okd_scale")
+TRAINING_TEACHER = ("okd", "kd", "sgo")  # methods with a teacher engine during training
 
 
 @dataclass
@@ -53,8 +54,28 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _load_teacher(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
+    """The teacher's DeepSpeed engine: frozen, with the online module (its only trainable part) for okd."""
+    m, t = cfg.model, cfg.train
+    tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
+                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
+    if online:
+        tmodel = models.add_online_module(tmodel, cfg.online)
+        every = cfg.online.update_every
+        sched = engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps // every,
+                                       max(1, math.ceil(t.max_steps / every)))
+        teacher = engines.init_engine(tmodel, ds_teacher, models.trainable_parameters(tmodel), sched)
+    else:
+        models.freeze(tmodel)
+        teacher = engines.init_engine(tmodel, ds_teacher)
+    teacher.train(online)
+    return teacher
+
+
 def build(cfg: RunConfig, rank: int, world: int):
-    """Tokenizer, data loader and the engines for `cfg`: (tokenizer, loader, stats, teacher, student)."""
+    """Tokenizer, data loader and the engines for `cfg`: (tokenizer, loader, stats, teacher, student).
+    For seqkd the training examples are the teacher's cached responses (made first when missing)."""
     m = cfg.model
     clock = time.perf_counter()
 
@@ -70,30 +91,22 @@ def build(cfg: RunConfig, rank: int, world: int):
     examples, stats = data.load_dataset(cfg.data.train_file, tokenizer, cfg.data.max_length,
                                         on_error=cfg.data.on_error)
     t = cfg.train
+    done(f"data: {stats.summary()}")
+    ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
+    if cfg.method == "seqkd":
+        examples, stats.seqkd = seqkd.teacher_examples(
+            cfg, examples, tokenizer, rank, world, batch_size=cfg.seqkd.batch_size,
+            build_teacher=lambda: _load_teacher(cfg, ds_teacher, tokenizer, online=False))
+        done(f"seqkd: {len(examples)} teacher responses ({stats.seqkd['generated']} generated)")
     loader = data.build_dataloader(examples, batch_size=t.per_device_train_batch_size,
                                    pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world, seed=cfg.seed)
     if len(loader) == 0:
         raise data.DataError(f"{cfg.data.train_file}: {len(examples)} examples is fewer than one global batch "
                              f"(per_device_train_batch_size {t.per_device_train_batch_size} x {world} ranks)")
-    done(f"data: {stats.summary()}")
-    ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
     teacher = None
-    if cfg.method in TEACHER_METHODS:
-        tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
-                                       trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
-        models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
-        done(f"teacher loaded (ZeRO-{engines.zero_stage(ds_teacher)})")
-        if cfg.method == "okd":
-            tmodel = models.add_online_module(tmodel, cfg.online)
-            every = cfg.online.update_every
-            sched = engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps // every,
-                                           max(1, math.ceil(t.max_steps / every)))
-            teacher = engines.init_engine(tmodel, ds_teacher, models.trainable_parameters(tmodel), sched)
-        else:
-            models.freeze(tmodel)
-            teacher = engines.init_engine(tmodel, ds_teacher)
-        teacher.train(cfg.method == "okd")
-        done("teacher engine ready")
+    if cfg.method in TRAINING_TEACHER:
+        teacher = _load_teacher(cfg, ds_teacher, tokenizer, online=cfg.method == "okd")
+        done(f"teacher engine ready (ZeRO-{engines.zero_stage(ds_teacher)})")
     smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16,
                                    trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
     models.check_vocab(smodel, tokenizer, m.student, "student")
@@ -148,6 +161,55 @@ def eval_loss(engine, loader, vocab_size: int) -> float:
     return total / max(count, 1.0)
 
 
+def _sgo_sampler(cfg: RunConfig, student, tokenizer, world: int):
+    """For sgo: batch -> the batch with responses sampled from the current student, with an ``rng``
+    attribute (seeded by cfg.seed, so every rank draws the same on-policy decisions); else None."""
+    if cfg.method != "sgo":
+        return None
+    import random
+
+    eos = generation.eos_ids(student.module, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    synced = world > 1 and any(models.is_partitioned(p) for p in student.module.parameters())
+    sg = cfg.sgo
+
+    def sample(batch: dict) -> dict:
+        return generation.sample_responses(student, batch, eos=eos, pad_id=pad, max_new_tokens=sg.max_new_tokens,
+                                           temperature=sg.temperature, top_p=sg.top_p, synced_gpus=synced)
+
+    sample.rng = random.Random(cfg.seed)
+    return sample
+
+
+def _cost(cfg: RunConfig, history: list, teacher, student, world: int, sampled_tokens: float) -> dict:
+    """Median step time, mean time per phase, tokens/s, peak memory per rank, FLOPs and (on a known
+    GPU) model FLOPs utilisation; see perf.py for the formula."""
+    median = sorted(r["time/step_s"] for r in history)[len(history) // 2]
+    phases = {k[5:-2]: sum(r.get(k, 0.0) for r in history) / len(history)
+              for k in sorted({k for r in history for k in r}) if k.startswith("time/") and k != "time/step_s"}
+    peaks = _all_reduce_sum([perf.peak_memory_bytes() if r == torch.distributed.get_rank() else 0.0
+                             for r in range(world)], student.device)
+    n_student = perf.num_parameters(student.module)
+    n_teacher = perf.num_parameters(teacher.module) if teacher is not None else 0
+    n_online = 0
+    if cfg.method == "okd":
+        blocks = models.online_block_ids(teacher.module.config.num_hidden_layers, cfg.online.num_blocks)
+        n_online = models.block_parameter_count(teacher.module, blocks)
+    seen = sum(r["tokens/seen"] for r in history)
+    flops = perf.step_flops(n_student=n_student, n_teacher=n_teacher, n_online=n_online, tokens=seen / len(history),
+                            teacher=teacher is not None, online=cfg.method == "okd",
+                            sampled_tokens=sampled_tokens / len(history))
+    total_time = sum(r["time/step_s"] for r in history)
+    device = perf.device_name()
+    peak = perf.peak_flops(device)
+    out = {"median_step_s": median, "time_per_phase_s": phases, "tokens_per_s": seen / total_time,
+           "peak_memory_gib_per_rank": [p / 2**30 for p in peaks], "params": {"student": n_student,
+           "teacher": n_teacher, "online_blocks": n_online}, "flops_per_step": flops, "device": device}
+    if peak is not None:
+        out["mfu"] = flops * len(history) / (total_time * world * peak)
+    return out
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run `cfg` to `train.max_steps` optimizer steps; save the student (and online module) at the end."""
     from transformers import set_seed
@@ -173,27 +235,45 @@ def train(cfg: RunConfig) -> TrainResult:
     bar = tqdm(total=t.max_steps, desc=cfg.method, disable=rank != 0, dynamic_ncols=True)
 
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out)
+    timer = perf.PhaseTimer()
+    sampler = _sgo_sampler(cfg, student, tokenizer, world)
+    sampled_tokens = 0
     batches = _batches(loader)
     for step in range(1, t.max_steps + 1):
         start = time.perf_counter()
-        micro = [_to(next(batches), device) for _ in range(gas)]
-        counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
-                                         sum(float(b["attention_mask"].sum()) for b in micro)], device)
+        with timer.phase("data"):
+            micro = [_to(next(batches), device) for _ in range(gas)]
+        on_policy = sampler is not None and sampler.rng.random() < cfg.sgo.lmbda  # the same draw on every rank
+        if on_policy:
+            with timer.phase("generation"):
+                micro = [_to(sampler(b), device) for b in micro]
+        with timer.phase("comm"):
+            counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
+                                             sum(float(b["attention_mask"].sum()) for b in micro)], device)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, world, gas),
-                          vocab_size=vocab, update_online=update_online, **heads)
+                          vocab_size=vocab, update_online=update_online, on_policy=on_policy, timer=timer, **heads)
         sums: dict[str, float] = defaultdict(float)
         for b in micro:
             for k, v in step_fn(b, ctx).items():
                 sums[k] += float(v)
-            student.step()
-            if update_online:
-                teacher.step()
+            with timer.phase("optimizer"):
+                student.step()
+                if update_online:
+                    teacher.step()
         keys = sorted(sums)
-        means = dict(zip(keys, (v / max(counted, 1.0) for v in _all_reduce_sum([sums[k] for k in keys], device))))
+        with timer.phase("comm"):
+            reduced = _all_reduce_sum([sums[k] for k in keys], device)
+        means = dict(zip(keys, (v / max(counted, 1.0) for v in reduced)))
         elapsed = time.perf_counter() - start
         row = {"step": step, **means, "lr/student": student.get_lr()[0], "time/step_s": elapsed,
-               "tokens_per_s": seen / elapsed, "tokens/counted": counted}
+               **{f"time/{k}_s": v for k, v in timer.pop().items()},
+               "tokens_per_s": seen / elapsed, "tokens/counted": counted, "tokens/seen": seen,
+               "sgo/on_policy": float(on_policy)}
+        if on_policy:
+            sampled_tokens += seen
+        if cfg.method != "sgo":
+            del row["sgo/on_policy"]
         if teacher is not None and cfg.method == "okd":
             row["lr/online"] = teacher.get_lr()[0]
         result.history.append(row)
@@ -208,7 +288,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
     metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": world, "data": vars(stats),
                "final": {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")},
-               "median_step_s": sorted(r["time/step_s"] for r in result.history)[len(result.history) // 2]}
+               **_cost(cfg, result.history, teacher, student, world, sampled_tokens)}
+    if rank == 0:
+        log.info("time per step (mean over %d steps):\n%s", len(result.history), perf.phase_table(result.history))
     if cfg.data.eval_file:
         eval_examples, _ = data.load_dataset(cfg.data.eval_file, tokenizer, cfg.data.max_length,
                                              on_error=cfg.data.on_error)

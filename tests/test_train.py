@@ -69,10 +69,10 @@ def check_run(out: Path, pair: Path, method: str, tokenizer) -> dict:
     report = json.loads((out / "report.json").read_text())
     history = report["history"]
     assert len(history) == 6 and all(torch.isfinite(torch.tensor(r["student/loss"])) for r in history)
-    # the student learned: its loss on the training data fell (exported model, loaded by transformers)
-    assert student_ce(out / "student", pair / "train.jsonl", tokenizer) < student_ce(pair / "student",
-                                                                                    pair / "train.jsonl", tokenizer)
-    if method == "sft":
+    # the student learned: its loss on what it trained on fell (exported model, loaded by transformers)
+    target = out / "seqkd" / "teacher_responses.jsonl" if method == "seqkd" else pair / "train.jsonl"
+    assert student_ce(out / "student", target, tokenizer) < student_ce(pair / "student", target, tokenizer)
+    if method in ("sft", "seqkd"):
         assert not (out / "teacher_after.safetensors").exists()
         return report
     before = load_file(str(pair / "teacher" / "model.safetensors"))
@@ -93,7 +93,7 @@ def check_run(out: Path, pair: Path, method: str, tokenizer) -> dict:
     return report
 
 
-@pytest.mark.parametrize("method", ["okd", "kd", "sft"])
+@pytest.mark.parametrize("method", ["okd", "kd", "sft", "seqkd", "sgo"])
 def test_one_process(tmp_path, pair, tokenizer, method):
     from dist_worker import run_and_dump
 
@@ -119,7 +119,7 @@ def test_same_seed_same_losses(tmp_path, pair):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("method", ["okd", "kd", "sft"])
+@pytest.mark.parametrize("method", ["okd", "kd", "sft", "seqkd", "sgo"])
 def test_two_processes(tmp_path, pair, tokenizer, method):
     cfg = write_config(tmp_path / "cfg.yaml", pair, method)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -313,3 +313,125 @@ def test_vocab_shards_must_divide_the_world_size(tmp_path, pair):
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), ["loss.vocab_shards=2"])
     with pytest.raises(ConfigError, match="loss.vocab_shards.*world size 1"):
         train(cfg)
+
+
+# --------------------------------------------------------------------------- baselines: sgo and seqkd
+
+
+def test_sgo_with_lambda_0_equals_kd(tmp_path, pair):
+    """sgo never sampling (lambda=0) is kd: the same losses and weights on the same seed."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    for method in ("kd", "sgo"):
+        run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, method),
+                                 [f"output_dir={tmp_path / method}", "sgo.lambda=0", "data.eval_file=null"]))
+    ra, rb = (json.loads((tmp_path / m / "report.json").read_text())["history"] for m in ("kd", "sgo"))
+    assert all(r["sgo/on_policy"] == 0.0 for r in rb)
+    for a, b in zip(_comparable(ra), _comparable(rb), strict=True):
+        assert a == {k: v for k, v in b.items() if k != "sgo/on_policy"}
+    wa, wb = (load_file(str(tmp_path / m / "student" / "model.safetensors")) for m in ("kd", "sgo"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sgo_with_lambda_1_trains_on_student_samples(tmp_path, pair, tokenizer, monkeypatch):
+    """lambda=1: every step's responses are sampled from the student (decoded, they are not the data's
+    responses), the loss mask covers exactly the sampled tokens, and the loss is the divergence alone."""
+    from dist_worker import run_and_dump
+
+    from okd_scale import generation, methods
+    from okd_scale.config import load_config
+    from okd_scale.data import IGNORE_INDEX, load_dataset
+
+    seen = []
+    real_sample, real_kd = generation.sample_responses, methods.METHODS["sgo"]
+
+    def spy_sample(engine, batch, **kw):
+        out = real_sample(engine, batch, **kw)
+        seen.append((batch, out, kw))
+        return out
+
+    def spy_step(batch, ctx):
+        assert ctx.on_policy
+        logs = real_kd(batch, ctx)
+        torch.testing.assert_close(logs["student/loss"], logs["student/kd"])  # no CE on own samples
+        return logs
+
+    monkeypatch.setattr(generation, "sample_responses", spy_sample)
+    monkeypatch.setitem(methods.METHODS, "sgo", spy_step)
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sgo"),
+                      ["sgo.lambda=1", "sgo.max_new_tokens=12", "train.max_steps=3", "data.eval_file=null"])
+    history = run_and_dump(cfg)["history"]
+    assert [r["sgo/on_policy"] for r in history] == [1.0, 1.0, 1.0] and len(seen) == 3
+    data_responses = {tokenizer.decode([t for t in e["labels"] if t != IGNORE_INDEX])
+                      for e in load_dataset(pair / "train.jsonl", tokenizer, 64)[0]}
+    for before, after, kw in seen:
+        assert kw["max_new_tokens"] == 12
+        prompts = generation.prompts_of(before)
+        assert generation.prompts_of(after) == prompts  # the same prompts, new responses
+        for i, prompt in enumerate(prompts):
+            n = int(after["attention_mask"][i].sum())
+            ids, labels = after["input_ids"][i, :n].tolist(), after["labels"][i, :n].tolist()
+            response = ids[len(prompt):]
+            assert 1 <= len(response) <= 12
+            assert labels == [IGNORE_INDEX] * len(prompt) + response  # the mask covers the sampled tokens
+            assert after["labels"][i, n:].eq(IGNORE_INDEX).all()
+        sampled = {tokenizer.decode(ids[len(p):int(m.sum())]) for p, ids, m in
+                   zip(prompts, after["input_ids"].tolist(), after["attention_mask"])}
+        assert not sampled <= data_responses  # student samples, not the data's responses
+
+
+def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, monkeypatch):
+    """seqkd: the first run generates the teacher's responses and caches them; the second run (a new
+    output directory, the same cache) reads them and generates nothing; both train on them."""
+    from dist_worker import run_and_dump
+
+    from okd_scale import generation, seqkd
+    from okd_scale.config import load_config
+
+    calls = []
+    real = generation.generate_ids
+
+    def counting(*a, **kw):
+        calls.append(len(a[1]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(seqkd, "generate_ids", counting)
+    cache = tmp_path / "cache" / "teacher.jsonl"
+    reports = []
+    for i in range(2):
+        cfg = load_config(write_config(tmp_path / f"cfg{i}.yaml", pair, "seqkd"),
+                          [f"output_dir={tmp_path / f'run{i}'}", f"seqkd.cache_file={cache}",
+                           "seqkd.max_new_tokens=8", "data.eval_file=null"])
+        reports.append(run_and_dump(cfg))
+        assert len(calls) == 1, calls  # generated in the first run only
+    first, second = (r["metrics"]["data"]["seqkd"] for r in reports)
+    assert first == {"generated": 32, "cached": 0} and second == {"generated": 0, "cached": 32}
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(rows) == 32 and all(1 <= len(r["output_ids"]) <= 8 for r in rows)
+    assert _comparable(reports[0]["history"]) == _comparable(reports[1]["history"])  # the same data, either way
+    # a different generation setting makes the cache stale: generated again
+    cfg = load_config(write_config(tmp_path / "cfg2.yaml", pair, "seqkd"),
+                      [f"output_dir={tmp_path / 'run2'}", f"seqkd.cache_file={cache}", "seqkd.max_new_tokens=5",
+                       "data.eval_file=null", "train.max_steps=1"])
+    run_and_dump(cfg)
+    assert len(calls) == 2
+
+
+def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
+    """okd's per-phase timers cover the step: their sum is within 10% of the measured step time."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    report = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), ["data.eval_file=null"]))
+    for row in report["history"][1:]:
+        phases = {k: v for k, v in row.items() if k.startswith("time/") and k != "time/step_s"}
+        assert {"time/data_s", "time/teacher_forward_s", "time/student_forward_s", "time/loss_s",
+                "time/student_backward_s", "time/online_loss_s", "time/online_backward_s", "time/optimizer_s",
+                "time/comm_s"} <= phases.keys()
+        assert sum(phases.values()) == pytest.approx(row["time/step_s"], rel=0.10)
+    m = report["metrics"]
+    assert set(m["time_per_phase_s"]) >= {"teacher_forward", "online_backward"}
+    assert m["flops_per_step"] > 0 and m["peak_memory_gib_per_rank"][0] > 0

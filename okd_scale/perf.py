@@ -1,0 +1,119 @@
+"""What each step costs: wall time per phase, FLOPs and model FLOPs utilisation, peak memory.
+
+FLOPs per optimizer step (the usual 2 FLOPs per parameter per token forward, 4 backward; attention's
+sequence-quadratic term is left out, as in Kaplan et al. and PaLM's MFU for short sequences):
+
+    student   6 * N_student * tokens                    forward + backward (sft, seqkd, kd, sgo, okd)
+    teacher   2 * N_teacher * tokens                    forward (kd, sgo, okd)
+    online    4 * N_online * tokens                     okd's backward through the teacher's top k blocks
+                                                        (activation and LoRA gradients of those blocks)
+    sampling  2 * N_student * (prompt + new tokens)     sgo's generation, per generated sequence batch
+
+where tokens are all non-padding positions of the global batch and N_online is the parameter count of
+the teacher's blocks that carry the online module. MFU = FLOPs / (step time * ranks * peak FLOP/s).
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Dense bf16 peak FLOP/s per device (vendor data sheets, without sparsity), matched by name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12,
+                   "L4": 121e12, "MI300X": 1307e12, "MI250X": 383e12}
+
+
+def _synchronize() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time per named phase of the current step. The accelerator is synchronised at each phase's
+    edges, so asynchronous device work is counted in the phase that launched it."""
+
+    sync: bool = True
+    totals: dict = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.sync:
+            _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                _synchronize()
+            self.totals[name] += time.perf_counter() - start
+
+    def pop(self) -> dict:
+        """This step's {phase: seconds}, and a fresh start for the next step."""
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def num_parameters(model) -> int:
+    """Parameter count, including those ZeRO-3 partitioned away (their ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def step_flops(*, n_student: int, n_teacher: int = 0, n_online: int = 0, tokens: int, teacher: bool,
+               online: bool, sampled_tokens: int = 0) -> float:
+    """FLOPs of one optimizer step (module docstring's formula)."""
+    flops = 6.0 * n_student * tokens + 2.0 * n_student * sampled_tokens
+    if teacher:
+        flops += 2.0 * n_teacher * tokens
+    if online:
+        flops += 4.0 * n_online * tokens
+    return flops
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The device's dense bf16 peak FLOP/s from PEAK_BF16_FLOPS, or None for an unknown device (CPU)."""
+    name = device_name.upper()
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def device_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return accel.device_name()
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak: the accelerator's max allocated bytes on a GPU, the peak RSS on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        return int(accel.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Markdown table of the mean seconds per step of each phase (keys "time/<phase>_s") and its share
+    of the mean step time."""
+    if not rows:
+        return ""
+    phases = sorted({k for r in rows for k in r if k.startswith("time/") and k != "time/step_s"})
+    step = sum(r["time/step_s"] for r in rows) / len(rows)
+    lines = ["| phase | s/step | % of step |", "|---|---:|---:|"]
+    for k in phases:
+        mean = sum(r.get(k, 0.0) for r in rows) / len(rows)
+        lines.append(f"| {k[5:-2]} | {mean:.4f} | {100 * mean / step:.1f} |")
+    lines.append(f"| **step** | {step:.4f} | 100.0 |")
+    return "\n".join(lines)
