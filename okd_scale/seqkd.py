@@ -58,16 +58,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int, world: int,
                      build_teacher: Callable[[], object], batch_size: int) -> tuple[list[dict], dict]:
-    """(examples of prompt + teacher response, stats {"generated", "cached"}). ``build_teacher`` makes
+    """(examples of prompt + teacher response, stats {"generated", "cached", "seconds"}). ``build_teacher`` makes
     the teacher's DeepSpeed engine; it is only called when the cache cannot be used."""
     path, max_length = cache_path(cfg), cfg.data.max_length
     prompts = [prompt_ids(e["input_ids"], e["labels"]) for e in examples]
     meta = fingerprint(cfg, prompts)
     responses = _read_cache(path, meta)
-    stats = {"generated": 0, "cached": len(prompts)}
+    stats = {"generated": 0, "cached": len(prompts), "seconds": 0.0}
     if responses is None:
+        clock = time.perf_counter()
         responses = _generate(cfg, prompts, tokenizer, rank, world, build_teacher, batch_size, path, meta)
-        stats = {"generated": len(prompts), "cached": 0}
+        stats = {"generated": len(prompts), "cached": 0, "seconds": time.perf_counter() - clock}
     else:
         log.info("seqkd: read %d cached teacher responses from %s (no generation)", len(responses), path)
     out = []

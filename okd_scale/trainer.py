@@ -219,6 +219,7 @@ def train(cfg: RunConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "log_history.jsonl").write_text("")  # one JSON row per optimizer step, appended as they end
         (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     vocab = len(tokenizer)
@@ -277,6 +278,9 @@ def train(cfg: RunConfig) -> TrainResult:
         if teacher is not None and cfg.method == "okd":
             row["lr/online"] = teacher.get_lr()[0]
         result.history.append(row)
+        if rank == 0:
+            with open(out / "log_history.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
             for k, v in row.items():
                 if k != "step":

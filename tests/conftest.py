@@ -29,3 +29,14 @@ def tokenizer_dir(tmp_path_factory):
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory, tokenizer):
+    """A tiny teacher (4 blocks) and student (2 blocks) with one tokenizer, and train/eval data."""
+    d = tmp_path_factory.mktemp("pair")
+    tiny.make_llama(d / "teacher", tokenizer, num_layers=4, hidden=32, seed=1)
+    tiny.make_llama(d / "student", tokenizer, num_layers=2, hidden=32, seed=2)
+    tiny.write_jsonl(d / "train.jsonl", tiny.make_rows(32, seed=3))
+    tiny.write_jsonl(d / "eval.jsonl", tiny.make_rows(8, seed=4))
+    return d

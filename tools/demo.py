@@ -42,6 +42,30 @@ def train_command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
             str(ROOT / "okd_scale" / "train.py"), "--config", str(config), *overrides]
 
 
+def prepare_assets(out: Path, keep_layers=None, announce=lambda title: time.perf_counter()) -> dict:
+    """The demo's teacher, student and data under ``out`` (each made only when missing); seconds per part."""
+    from import_gguf import import_gguf
+    from make_student import make_student
+    from prepare_data import prepare_data
+
+    timings = {}
+    t = announce("1/5 teacher: SmolLM2-135M-Instruct from its GGUF file")
+    if not (out / "teacher" / "config.json").is_file():
+        import_gguf(None, out / "teacher")
+    timings["import teacher"] = time.perf_counter() - t
+
+    t = announce("2/5 student: every fifth block of the teacher")
+    if not (out / "student_init" / "config.json").is_file():
+        make_student(out / "teacher", out / "student_init", keep_layers=keep_layers)
+    timings["make student"] = time.perf_counter() - t
+
+    t = announce("3/5 data: chatterbot-corpus train/eval split")
+    if not (out / "data" / "train.jsonl").is_file():
+        prepare_data(out / "data", source="chatterbot", chat_template_from=out / "teacher")
+    timings["prepare data"] = time.perf_counter() - t
+    return timings
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
@@ -58,25 +82,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     timings = {}
 
-    from import_gguf import import_gguf
-    from make_student import make_student
-    from prepare_data import prepare_data
-
-    t = _step("1/5 teacher: SmolLM2-135M-Instruct from its GGUF file")
-    if not (out / "teacher" / "config.json").is_file():
-        import_gguf(None, out / "teacher")
-    timings["import teacher"] = time.perf_counter() - t
-
-    t = _step("2/5 student: every fifth block of the teacher")
-    if not (out / "student_init" / "config.json").is_file():
-        keep = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
-        make_student(out / "teacher", out / "student_init", keep_layers=keep)
-    timings["make student"] = time.perf_counter() - t
-
-    t = _step("3/5 data: chatterbot-corpus train/eval split")
-    if not (out / "data" / "train.jsonl").is_file():
-        prepare_data(out / "data", source="chatterbot", chat_template_from=out / "teacher")
-    timings["prepare data"] = time.perf_counter() - t
+    keep = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
+    timings.update(prepare_assets(out, keep, announce=_step))
 
     t = _step(f"4/5 train: OKD on {args.nproc} processes (deepspeed launcher)")
     run_dir = out / "run"

@@ -1,0 +1,41 @@
+"""tools/bench_methods.py on the tiny pair: every method runs, and the table has a row and a ratio each."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_ADAM = '{"optimizer": {"params": {"torch_adam": true}}}'
+
+
+@pytest.mark.slow
+def test_bench_methods_table(tmp_path, pair):
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--teacher", str(pair / "teacher"),
+           "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
+           "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-length", "48", "--sgo-new-tokens", "8",
+           "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "bench.json"),
+           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM}",
+           f"deepspeed.student_overrides={TORCH_ADAM}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in results] == ["sft", "kd", "seqkd", "sgo", "okd"]
+    for r in results:
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_gib_per_rank"][0] > 0
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {r['method']} |"))
+        assert f"{r['step_s'] / results[-1]['step_s']:.2f}" in row  # its ratio to okd
+    assert {"teacher_forward", "online_backward"} <= set(results[-1]["phases_s"])
+    assert "generation" in results[3]["phases_s"] and results[2]["one_off_s"] > 0
+    assert re.search(r"sgo / okd = [\d.]+ \(target >= 4\): (PASS|FAIL)", proc.stdout)
+    assert re.search(r"okd / kd = [\d.]+ \(target <= 1.3\): (PASS|FAIL)", proc.stdout)
+
+
+def test_bench_methods_refuses_unknown_methods():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--methods", "okd,ppo"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--methods: unknown ['ppo']" in proc.stderr

@@ -1,0 +1,324 @@
+"""tools/plan.py against what torch, peft and transformers actually build and allocate on this machine."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo_out"
+
+
+def _load_plan():
+    spec = importlib.util.spec_from_file_location("_tool_plan", ROOT / "tools" / "plan.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+plan = _load_plan()
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _gqa_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """Saved tiny Llamas: untied and tied (tests/tiny.make_llama), and a GQA one; with their models."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("plan_models")
+    out = {"untied": (root / "untied", tiny.make_llama(root / "untied", tokenizer, num_layers=4, tie=False)),
+           "tied": (root / "tied", tiny.make_llama(root / "tied", tokenizer, num_layers=2, tie=True))}
+    torch.manual_seed(0)
+    gqa = LlamaForCausalLM(_gqa_config())
+    gqa.save_pretrained(str(root / "gqa"))
+    out["gqa"] = (root / "gqa", gqa)
+    return out
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("name", ["untied", "tied", "gqa"])
+def test_param_count_equals_torch(tiny_dirs, name):
+    path, model = tiny_dirs[name]
+    shape = plan.read_shape(path)
+    assert shape.params == _numel(model)
+    assert shape.block_params == _numel(model.model.layers[0])
+    assert shape.tied == (name != "untied")
+    # a config.json path reads the same as its directory
+    assert plan.read_shape(path / "config.json").params == shape.params
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "llama_bias"])
+def test_param_count_other_llama_families(tmp_path, family):
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    sizes = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    cfg = {"mistral": lambda: MistralConfig(**sizes, head_dim=8),
+           "qwen2": lambda: Qwen2Config(**sizes),
+           "qwen3": lambda: Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=True),
+           "llama_bias": lambda: _gqa_config(attention_bias=True, mlp_bias=True, tie_word_embeddings=False)}[family]()
+    cfg.save_pretrained(str(tmp_path))
+    model = _meta_model(cfg)
+    shape = plan.read_shape(tmp_path)
+    assert shape.params == _numel(model)
+    assert shape.block_params == _numel(model.model.layers[0])
+
+
+def test_smollm2_135m_count():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    counted = plan.shape_from_config(cfg).params
+    assert counted == _numel(_meta_model(cfg))
+    assert counted == 134_515_008  # the published size of SmolLM2-135M
+
+
+@pytest.mark.parametrize("name", ["teacher", "student_init"])
+def test_demo_pair_counts(name):
+    path = DEMO / name / "config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not built (make demo)")
+    from transformers import AutoConfig
+
+    assert plan.read_shape(path.parent).params == _numel(_meta_model(AutoConfig.from_pretrained(str(path.parent))))
+
+
+def test_lora_count_equals_peft(tiny_dirs):
+    from transformers import LlamaForCausalLM
+
+    from okd_scale.config import OnlineArgs
+    from okd_scale.models import add_online_module
+
+    path, _ = tiny_dirs["gqa"]
+    shape = plan.read_shape(path)
+    for k, r in ((1, 4), (2, 8)):
+        peft_model = add_online_module(LlamaForCausalLM.from_pretrained(str(path)), OnlineArgs(r=r, num_blocks=k))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert plan.lora_params(shape, k, r) == trainable
+        got = plan.make_plan(shape, shape, plan.Settings(online_blocks=k, lora_r=r))
+        assert got.lora_params == trainable
+        assert got.online_blocks == k
+
+
+# --------------------------------------------------------------------------- model states
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def _states(p: plan.Plan, who: str) -> dict[str, plan.Item]:
+    return {kind: p.item(f"{who} {kind}") for kind in ("parameters", "gradients", "optimizer states")}
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_fp32_states_equal_a_real_adamw_step(tiny_dirs, name):
+    """ZeRO-0, fp32, 1 GPU: params + grads + exp_avg + exp_avg_sq as torch allocates them for one step."""
+    from transformers import LlamaForCausalLM
+
+    path, _ = tiny_dirs[name]
+    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    params = list(model.parameters())
+    assert all(p.grad is not None for p in params)
+    state = [v for s in opt.state.values() for key, v in s.items() if key != "step"]  # step: a scalar counter
+    assert {key for s in opt.state.values() for key in s} == {"step", "exp_avg", "exp_avg_sq"}
+    measured = {"parameters": _storage_bytes(params), "gradients": _storage_bytes(p.grad for p in params),
+                "optimizer states": _storage_bytes(state)}
+
+    shape = plan.read_shape(path)
+    cfg = plan.Settings(dtype="fp32", student=plan.EngineSpec(0), cluster=plan.Cluster(1, 1))
+    planned = {k: it.gpu for k, it in _states(plan.make_plan(shape, shape, cfg), "student").items()}
+    print(f"\n[{name}] measured on this machine (bytes): {measured}; planned: {planned}")
+    assert planned == measured
+    assert sum(measured.values()) == 16 * shape.params
+
+    bf16 = _states(plan.make_plan(shape, shape, plan.Settings(student=plan.EngineSpec(0), cluster=plan.Cluster(1, 1))),
+                   "student")
+    assert [bf16[k].gpu for k in bf16] == [2 * shape.params, 2 * shape.params, 12 * shape.params]
+
+
+def test_zero_stages_divide_by_world_size_and_offload_to_cpu():
+    teacher, student = plan.shape_from_count(7_000_000_000), plan.shape_from_count(1_000_000_000)
+    cluster = plan.Cluster(nodes=2, gpus_per_node=4)  # N = 8
+
+    def states(zero, offload="none"):
+        cfg = plan.Settings(cluster=cluster, student=plan.EngineSpec(zero, offload))
+        return _states(plan.make_plan(teacher, student, cfg), "student")
+
+    base = {k: it.gpu for k, it in states(0).items()}
+    assert all(it.cpu_node == 0 for it in states(0).values())
+    split = {1: {"optimizer states"}, 2: {"optimizer states", "gradients"},
+             3: {"optimizer states", "gradients", "parameters"}}
+    for zero, kinds in split.items():
+        got = states(zero)
+        for kind, it in got.items():
+            assert it.gpu == (math.ceil(base[kind] / 8) if kind in kinds else base[kind]), (zero, kind)
+            assert it.cpu_node == 0
+        offloaded = states(zero, "cpu")
+        for kind, it in offloaded.items():
+            if kind in kinds:  # the partition leaves the GPU; each node holds its 4 GPUs' partitions
+                assert (it.gpu, it.cpu_node) == (0, 4 * math.ceil(base[kind] / 8)), (zero, kind)
+            else:
+                assert (it.gpu, it.cpu_node) == (base[kind], 0), (zero, kind)
+
+    # the teacher (ZeRO-3, offload cpu by default): frozen base params only, the LoRA's grads and Adam states
+    p = plan.make_plan(teacher, student, plan.Settings(cluster=cluster))
+    t = _states(p, "teacher")
+    n_t = teacher.params + p.lora_params
+    assert (t["parameters"].gpu, t["parameters"].cpu_node) == (0, 4 * math.ceil(2 * n_t / 8))
+    assert t["gradients"].cpu_node == 4 * math.ceil(2 * p.lora_params / 8)
+    assert t["optimizer states"].cpu_node == 4 * math.ceil(12 * p.lora_params / 8)
+    on_gpu = _states(plan.make_plan(teacher, student, plan.Settings(cluster=cluster,
+                                                                    teacher=plan.EngineSpec(3, "none"))), "teacher")
+    assert on_gpu["parameters"].gpu * 4 == t["parameters"].cpu_node and on_gpu["parameters"].cpu_node == 0
+
+
+def test_offload_needs_zero():
+    shape = plan.shape_from_count(10 ** 8)
+    with pytest.raises(plan.PlanError, match="--student-offload"):
+        plan.make_plan(shape, shape, plan.Settings(student=plan.EngineSpec(0, "cpu")))
+
+
+def test_activation_items_follow_the_settings():
+    teacher, student = plan.shape_from_count(7_000_000_000), plan.shape_from_count(1_000_000_000)
+
+    def acts(**kw):
+        p = plan.make_plan(teacher, student, plan.Settings(**kw))
+        return p.item("teacher activations").gpu, p.item("student activations").gpu
+
+    t, s = acts(online_blocks=2)
+    t_ckpt, s_ckpt = acts(online_blocks=2, activation_checkpointing=True)
+    assert t_ckpt == t and s_ckpt < s / 4  # checkpointing is the student's only
+    per_block = plan.block_activation_bytes(teacher, 512, 4, "bf16")
+    assert acts(online_blocks=4)[0] - t == 2 * per_block  # each extra online block keeps one block's activations
+    t_flash, _ = acts(online_blocks=2, flash_attention=True)
+    assert t_flash < t
+    assert acts(online_blocks=2, seq_len=1024)[1] > 2 * s  # the a*s^2 scores grow faster than s
+
+
+# --------------------------------------------------------------------------- step time and the CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args], capture_output=True, text=True,
+                          check=False, cwd=str(ROOT), timeout=120)
+
+
+def _printed_step_time(out: str) -> float:
+    return float(re.search(r"step time: ([0-9.e+-]+) s", out).group(1))
+
+
+def test_flop_floor_printed_for_configs(tiny_dirs, capsys):
+    """Step time printed for two saved models equals the formula on the counts torch reports."""
+    (t_path, t_model), (s_path, s_model) = tiny_dirs["untied"], tiny_dirs["tied"]
+    k, nodes, gpus, seq, micro, accum, peak, mfu = 2, 2, 4, 64, 3, 5, 1e-6, 0.5
+    assert plan.main(["--teacher", str(t_path), "--student", str(s_path), "--online-blocks", str(k),
+                      "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--seq-len", str(seq), "--micro-batch",
+                      str(micro), "--grad-accum", str(accum), "--peak-tflops", str(peak), "--mfu", str(mfu)]) == 0
+    out = capsys.readouterr().out
+    tokens = seq * micro * accum * nodes * gpus
+    flops = (6 * _numel(s_model) + 2 * _numel(t_model) + 4 * _numel(t_model.model.layers[0]) * k) * tokens
+    expected = flops / (nodes * gpus * peak * 1e12 * mfu)
+    assert _printed_step_time(out) == pytest.approx(expected, rel=1e-5)
+    assert f"tokens per step: {tokens:,}" in out
+
+
+def test_flop_floor_for_counts():
+    teacher, student = plan.shape_from_count(7_000_000_000), plan.shape_from_count(1_100_000_000)
+    cfg = plan.Settings(seq_len=2048, micro_batch=2, grad_accum=4, cluster=plan.Cluster(2, 8), online_blocks=3)
+    p = plan.make_plan(teacher, student, cfg)
+    tokens = 2048 * 2 * 4 * 16
+    flops = (6 * 1_100_000_000 + 2 * 7_000_000_000 + 4 * teacher.block_params * 3) * tokens
+    assert p.tokens_per_step == tokens
+    assert p.step_time_s == pytest.approx(flops / (16 * 989e12))
+    assert _printed_step_time(plan.render(p)) == pytest.approx(p.step_time_s, rel=1e-5)
+
+
+def test_cli_prints_a_table_and_a_verdict(capsys):
+    common = ["--teacher-params", "7e9", "--student-params", "1e9", "--seq-len", "2048", "--nodes", "2",
+              "--gpus-per-node", "8", "--flash-attention"]
+    res = _cli(*common)
+    assert res.returncode == 0, res.stderr
+    assert "| item | per GPU | CPU per node |" in res.stdout
+    assert "| **total** |" in res.stdout
+    assert "overall: FITS" in res.stdout
+    assert plan.main([*common, "--gpu-mem-gib", "8"]) == 0
+    small = capsys.readouterr().out
+    assert re.search(r"GPU per GPU: .* -> DOES NOT FIT \(biggest: ", small)
+    assert "overall: DOES NOT FIT" in small
+
+
+def test_cli_bad_flag_exits_2():
+    res = _cli("--teacher-params", "7e9", "--student-params", "1e9", "--seq-len", "-3")
+    assert res.returncode == 2
+    assert "--seq-len" in res.stderr and "positive integer" in res.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--student-params", "1e9"], ["--teacher or --teacher-params"]),
+    (["--teacher", "/nonexistent/model", "--student-params", "1e9"], ["--teacher", "no such file"]),
+    (["--teacher-params", "7e9", "--student-params=-1e9"], ["--student-params", "positive integer"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--nodes", "-2"], ["--nodes", "positive integer"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--gpu-mem-gib", "0"], ["--gpu-mem-gib", "positive"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--mfu", "1.5"], ["--mfu", "(0, 1]"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--student-zero", "0", "--student-offload", "cpu"],
+     ["--student-offload", "--student-zero"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--online-blocks", "99"], ["--online-blocks", "32"]),
+])
+def test_bad_input_names_the_flag(capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        plan.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+
+
+def test_config_without_hidden_size(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))
+    with pytest.raises(SystemExit) as e:
+        plan.main(["--teacher", str(tmp_path), "--student-params", "1e9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "hidden_size" in err
