@@ -1,11 +1,27 @@
-"""Saving what a run produces: the student as a Hugging Face directory, the online module as a PEFT adapter."""
+"""What a run writes and reads back: resumable checkpoints of both engines, the student as a Hugging Face
+directory, the online module as a PEFT adapter.
+
+Checkpoint layout (DeepSpeed's: one directory of tags and a `latest` file naming the newest):
+
+    output_dir/checkpoints/latest                      the newest complete tag, switched atomically
+    output_dir/checkpoints/global_step{N}/student/     student.save_checkpoint: weights, optimizer, scheduler
+    output_dir/checkpoints/global_step{N}/teacher/     okd: the online module and its optimizer (frozen base left out)
+    output_dir/checkpoints/global_step{N}/trainer_state.json   step, data position, world size, method
+    output_dir/checkpoints/global_step{N}/rng_state_{rank}.pth python, numpy, torch and accelerator RNG states
+
+A tag is written under a temporary name and renamed into place only when every rank has finished it;
+`latest` is replaced by a rename after that. A crash in between leaves the previous tag and `latest`.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import deepspeed
 import torch
@@ -88,3 +104,160 @@ def export_online_module(engine, out_dir: str | Path) -> Path:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out_dir
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+@dataclass
+class TrainerState:
+    """Where training stands after `step` optimizer steps."""
+
+    step: int
+    epoch: int  # the data epoch the next batch comes from
+    batches_in_epoch: int  # batches each rank has taken from that epoch
+    world_size: int
+    method: str
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, accelerator) as tensors and plain values, so
+    that torch.load(weights_only=True) reads them back."""
+    import numpy as np
+    from deepspeed.accelerator import get_accelerator
+
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "cached": cached},
+             "torch": torch.get_rng_state()}
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        state["accelerator"] = accel.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    from deepspeed.accelerator import get_accelerator
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def fault_point(name: str, step: int) -> None:
+    """Test hook: OKD_SCALE_FAULT=name@step makes this process die here (SIGKILL), as a crash would."""
+    if os.environ.get("OKD_SCALE_FAULT") == f"{name}@{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, run_config: str = "",
+                    keep_last: int = 0) -> Path:
+    """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
+    teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all).
+    Every rank calls this."""
+    root = Path(out_dir) / CHECKPOINTS
+    tag = f"global_step{state.step}"
+    final, tmp = root / tag, root / f".{tag}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    student.save_checkpoint(str(tmp), tag="student", save_latest=False)
+    if teacher is not None:
+        teacher.save_checkpoint(str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
+    fault_point("crash_in_save", state.step)
+    _barrier()
+    if _rank() == 0:
+        (tmp / "run_config.yaml").write_text(run_config)
+        _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
+        if final.exists():  # the same step saved again (a resumed run that stopped at once)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(root / LATEST, tag)
+        if keep_last:
+            tags = sorted((p for p in root.glob("global_step*") if p.is_dir()),
+                          key=lambda p: int(p.name[len("global_step"):]))
+            for old in tags[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
+    """The tag directory to resume from: resume "auto" = `latest` in out_dir/checkpoints if there is one,
+    "none" = start afresh, else a path to a tag directory or to a checkpoints directory with `latest`."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = Path(out_dir) / CHECKPOINTS
+        return root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    path = Path(resume).expanduser()
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f'"resume": {resume} is not a checkpoint tag directory (no trainer_state.json) nor a '
+                              f"checkpoints directory with a `{LATEST}` file")
+    return path
+
+
+def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int, method: str) -> TrainerState:
+    """Restore both engines, this rank's RNG states, and return where training stands."""
+    path = Path(path)
+    try:
+        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e})") from None
+    if state.world_size != world_size:
+        raise CheckpointError(f"{path} was saved by {state.world_size} processes and this run has {world_size}; "
+                              f"ZeRO partitions, data order and RNG states are per rank. Resume with "
+                              f"{state.world_size} processes, or start a new run from its weights "
+                              f"(tools/convert_to_hf.py {path.parent} OUT --tag {path.name}, then model.student=OUT)")
+    if state.method != method:
+        raise CheckpointError(f"{path} is a {state.method} checkpoint; this run's method is {method}")
+    rng_file = path / f"rng_state_{_rank()}.pth"
+    for part in ["student"] + (["teacher"] if teacher is not None else []):
+        if not (path / part).is_dir():
+            raise CheckpointError(f"{path / part}: missing (an incomplete checkpoint)")
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file}: missing (an incomplete checkpoint)")
+    student.load_checkpoint(str(path), tag="student", load_optimizer_states=True, load_lr_scheduler_states=True)
+    if teacher is not None:
+        teacher.load_checkpoint(str(path), tag="teacher", load_module_strict=False, load_optimizer_states=True,
+                                load_lr_scheduler_states=True)
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

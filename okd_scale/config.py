@@ -56,6 +56,8 @@ class TrainArgs:
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
+    keep_last: int = 2  # checkpoints kept (0: all)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class RunConfig:
     method: str = "okd"
     seed: int = 42
     output_dir: str = "runs/okd"
+    resume: str = "auto"  # auto: from output_dir/checkpoints/latest if any; none; or a checkpoint path
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -293,6 +296,9 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
         _check(v >= 1, origin, key, "an integer >= 1", v)
     _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
     _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+    for key, v in [("train.save_every", t.save_every), ("train.keep_last", t.keep_last)]:
+        _check(v >= 0, origin, key, "an integer >= 0", v)
+    _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
     for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),
                    ("loss.temperature", lo.temperature)]:
         _check(v > 0, origin, key, "a number > 0", v)

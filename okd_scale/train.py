@@ -1,6 +1,7 @@
 """Entry point: `deepspeed okd_scale/train.py --config cfg.yaml [key=value ...]` (also torchrun, or plain python).
 
-Exit status: 0 done; 2 bad configuration, data or model (the message names what); 1 any other failure.
+Exit status: 0 done; 2 bad configuration, data, model or checkpoint (the message names what); 75 stopped
+by SIGTERM or SIGUSR1 after saving a checkpoint (run the same command again to resume); 1 any other failure.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resumable
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="okd_scale/train.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML run config")
@@ -24,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from okd_scale.checkpoint import CheckpointError
     from okd_scale.config import ConfigError, load_config
     from okd_scale.data import DataError
     from okd_scale.models import ModelError
@@ -39,8 +44,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         from okd_scale.trainer import train
 
-        train(cfg)
-    except (ConfigError, DataError, ModelError) as e:
+        if train(cfg).stopped_by:
+            return EXIT_STOPPED
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2

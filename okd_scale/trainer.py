@@ -33,14 +33,57 @@ class TrainResult:
     output_dir: Path
     history: list = field(default_factory=list)  # one dict of scalars per optimizer step
     metrics: dict = field(default_factory=dict)
+    stopped_by: Optional[str] = None  # the signal that stopped the run early (after a checkpoint), if any
 
 
-def _batches(loader) -> Iterator[dict]:
-    epoch = 0
+@dataclass
+class DataPosition:
+    epoch: int = 0  # the epoch the next batch comes from
+    batches: int = 0  # batches already taken from it (by this rank)
+
+
+def _batches(loader, pos: DataPosition) -> Iterator[dict]:
+    """The loader's batches epoch after epoch from `pos` (skipping the batches a resumed run already used),
+    keeping `pos` up to date."""
     while True:
-        loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        loader.sampler.set_epoch(pos.epoch)
+        for i, batch in enumerate(loader):
+            if i >= pos.batches:
+                pos.batches = i + 1
+                yield batch
+        pos.epoch, pos.batches = pos.epoch + 1, 0
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a scheduler's warning before preemption or the time limit): remembered, and
+    acted on at the end of the current step by every rank together."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step, with a checkpoint", self.signal)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -162,8 +205,9 @@ def eval_loss(engine, loader, vocab_size: int) -> float:
 
 
 def _sgo_sampler(cfg: RunConfig, student, tokenizer, world: int):
-    """For sgo: batch -> the batch with responses sampled from the current student, with an ``rng``
-    attribute (seeded by cfg.seed, so every rank draws the same on-policy decisions); else None."""
+    """For sgo: batch -> the batch with responses sampled from the current student, with an
+    ``on_policy(step)`` attribute: whether step samples, drawn from (seed, step) alone, so every rank and
+    a resumed run draw the same; else None."""
     if cfg.method != "sgo":
         return None
     import random
@@ -177,7 +221,7 @@ def _sgo_sampler(cfg: RunConfig, student, tokenizer, world: int):
         return generation.sample_responses(student, batch, eos=eos, pad_id=pad, max_new_tokens=sg.max_new_tokens,
                                            temperature=sg.temperature, top_p=sg.top_p, synced_gpus=synced)
 
-    sample.rng = random.Random(cfg.seed)
+    sample.on_policy = lambda step: random.Random(cfg.seed * 1_000_003 + step).random() < sg.lmbda
     return sample
 
 
@@ -211,90 +255,145 @@ def _cost(cfg: RunConfig, history: list, teacher, student, world: int, sampled_t
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Run `cfg` to `train.max_steps` optimizer steps; save the student (and online module) at the end."""
+    """Run `cfg` to `train.max_steps` optimizer steps, resuming from a checkpoint when `cfg.resume` finds
+    one; checkpoint every `train.save_every` steps, at the end, and when a stop signal arrives (then
+    return early with `stopped_by` set); at the end evaluate and export the student (and online module)."""
     from transformers import set_seed
 
     rank, world, _ = engines.init_distributed()
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    resume_from = checkpoint.find_checkpoint(out, cfg.resume)
+    run_config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "log_history.jsonl").write_text("")  # one JSON row per optimizer step, appended as they end
-        (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "run_config.yaml").write_text(run_config)
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
+    online = teacher if cfg.method == "okd" else None  # the teacher's state that changes, hence is saved
+    pos, first_step = DataPosition(), 1
+    history = out / "log_history.jsonl"  # one JSON row per optimizer step, appended as steps end
+    past: list[dict] = []
+    if resume_from is not None:
+        clock = time.perf_counter()
+        state = checkpoint.load_checkpoint(resume_from, student, online, world_size=world, method=cfg.method)
+        pos, first_step = DataPosition(state.epoch, state.batches_in_epoch), state.step + 1
+        if history.is_file():
+            past = [r for r in map(json.loads, history.read_text().splitlines()) if r["step"] <= state.step]
+        log.info("resumed from %s at step %d (%.1f s)", resume_from, state.step, time.perf_counter() - clock)
+    if rank == 0:
+        history.write_text("".join(json.dumps(r) + "\n" for r in past))
     vocab = len(tokenizer)
     heads = loss_heads(cfg, teacher, student, vocab, rank, world)
-    step_fn = METHODS[cfg.method]
     t = cfg.train
-    gas = t.gradient_accumulation_steps
-    device = student.device
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_step)
     from tqdm.auto import tqdm
-    bar = tqdm(total=t.max_steps, desc=cfg.method, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=first_step - 1, desc=cfg.method, disable=rank != 0, dynamic_ncols=True)
 
-    result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out)
-    timer = perf.PhaseTimer()
-    sampler = _sgo_sampler(cfg, student, tokenizer, world)
-    sampled_tokens = 0
-    batches = _batches(loader)
-    for step in range(1, t.max_steps + 1):
+    result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
+    loop = _Loop(cfg, student, teacher, tokenizer, world, heads, _batches(loader, pos))
+    stop = StopRequest().install()
+    try:
+        for step in range(first_step, t.max_steps + 1):
+            row = loop.step(step, stop_requested=stop.signal is not None)
+            result.history.append(row)
+            if rank == 0:
+                with open(history, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
+                for k, v in row.items():
+                    if k not in ("step", "stop"):
+                        writer.add_scalar(k, v, step)
+            bar.set_postfix({k.split("/")[-1] if k.startswith("student/") else k: f"{v:.4g}"
+                             for k, v in row.items() if k in ("student/loss", "teacher/loss")})
+            bar.update(1)
+            stopping = row.pop("stop") > 0
+            if stopping or step == t.max_steps or (t.save_every and step % t.save_every == 0):
+                clock = time.perf_counter()
+                state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
+                                                world_size=world, method=cfg.method)
+                path = checkpoint.save_checkpoint(out, state, student, online, run_config=run_config,
+                                                  keep_last=t.keep_last)
+                log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)
+            if stopping and step < t.max_steps:
+                result.stopped_by = stop.signal or "a signal on another rank"
+                log.warning("stopped at step %d by %s; resume with the same command", step, result.stopped_by)
+                bar.close()
+                return result
+    finally:
+        stop.uninstall()
+    bar.close()
+    _finish(cfg, result, loop, stats, rank, world, writer)
+    return result
+
+
+class _Loop:
+    """One optimizer step at a time: batches (sgo: resampled), losses, backward passes, engine steps."""
+
+    def __init__(self, cfg: RunConfig, student, teacher, tokenizer, world: int, heads: dict, batches):
+        self.cfg, self.student, self.teacher, self.world, self.heads = cfg, student, teacher, world, heads
+        self.batches, self.vocab = batches, len(tokenizer)
+        self.step_fn = METHODS[cfg.method]
+        self.timer = perf.PhaseTimer()
+        self.sampler = _sgo_sampler(cfg, student, tokenizer, world)
+        self.sampled_tokens = 0.0
+
+    def step(self, step: int, stop_requested: bool = False) -> dict:
+        """Run optimizer step `step`; its row of scalars, with "stop" > 0 when any rank was asked to stop."""
+        cfg, student, teacher, timer = self.cfg, self.student, self.teacher, self.timer
+        gas, device = cfg.train.gradient_accumulation_steps, student.device
         start = time.perf_counter()
         with timer.phase("data"):
-            micro = [_to(next(batches), device) for _ in range(gas)]
-        on_policy = sampler is not None and sampler.rng.random() < cfg.sgo.lmbda  # the same draw on every rank
+            micro = [_to(next(self.batches), device) for _ in range(gas)]
+        on_policy = self.sampler is not None and self.sampler.on_policy(step)
         if on_policy:
             with timer.phase("generation"):
-                micro = [_to(sampler(b), device) for b in micro]
+                micro = [_to(self.sampler(b), device) for b in micro]
         with timer.phase("comm"):
             counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
                                              sum(float(b["attention_mask"].sum()) for b in micro)], device)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
-        ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, world, gas),
-                          vocab_size=vocab, update_online=update_online, on_policy=on_policy, timer=timer, **heads)
+        ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
+                          num_tokens=loss_normaliser(counted, self.world, gas), vocab_size=self.vocab,
+                          update_online=update_online, on_policy=on_policy, timer=timer, **self.heads)
         sums: dict[str, float] = defaultdict(float)
         for b in micro:
-            for k, v in step_fn(b, ctx).items():
+            for k, v in self.step_fn(b, ctx).items():
                 sums[k] += float(v)
             with timer.phase("optimizer"):
                 student.step()
                 if update_online:
                     teacher.step()
         keys = sorted(sums)
-        with timer.phase("comm"):
-            reduced = _all_reduce_sum([sums[k] for k in keys], device)
-        means = dict(zip(keys, (v / max(counted, 1.0) for v in reduced)))
+        with timer.phase("comm"):  # the stop flag rides along: every rank stops at the same step
+            *reduced, stop = _all_reduce_sum([sums[k] for k in keys] + [float(stop_requested)], device)
         elapsed = time.perf_counter() - start
-        row = {"step": step, **means, "lr/student": student.get_lr()[0], "time/step_s": elapsed,
+        row = {"step": step, **{k: v / max(counted, 1.0) for k, v in zip(keys, reduced)},
+               "lr/student": student.get_lr()[0], "time/step_s": elapsed,
                **{f"time/{k}_s": v for k, v in timer.pop().items()},
-               "tokens_per_s": seen / elapsed, "tokens/counted": counted, "tokens/seen": seen,
-               "sgo/on_policy": float(on_policy)}
+               "tokens_per_s": seen / elapsed, "tokens/counted": counted, "tokens/seen": seen, "stop": stop}
+        if cfg.method == "sgo":
+            row["sgo/on_policy"] = float(on_policy)
         if on_policy:
-            sampled_tokens += seen
-        if cfg.method != "sgo":
-            del row["sgo/on_policy"]
-        if teacher is not None and cfg.method == "okd":
+            self.sampled_tokens += seen
+        if cfg.method == "okd":
             row["lr/online"] = teacher.get_lr()[0]
-        result.history.append(row)
-        if rank == 0:
-            with open(out / "log_history.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
-            for k, v in row.items():
-                if k != "step":
-                    writer.add_scalar(k, v, step)
-        bar.set_postfix({k.split("/")[-1] if k.startswith("student/") else k: f"{v:.4g}"
-                         for k, v in row.items() if k in ("student/loss", "teacher/loss")})
-        bar.update(1)
-    bar.close()
+        return row
 
-    metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": world, "data": vars(stats),
-               "final": {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")},
-               **_cost(cfg, result.history, teacher, student, world, sampled_tokens)}
-    if rank == 0:
-        log.info("time per step (mean over %d steps):\n%s", len(result.history), perf.phase_table(result.history))
+
+def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, stats, rank: int, world: int, writer) -> None:
+    """Metrics (costs, eval losses) and the exports at the end of a run."""
+    t, out, student, teacher, tokenizer = cfg.train, result.output_dir, result.student, result.teacher, result.tokenizer
+    vocab = len(tokenizer)
+    metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": world, "data": vars(stats)}
+    if result.history:
+        metrics["final"] = {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")}
+        metrics.update(_cost(cfg, result.history, teacher, student, world, loop.sampled_tokens))
+        if rank == 0:
+            log.info("time per step (mean over %d steps):\n%s", len(result.history),
+                     perf.phase_table(result.history))
     if cfg.data.eval_file:
         eval_examples, _ = data.load_dataset(cfg.data.eval_file, tokenizer, cfg.data.max_length,
                                              on_error=cfg.data.on_error)
@@ -319,4 +418,3 @@ def train(cfg: RunConfig) -> TrainResult:
         writer.close()
         log.info("saved the student to %s%s", out / "student",
                  f" and the online module to {out / 'online_module'}" if cfg.method == "okd" else "")
-    return result

@@ -21,7 +21,7 @@ def run_and_dump(cfg) -> dict:
     result = train(cfg)
     out = Path(cfg.output_dir)
     teacher_state = checkpoint.full_state_dict(result.teacher) if result.teacher is not None else None
-    report = {"history": result.history, "metrics": result.metrics}
+    report = {"history": result.history, "metrics": result.metrics, "stopped_by": result.stopped_by}
     if int(os.environ.get("RANK", "0")) == 0:
         if teacher_state is not None:
             save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(out / "teacher_after.safetensors"))
@@ -33,7 +33,14 @@ if __name__ == "__main__":
     from okd_scale.config import load_config
     from okd_scale.engines import run_and_exit
 
-    def worker() -> None:
-        run_and_dump(load_config(sys.argv[1], sys.argv[2:]))
+    import logging
+
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="[okd_scale] %(message)s")
+
+    def worker() -> int:
+        from okd_scale.train import EXIT_STOPPED
+
+        return EXIT_STOPPED if run_and_dump(load_config(sys.argv[1], sys.argv[2:]))["stopped_by"] else 0
 
     run_and_exit(worker)

@@ -1,0 +1,161 @@
+"""Checkpoints and exact resume: a stop by signal, a crash in the middle of a save, pruning, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import ROOT, _comparable, clean_env, write_config
+
+
+def _rows(out: Path) -> list:
+    return [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of pid (from /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    """Bitwise: the same losses at every step, the same student and teacher weights at the end."""
+    assert _comparable(_rows(a)) == _comparable(_rows(b))
+    for name in ("student/model.safetensors", "teacher_after.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}: {k}"
+
+
+def _torchrun(cfg: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "tests" / "dist_worker.py"), str(cfg), *overrides]
+
+
+def test_stop_by_signal_then_resume_equals_uninterrupted_two_processes(tmp_path, pair):
+    """okd, 2 processes, gradient accumulation: SIGUSR1 mid-run makes every rank finish its step,
+    checkpoint and exit 75; the same command resumes and ends bitwise where an uninterrupted run ends."""
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=8",
+              "data.eval_file=null"]
+    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common), env=clean_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    cmd = _torchrun(cfg, f"output_dir={out}", *common)
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "log_history.jsonl").is_file() and len(_rows(out)) >= 2):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 75" in err, err[-3000:]  # torchrun reports the workers' 75
+    stopped_at = len(_rows(out))
+    assert 2 <= stopped_at < 8
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
+    assert not (out / "student").exists()  # no export before the end
+
+    resumed = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stderr
+    _assert_same(tmp_path / "straight", out)
+
+
+def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch):
+    """A stop at step 3, mid-epoch (a real SIGUSR1 to this process), then resume into the next epoch:
+    the same losses and weights as a straight run."""
+    from dist_worker import run_and_dump
+
+    from okd_scale import trainer
+    from okd_scale.config import load_config
+
+    common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=10",
+              "data.eval_file=null", "loss.divergence=js"]  # 20 batches: into the second epoch
+    run_and_dump(load_config(write_config(tmp_path / "a.yaml", pair, "okd"), [f"output_dir={tmp_path / 'a'}", *common]))
+
+    real_step = trainer._Loop.step
+
+    def step_with_signal(self, step, stop_requested=False):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives during the step, through the real handler
+            stop_requested = True
+        return real_step(self, step, stop_requested)
+
+    cfg = load_config(write_config(tmp_path / "b.yaml", pair, "okd"), [f"output_dir={tmp_path / 'b'}", *common])
+    monkeypatch.setattr(trainer._Loop, "step", step_with_signal)
+    result = trainer.train(cfg)
+    assert result.stopped_by == "SIGUSR1" and len(result.history) == 3
+    state = json.loads((tmp_path / "b" / "checkpoints" / "global_step3" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (0, 6)  # of 32 rows / 2 per batch = 16: mid-epoch
+    monkeypatch.setattr(trainer._Loop, "step", real_step)
+    run_and_dump(cfg)
+    _assert_same(tmp_path / "a", tmp_path / "b")
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, pair):
+    """A process killed in the middle of writing step 4's checkpoint: `latest` still names step 2,
+    which loads, and the rerun resumes from it and ends as an uninterrupted run does."""
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    common = ["train.max_steps=6", "train.save_every=2", "data.eval_file=null"]
+    script = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(cfg)]
+    straight = subprocess.run(script + [f"output_dir={tmp_path / 'straight'}", *common], env=clean_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "crashed"
+    crashed = subprocess.run(script + [f"output_dir={out}", *common], env=clean_env(OKD_SCALE_FAULT="crash_in_save@4"),
+                             capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "global_step2"
+    assert (out / "checkpoints" / ".global_step4.tmp").is_dir() and not (out / "checkpoints" / "global_step4").exists()
+    rerun = subprocess.run(script + [f"output_dir={out}", *common], env=clean_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "at step 2" in rerun.stderr
+    _assert_same(tmp_path / "straight", out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["global_step4", "global_step6", "latest"]
+
+
+def test_resume_refusals(tmp_path, pair):
+    """Another world size, another method, a path that is no checkpoint: errors that say what to do."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.checkpoint import CheckpointError
+    from okd_scale.config import load_config
+    from okd_scale.trainer import train
+
+    out = tmp_path / "run"
+    run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
+                             [f"output_dir={out}", "train.max_steps=2", "data.eval_file=null"]))
+    state_file = out / "checkpoints" / "global_step2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"output_dir={out}", "train.max_steps=4"])
+    with pytest.raises(CheckpointError, match="saved by 2 processes and this run has 1.*convert_to_hf"):
+        train(cfg)
+    state_file.write_text(json.dumps(state))
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), [f"output_dir={out}"])
+    with pytest.raises(CheckpointError, match="is a kd checkpoint; this run's method is sft"):
+        train(cfg)
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"resume={tmp_path}"])
+    with pytest.raises(CheckpointError, match='"resume": .* is not a checkpoint'):
+        train(cfg)
