@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     from okd_scale.data import DataError
     from okd_scale.models import ModelError
 
+    from okd_scale.stop import REQUEST
+
+    REQUEST.install()  # before the slow imports and start-up: a scheduler's early USR1 must not kill us
     args = parse_args(argv)
     # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step: not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

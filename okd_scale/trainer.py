@@ -20,6 +20,7 @@ from . import checkpoint, data, engines, generation, models, perf, seqkd, sharde
 from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
 from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
+from .stop import REQUEST
 
 log = logging.getLogger("okd_scale")
 TRAINING_TEACHER = ("okd", "kd", "sgo")  # methods with a teacher engine during training
@@ -52,38 +53,6 @@ def _batches(loader, pos: DataPosition) -> Iterator[dict]:
                 pos.batches = i + 1
                 yield batch
         pos.epoch, pos.batches = pos.epoch + 1, 0
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (a scheduler's warning before preemption or the time limit): remembered, and
-    acted on at the end of the current step by every rank together."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.signal: Optional[str] = None
-        self._previous = {}
-
-    def install(self) -> "StopRequest":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        self.signal = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step, with a checkpoint", self.signal)
-
-    def uninstall(self) -> None:
-        import signal
-
-        for name, handler in self._previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -294,7 +263,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
     loop = _Loop(cfg, student, teacher, tokenizer, world, heads, _batches(loader, pos))
-    stop = StopRequest().install()
+    stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     try:
         for step in range(first_step, t.max_steps + 1):
             row = loop.step(step, stop_requested=stop.signal is not None)
@@ -324,6 +293,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 return result
     finally:
         stop.uninstall()
+        stop.signal = None  # served (or moot): the run is over
     bar.close()
     _finish(cfg, result, loop, stats, rank, world, writer)
     return result
