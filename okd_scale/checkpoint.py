@@ -6,6 +6,8 @@ Checkpoint layout (DeepSpeed's: one directory of tags and a `latest` file naming
     output_dir/checkpoints/latest                      the newest complete tag, switched atomically
     output_dir/checkpoints/global_step{N}/student/     student.save_checkpoint: weights, optimizer, scheduler
     output_dir/checkpoints/global_step{N}/teacher/     okd: the online module and its optimizer (frozen base left out)
+    output_dir/checkpoints/global_step{N}/hf_student/  the student's config, generation config and tokenizer
+    output_dir/checkpoints/global_step{N}/hf_teacher/  okd: the online module's adapter_config.json
     output_dir/checkpoints/global_step{N}/trainer_state.json   step, data position, world size, method
     output_dir/checkpoints/global_step{N}/rng_state_{rank}.pth python, numpy, torch and accelerator RNG states
 
@@ -74,14 +76,25 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_hf(model, tokenizer, out_dir: str | Path, *, state_dict: Optional[dict] = None,
+             max_shard_size: str | int = "5GB") -> Path:
+    """A Hugging Face model directory: config.json, generation_config.json, the tokenizer (with its chat
+    template) and safetensors weights, sharded with an index above ``max_shard_size``; tied embeddings
+    stay tied. Written staged, so ``out_dir`` is never half written. One process calls this."""
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
 def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
-    """Write the engine's model as a Hugging Face directory (config, tokenizer, safetensors)."""
+    """Write the engine's model as a Hugging Face directory (``write_hf``). Every rank calls this."""
     out_dir = Path(out_dir)
     state = full_state_dict(engine)
     if _is_rank0():
-        with staged_dir(out_dir) as tmp:
-            engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
+        write_hf(engine.module, tokenizer, out_dir, state_dict=state)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out_dir
@@ -184,8 +197,8 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, run_config: str = "",
-                    keep_last: int = 0) -> Path:
+def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, tokenizer=None,
+                    run_config: str = "", keep_last: int = 0) -> Path:
     """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
     teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all).
     Every rank calls this."""
@@ -204,6 +217,13 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
     _barrier()
     if _rank() == 0:
         (tmp / "run_config.yaml").write_text(run_config)
+        student.module.config.save_pretrained(str(tmp / "hf_student"))  # what convert_to_hf rebuilds it from
+        if getattr(student.module, "generation_config", None) is not None:
+            student.module.generation_config.save_pretrained(str(tmp / "hf_student"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "hf_student"))
+        if teacher is not None:
+            teacher.module.peft_config["default"].save_pretrained(str(tmp / "hf_teacher"))
         _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
         if final.exists():  # the same step saved again (a resumed run that stopped at once)
             shutil.rmtree(final)

@@ -283,8 +283,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 clock = time.perf_counter()
                 state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
                                                 world_size=world, method=cfg.method)
-                path = checkpoint.save_checkpoint(out, state, student, online, run_config=run_config,
-                                                  keep_last=t.keep_last)
+                path = checkpoint.save_checkpoint(out, state, student, online, tokenizer=tokenizer,
+                                                  run_config=run_config, keep_last=t.keep_last)
                 log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)
             if stopping and step < t.max_steps:
                 result.stopped_by = stop.signal or "a signal on another rank"
