@@ -68,7 +68,8 @@ def _references(row: dict, where: str) -> list[str]:
 
 
 def read_eval_set(path, max_examples=None) -> list[dict]:
-    """Rows {"prompt": str, "references": list[str]} from a MiniLLM-format jsonl (or JSON array) file."""
+    """Rows {"prompt": str, "references": list[str], "instruction", "input" (None when absent)} from a
+    MiniLLM-format jsonl (or JSON array) file."""
     path = Path(path)
     if not path.is_file():
         raise EvaluateError(f"evaluation file not found: {path}")
@@ -96,7 +97,8 @@ def read_eval_set(path, max_examples=None) -> list[dict]:
             prompt = alpaca_prompt(r["instruction"], inp)
         if not isinstance(prompt, str):
             raise EvaluateError(f'{where}: "prompt" must be a string')
-        rows.append({"prompt": prompt, "references": _references(r, where)})
+        rows.append({"prompt": prompt, "references": _references(r, where), "instruction": r.get("instruction"),
+                     "input": r.get("input")})
         if max_examples is not None and len(rows) >= max_examples:
             break
     if not rows:
