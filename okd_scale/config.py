@@ -41,6 +41,8 @@ class DataArgs:
     eval_file: Optional[str] = None
     max_length: int = 512
     on_error: str = "raise"  # raise | skip
+    eval_rouge_examples: int = 32  # eval_file rows scored with ROUGE-L of greedy generations (0: none)
+    eval_max_new_tokens: int = 64
 
 
 @dataclass
@@ -56,6 +58,7 @@ class TrainArgs:
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 1
+    eval_every: int = 0  # evaluate on data.eval_file every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
     keep_last: int = 2  # checkpoints kept (0: all)
 
@@ -292,11 +295,13 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     for key, v in [("train.max_steps", t.max_steps), ("train.per_device_train_batch_size", t.per_device_train_batch_size),
                    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                    ("train.logging_steps", t.logging_steps), ("data.max_length", cfg.data.max_length),
-                   ("loss.chunk_size", lo.chunk_size), ("loss.vocab_shards", lo.vocab_shards), ("online.r", on.r), ("online.update_every", on.update_every)]:
+                   ("loss.chunk_size", lo.chunk_size), ("loss.vocab_shards", lo.vocab_shards), ("online.r", on.r),
+                   ("online.update_every", on.update_every), ("data.eval_max_new_tokens", cfg.data.eval_max_new_tokens)]:
         _check(v >= 1, origin, key, "an integer >= 1", v)
     _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
     _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
-    for key, v in [("train.save_every", t.save_every), ("train.keep_last", t.keep_last)]:
+    for key, v in [("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
+                   ("train.eval_every", t.eval_every), ("data.eval_rouge_examples", cfg.data.eval_rouge_examples)]:
         _check(v >= 0, origin, key, "an integer >= 0", v)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
     for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),

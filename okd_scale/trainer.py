@@ -263,22 +263,30 @@ def train(cfg: RunConfig) -> TrainResult:
 
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
     loop = _Loop(cfg, student, teacher, tokenizer, world, heads, _batches(loader, pos))
+    evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     try:
         for step in range(first_step, t.max_steps + 1):
             row = loop.step(step, stop_requested=stop.signal is not None)
-            result.history.append(row)
-            if rank == 0:
-                with open(history, "a") as f:
-                    f.write(json.dumps(row) + "\n")
             if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
                 for k, v in row.items():
                     if k not in ("step", "stop"):
                         writer.add_scalar(k, v, step)
+            if evaluator is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                scores = evaluator(student)
+                row.update(scores)
+                if writer is not None:
+                    for k, v in scores.items():
+                        writer.add_scalar(k, v, step)
+                log.info("step %d eval: %s", step, {k: round(v, 4) for k, v in scores.items()})
             bar.set_postfix({k.split("/")[-1] if k.startswith("student/") else k: f"{v:.4g}"
                              for k, v in row.items() if k in ("student/loss", "teacher/loss")})
             bar.update(1)
             stopping = row.pop("stop") > 0
+            result.history.append(row)
+            if rank == 0:
+                with open(history, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if stopping or step == t.max_steps or (t.save_every and step % t.save_every == 0):
                 clock = time.perf_counter()
                 state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
@@ -295,8 +303,58 @@ def train(cfg: RunConfig) -> TrainResult:
         stop.uninstall()
         stop.signal = None  # served (or moot): the run is over
     bar.close()
-    _finish(cfg, result, loop, stats, rank, world, writer)
+    _finish(cfg, result, loop, stats, rank, world, writer, evaluator)
     return result
+
+
+class Evaluator:
+    """Evaluation on data.eval_file during and after training: mean cross-entropy per response token, and
+    ROUGE-L (F x100) of greedy generations on its first data.eval_rouge_examples rows (rows with a
+    `prompt` and `output`; other formats get the loss only). Every rank takes its share of both."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, rank: int, world: int):
+        from .evaluate import EvaluateError, read_eval_set
+
+        d = cfg.data
+        examples, _ = data.load_dataset(d.eval_file, tokenizer, d.max_length, on_error=d.on_error)
+        self.loader = data.build_dataloader(examples, batch_size=cfg.train.per_device_train_batch_size,
+                                            pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
+                                            seed=cfg.seed, shuffle=False, drop_last=False)
+        self.tokenizer, self.rank, self.world, self.max_new_tokens = tokenizer, rank, world, d.eval_max_new_tokens
+        self.rows = []
+        if d.eval_rouge_examples:
+            try:
+                self.rows = read_eval_set(d.eval_file, max_examples=d.eval_rouge_examples)
+            except EvaluateError as e:
+                log.info("eval: no ROUGE-L on %s (%s); the loss only", d.eval_file, e)
+
+    def __call__(self, student, teacher=None) -> dict:
+        vocab = len(self.tokenizer)
+        scores = {"eval/student_ce": eval_loss(student, self.loader, vocab)}
+        if teacher is not None:
+            scores["eval/teacher_ce"] = eval_loss(teacher, self.loader, vocab)
+        if self.rows:
+            scores["eval/student_rougeL"] = self.rouge(student)
+        return scores
+
+    def rouge(self, engine) -> float:
+        from .evaluate import rouge_l
+
+        tok = self.tokenizer
+        mine = self.rows[self.rank::self.world]
+        real = len(mine)
+        synced = self.world > 1 and any(models.is_partitioned(p) for p in engine.module.parameters())
+        if synced:  # ZeRO-3: every rank runs the same number of collective forwards
+            mine += [self.rows[0]] * (-(-len(self.rows) // self.world) - real)
+        eos = generation.eos_ids(engine.module, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        outs = generation.generate_ids(engine.module, [tok.encode(r["prompt"], add_special_tokens=False) for r in mine],
+                                       eos=eos, pad_id=pad, max_new_tokens=self.max_new_tokens, batch_size=8,
+                                       device=engine.device, synced_gpus=synced)
+        total = sum(rouge_l(tok.decode(o, skip_special_tokens=True).strip(), r["references"])
+                    for o, r in zip(outs[:real], mine[:real]))
+        total, count = _all_reduce_sum([total, float(real)], engine.device)
+        return total / max(count, 1.0)
 
 
 class _Loop:
@@ -353,10 +411,10 @@ class _Loop:
         return row
 
 
-def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, stats, rank: int, world: int, writer) -> None:
-    """Metrics (costs, eval losses) and the exports at the end of a run."""
+def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, stats, rank: int, world: int, writer,
+            evaluator: Optional["Evaluator"]) -> None:
+    """Metrics (costs, evaluation) and the exports at the end of a run."""
     t, out, student, teacher, tokenizer = cfg.train, result.output_dir, result.student, result.teacher, result.tokenizer
-    vocab = len(tokenizer)
     metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": world, "data": vars(stats)}
     if result.history:
         metrics["final"] = {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")}
@@ -364,19 +422,12 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, stats, rank: int, 
         if rank == 0:
             log.info("time per step (mean over %d steps):\n%s", len(result.history),
                      perf.phase_table(result.history))
-    if cfg.data.eval_file:
-        eval_examples, _ = data.load_dataset(cfg.data.eval_file, tokenizer, cfg.data.max_length,
-                                             on_error=cfg.data.on_error)
-        eval_loader = data.build_dataloader(eval_examples, batch_size=t.per_device_train_batch_size,
-                                            pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
-                                            seed=cfg.seed, shuffle=False, drop_last=False)
-        metrics["eval/student_ce"] = eval_loss(student, eval_loader, vocab)
-        if teacher is not None:
-            metrics["eval/teacher_ce"] = eval_loss(teacher, eval_loader, vocab)
+    if evaluator is not None:
+        metrics.update(evaluator(student, teacher))
         if writer is not None:
-            for k in ("eval/student_ce", "eval/teacher_ce"):
-                if k in metrics:
-                    writer.add_scalar(k, metrics[k], t.max_steps)
+            for k, v in metrics.items():
+                if k.startswith("eval/"):
+                    writer.add_scalar(k, v, t.max_steps)
         log.info("eval: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")})
 
     checkpoint.export_hf(student, tokenizer, out / "student")

@@ -425,3 +425,27 @@ def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
     m = report["metrics"]
     assert set(m["time_per_phase_s"]) >= {"teacher_forward", "online_backward"}
     assert m["flops_per_step"] > 0 and m["peak_memory_gib_per_rank"][0] > 0
+
+
+def test_evaluation_during_training(tmp_path, pair):
+    """train.eval_every: validation loss and ROUGE-L of the student every N steps, in the step's row and
+    TensorBoard, and once more at the end (with the teacher's loss)."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
+                      ["train.eval_every=2", "data.eval_rouge_examples=4", "data.eval_max_new_tokens=6"])
+    report = run_and_dump(cfg)
+    evaluated = [r["step"] for r in report["history"] if "eval/student_ce" in r]
+    assert evaluated == [2, 4]  # and step 6 is the final evaluation
+    for r in report["history"]:
+        if "eval/student_ce" in r:
+            assert r["eval/student_ce"] > 0 and 0 <= r["eval/student_rougeL"] <= 100
+    m = report["metrics"]
+    assert m["eval/student_ce"] > 0 and m["eval/teacher_ce"] > 0 and 0 <= m["eval/student_rougeL"] <= 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cfg.output_dir) / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/student_rougeL")] == [2, 4, 6]
