@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 import deepspeed
 import torch
 
+from . import faults
 from .engines import zero_stage
 
 
@@ -189,14 +190,6 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def fault_point(name: str, step: int) -> None:
-    """Test hook: OKD_SCALE_FAULT=name@step makes this process die here (SIGKILL), as a crash would."""
-    if os.environ.get("OKD_SCALE_FAULT") == f"{name}@{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, tokenizer=None,
                     run_config: str = "", keep_last: int = 0) -> Path:
     """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
@@ -213,7 +206,7 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
     if teacher is not None:
         teacher.save_checkpoint(str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
-    fault_point("crash_in_save", state.step)
+    faults.crash_point("crash_in_save", state.step, _rank())
     _barrier()
     if _rank() == 0:
         (tmp / "run_config.yaml").write_text(run_config)

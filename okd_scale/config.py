@@ -61,6 +61,7 @@ class TrainArgs:
     eval_every: int = 0  # evaluate on data.eval_file every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
     keep_last: int = 2  # checkpoints kept (0: all)
+    max_bad_steps: int = 10  # stop after more than N consecutive steps skipped for non-finite loss or gradients
 
 
 @dataclass
@@ -301,6 +302,7 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
     _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
     for key, v in [("train.save_every", t.save_every), ("train.keep_last", t.keep_last),
+                   ("train.max_bad_steps", t.max_bad_steps),
                    ("train.eval_every", t.eval_every), ("data.eval_rouge_examples", cfg.data.eval_rouge_examples)]:
         _check(v >= 0, origin, key, "an integer >= 0", v)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)

@@ -158,6 +158,10 @@ def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[li
         if lr_scheduler is not None and "scheduler" not in ds_config:
             kwargs["lr_scheduler"] = lr_scheduler
     engine, *_ = deepspeed.initialize(**kwargs)
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        # ZeRO-1/2 checks for inf/NaN gradients only in fp16/bf16 or when clipping; always check, so that a
+        # non-finite step is skipped on every rank in fp32 too (ZeRO-3 always does)
+        engine.optimizer.check_grad_overflow = True
     return engine
 
 

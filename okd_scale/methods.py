@@ -37,6 +37,7 @@ class StepContext:
     vocab_slice: Optional[tuple[int, int]] = None  # this rank's [start, end) of the vocabulary; None: all of it
     vocab_group: object = None  # the group the vocabulary is split over (loss.vocab_shards > 1), else None
     vocab_shards: int = 1
+    inject_nan: bool = False  # test hook: make this rank's student outputs NaN (faults.py, "nan_batch")
 
     def student_head(self) -> torch.Tensor:
         """The student's lm_head rows for this rank (a view: gradients reach the parameter)."""
@@ -104,6 +105,8 @@ def _outputs(ctx: StepContext, batch: dict, *, teacher_grad: bool) -> tuple:
             zt = forward_counted(ctx.teacher, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
     with ctx.timer.phase("student_forward"):
         zs = forward_counted(ctx.student, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+    if ctx.inject_nan:  # test hook (faults.py): a batch whose forward pass overflowed
+        zs = zs * float("nan")
     if ctx.vocab_group is not None:
         rows = (zs, y) if zt is None else (zs, y, zt)
         with ctx.timer.phase("comm"):
@@ -112,23 +115,36 @@ def _outputs(ctx: StepContext, batch: dict, *, teacher_grad: bool) -> tuple:
     return zt, zs, y
 
 
-def _student_update(ctx: StepContext, zt: torch.Tensor, zs: torch.Tensor, y: torch.Tensor) -> dict:
-    """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y); backward on the student.
+def _student_loss(ctx: StepContext, zt: torch.Tensor, zs: torch.Tensor, y: torch.Tensor) -> dict:
+    """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y) and its terms (sums).
     On an sgo step with sampled responses, LS = D(pT.detach() || pS) (GKD: no CE on the student's own samples)."""
     lo = ctx.cfg.loss
     heads = (ctx.teacher_head, ctx.student_head()) if ctx.from_hidden else ()
     ratio = 1.0 if ctx.on_policy else lo.kd_ratio
     with ctx.timer.phase("loss"):
         kd, ce = _terms(ctx, lo.divergence, zt.detach(), zs, y, *heads)
-        total = ratio * kd + (1.0 - ratio) * ce
-    with ctx.timer.phase("student_backward"):
-        ctx.student.backward(total / ctx.num_tokens)
-    return _logs(ctx, {"student/loss": total, "student/kd": kd, "student/ce": ce})
+    return {"student/loss": ratio * kd + (1.0 - ratio) * ce, "student/kd": kd, "student/ce": ce}
 
 
-def _logs(ctx: StepContext, values: dict) -> dict:
+def _backward(ctx: StepContext, parts: list[tuple[object, torch.Tensor, str]]) -> float:
+    """engine.backward(loss / num_tokens) for each (engine, loss sum, timer phase). When any of the losses
+    is not finite on any rank, every loss is made NaN first, so that every engine's DeepSpeed step finds
+    non-finite gradients and skips (no weight changes, on every rank). Returns 1.0 for such a step, else 0.0."""
+    with ctx.timer.phase("comm"):
+        bad = torch.tensor([float(not bool(torch.isfinite(loss).all())) for _, loss, _ in parts],
+                           device=parts[0][1].device).max()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    poison = float("nan") if bad.item() > 0 else 1.0
+    for engine, loss, phase in parts:
+        with ctx.timer.phase(phase):
+            engine.backward(loss * poison / ctx.num_tokens)
+    return float(bad.item())
+
+
+def _logs(ctx: StepContext, values: dict, nonfinite: float) -> dict:
     """Detached sums for this rank: a vocab-sharded group's sums are the group's, so each rank reports 1/W."""
-    return {k: v.detach() / ctx.vocab_shards for k, v in values.items()}
+    return {**{k: v.detach() / ctx.vocab_shards for k, v in values.items()}, "nonfinite": nonfinite}
 
 
 def sft_step(batch: dict, ctx: StepContext) -> dict:
@@ -143,32 +159,31 @@ def sft_step(batch: dict, ctx: StepContext) -> dict:
                                         group=ctx.vocab_group, chunk_size=chunk)
         else:
             ce = ce_from_hidden(zs, ctx.student_head(), y, chunk_size=chunk)
-    with ctx.timer.phase("student_backward"):
-        ctx.student.backward(ce / ctx.num_tokens)
-    return _logs(ctx, {"student/loss": ce, "student/ce": ce})
+    bad = _backward(ctx, [(ctx.student, ce, "student_backward")])
+    return _logs(ctx, {"student/loss": ce, "student/ce": ce}, bad)
 
 
 def kd_step(batch: dict, ctx: StepContext) -> dict:
     """Frozen teacher; the student learns kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
-    return _student_update(ctx, zt, zs, y)
+    ls = _student_loss(ctx, zt, zs, y)
+    return _logs(ctx, ls, _backward(ctx, [(ctx.student, ls["student/loss"], "student_backward")]))
 
 
 def okd_step(batch: dict, ctx: StepContext) -> dict:
     """Online KD (design.md section 2): the student step of `kd`, and on update steps the online module's
     LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT), backpropagated into the teacher's LoRA only."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=ctx.update_online)
-    logs = _student_update(ctx, zt, zs, y)
+    losses = _student_loss(ctx, zt, zs, y)
+    parts = [(ctx.student, losses["student/loss"], "student_backward")]
     if ctx.update_online:
         on = ctx.cfg.online
         heads = (ctx.student_head().detach(), ctx.teacher_head) if ctx.from_hidden else ()
         with ctx.timer.phase("online_loss"):
             kd_t, ce_t = _terms(ctx, on.divergence, zs.detach(), zt, y, *heads)
-            total_t = ce_t + on.divergence_weight * kd_t
-        with ctx.timer.phase("online_backward"):
-            ctx.teacher.backward(total_t / ctx.num_tokens)
-        logs.update(_logs(ctx, {"teacher/loss": total_t, "teacher/ce": ce_t, "teacher/kd": kd_t}))
-    return logs
+        losses.update({"teacher/loss": ce_t + on.divergence_weight * kd_t, "teacher/ce": ce_t, "teacher/kd": kd_t})
+        parts.append((ctx.teacher, losses["teacher/loss"], "online_backward"))
+    return _logs(ctx, losses, _backward(ctx, parts))
 
 
 # seqkd is sft on the teacher's cached responses; sgo is kd on batches the trainer may first resample

@@ -28,15 +28,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from okd_scale.checkpoint import CheckpointError
-    from okd_scale.config import ConfigError, load_config
-    from okd_scale.data import DataError
-    from okd_scale.models import ModelError
-
     from okd_scale.stop import REQUEST
 
     REQUEST.install()  # before the slow imports and start-up: a scheduler's early USR1 must not kill us
     args = parse_args(argv)
+    from okd_scale.checkpoint import CheckpointError
+    from okd_scale.config import ConfigError, load_config
+    from okd_scale.data import DataError
+    from okd_scale.models import ModelError
+    from okd_scale.trainer import TrainingError, train
+
     # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step: not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -45,14 +46,16 @@ def main(argv=None) -> int:
                         format="[%(asctime)s] [okd_scale] %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
-        from okd_scale.trainer import train
-
         if train(cfg).stopped_by:
             return EXIT_STOPPED
     except (ConfigError, DataError, ModelError, CheckpointError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 import yaml
 
-from . import checkpoint, data, engines, generation, models, perf, seqkd, sharded
+from . import checkpoint, data, engines, faults, generation, models, perf, seqkd, sharded
 from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
 from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
@@ -35,6 +35,10 @@ class TrainResult:
     history: list = field(default_factory=list)  # one dict of scalars per optimizer step
     metrics: dict = field(default_factory=dict)
     stopped_by: Optional[str] = None  # the signal that stopped the run early (after a checkpoint), if any
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged); the last good checkpoint is intact."""
 
 
 @dataclass
@@ -264,6 +268,7 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
     loop = _Loop(cfg, student, teacher, tokenizer, world, heads, _batches(loader, pos))
     evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
+    bad_run = 0  # consecutive steps whose update was skipped
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     try:
         for step in range(first_step, t.max_steps + 1):
@@ -283,11 +288,21 @@ def train(cfg: RunConfig) -> TrainResult:
                              for k, v in row.items() if k in ("student/loss", "teacher/loss")})
             bar.update(1)
             stopping = row.pop("stop") > 0
+            bad_run = bad_run + 1 if row["skipped"] else 0
+            if row["skipped"]:
+                log.warning("step %d: non-finite loss or gradients on some rank; the update was skipped on every "
+                            "rank (%d in a row)", step, bad_run)
+            if bad_run > t.max_bad_steps:
+                raise TrainingError(f"{bad_run} steps in a row had non-finite losses or gradients (train.max_bad_steps "
+                                    f"is {t.max_bad_steps}); stopped without saving them. The last good checkpoint "
+                                    f"is {out / checkpoint.CHECKPOINTS}/latest; lower the learning rate or check the "
+                                    f"data, then resume")
             result.history.append(row)
             if rank == 0:
                 with open(history, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            if stopping or step == t.max_steps or (t.save_every and step % t.save_every == 0):
+            scheduled = step == t.max_steps or (t.save_every and step % t.save_every == 0)
+            if stopping or (scheduled and not bad_run):  # no scheduled save on a skipped step: keep the last good
                 clock = time.perf_counter()
                 state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
                                                 world_size=world, method=cfg.method)
@@ -363,6 +378,7 @@ class _Loop:
     def __init__(self, cfg: RunConfig, student, teacher, tokenizer, world: int, heads: dict, batches):
         self.cfg, self.student, self.teacher, self.world, self.heads = cfg, student, teacher, world, heads
         self.batches, self.vocab = batches, len(tokenizer)
+        self.rank = torch.distributed.get_rank()
         self.step_fn = METHODS[cfg.method]
         self.timer = perf.PhaseTimer()
         self.sampler = _sgo_sampler(cfg, student, tokenizer, world)
@@ -385,10 +401,14 @@ class _Loop:
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
                           num_tokens=loss_normaliser(counted, self.world, gas), vocab_size=self.vocab,
-                          update_online=update_online, on_policy=on_policy, timer=timer, **self.heads)
+                          update_online=update_online, on_policy=on_policy, timer=timer,
+                          inject_nan=faults.armed("nan_batch", step, self.rank), **self.heads)
         sums: dict[str, float] = defaultdict(float)
+        nonfinite = 0.0
         for b in micro:
-            for k, v in self.step_fn(b, ctx).items():
+            logs = self.step_fn(b, ctx)
+            nonfinite = max(nonfinite, logs.pop("nonfinite"))
+            for k, v in logs.items():
                 sums[k] += float(v)
             with timer.phase("optimizer"):
                 student.step()
@@ -402,6 +422,8 @@ class _Loop:
                "lr/student": student.get_lr()[0], "time/step_s": elapsed,
                **{f"time/{k}_s": v for k, v in timer.pop().items()},
                "tokens_per_s": seen / elapsed, "tokens/counted": counted, "tokens/seen": seen, "stop": stop}
+        applied = student.was_step_applied() and (not update_online or teacher.was_step_applied())
+        row["skipped"] = float(nonfinite > 0 or not applied)  # DeepSpeed skipped the update: weights unchanged
         if cfg.method == "sgo":
             row["sgo/on_policy"] = float(on_policy)
         if on_policy:

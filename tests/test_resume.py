@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -159,3 +160,40 @@ def test_resume_refusals(tmp_path, pair):
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"resume={tmp_path}"])
     with pytest.raises(CheckpointError, match='"resume": .* is not a checkpoint'):
         train(cfg)
+
+
+def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
+    """A NaN injected into rank 1's batch (test hook): that step changes no weight on any rank and in
+    neither engine, is counted and logged, and training goes on; more than train.max_bad_steps in a
+    row stops the run (exit 1) with the last good checkpoint as `latest`, from which it resumes."""
+    from okd_scale.checkpoint import CHECKPOINTS
+
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    common = ["data.eval_file=null", "train.max_grad_norm=0"]
+
+    def run(out: Path, *extra: str, fault: str = "") -> subprocess.CompletedProcess:
+        env = clean_env(OKD_SCALE_FAULT=fault) if fault else clean_env()
+        return subprocess.run(_torchrun(cfg, f"output_dir={out}", *common, *extra), env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    clean, nan = run(tmp_path / "clean", "train.max_steps=2"), run(tmp_path / "nan", "train.max_steps=3",
+                                                                     fault="nan_batch@3@1")
+    assert clean.returncode == 0 and nan.returncode == 0, nan.stderr[-3000:]
+    assert [r["skipped"] for r in _rows(tmp_path / "nan")] == [0, 0, 1]
+    assert "step 3: non-finite loss or gradients" in nan.stderr
+    for name in ("student/model.safetensors", "online_module/adapter_model.safetensors"):  # step 3 changed nothing
+        a, b = load_file(str(tmp_path / "clean" / name)), load_file(str(tmp_path / "nan" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    goes_on = run(tmp_path / "goes_on", "train.max_steps=4", fault="nan_batch@2@0")
+    assert goes_on.returncode == 0, goes_on.stderr[-3000:]
+    rows = _rows(tmp_path / "goes_on")
+    assert [r["skipped"] for r in rows] == [0, 1, 0, 0] and all(math.isfinite(r["student/loss"]) for r in rows[2:])
+
+    diverged = tmp_path / "diverged"
+    proc = run(diverged, "train.max_steps=6", "train.save_every=2", "train.max_bad_steps=2",
+               fault="nan_batch@3,nan_batch@4,nan_batch@5")
+    assert proc.returncode != 0 and "3 steps in a row had non-finite losses" in proc.stderr
+    assert (diverged / CHECKPOINTS / "latest").read_text() == "global_step2"
+    resumed = run(diverged, "train.max_steps=6", "train.save_every=2")
+    assert resumed.returncode == 0 and "at step 2" in resumed.stderr, resumed.stderr[-3000:]
