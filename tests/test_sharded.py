@@ -76,7 +76,7 @@ def sharded_results(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sharded")
     mp.spawn(sharded_worker.main, args=(WORLD, _free_port(), str(out), CASES), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _dense(case: dict) -> dict:

@@ -232,7 +232,7 @@ def run_sharded(configs, names, methods, args) -> list[dict]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_sharded_worker, args=(WORLD, port, out, configs, names, methods, args), nprocs=WORLD, join=True)
-        per_rank = [torch.load(Path(out) / f"rank{r}.pt") for r in range(WORLD)]
+        per_rank = [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     rows = []
     for group in zip(*per_rank):
         row = dict(group[0])
