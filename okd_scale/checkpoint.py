@@ -130,6 +130,30 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not fit this run."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (read-only or full disk, ...); the previous one is kept."""
+
+
+def _agree(error: Optional[str], what: str) -> None:
+    """Raise SaveError on every rank when any rank has an error; the message names the ranks and reasons."""
+    errors = [error]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if bad:
+        raise SaveError(f"cannot write {what}: {'; '.join(bad)}")
+
+
+def _latest(root: Path) -> Optional[Path]:
+    """The tag directory `root/latest` names, or None."""
+    return root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+
+
+def _tag_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 @dataclass
 class TrainerState:
     """Where training stands after `step` optimizer steps."""
@@ -198,37 +222,60 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
     root = Path(out_dir) / CHECKPOINTS
     tag = f"global_step{state.step}"
     final, tmp = root / tag, root / f".{tag}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    student.save_checkpoint(str(tmp), tag="student", save_latest=False)
-    if teacher is not None:
-        teacher.save_checkpoint(str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
-    torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
-    faults.crash_point("crash_in_save", state.step, _rank())
-    _barrier()
-    if _rank() == 0:
-        (tmp / "run_config.yaml").write_text(run_config)
-        student.module.config.save_pretrained(str(tmp / "hf_student"))  # what convert_to_hf rebuilds it from
-        if getattr(student.module, "generation_config", None) is not None:
-            student.module.generation_config.save_pretrained(str(tmp / "hf_student"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "hf_student"))
+    previous = _latest(root)
+    kept = f"the previous checkpoint ({previous}) is kept as latest" if previous else "no earlier checkpoint exists"
+    error = None
+    if _rank() == 0:  # before any engine writes: a directory we can write, and room for one more tag
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            need, free = (_tag_bytes(previous) if previous else 0), shutil.disk_usage(root).free
+            if need > free:
+                error = f"{root}: {free} bytes free, the last checkpoint took {need}"
+        except OSError as e:
+            error = f"{e.strerror or e}: {e.filename or root}"
+    _agree(error, f"checkpoint {final} ({kept})")
+    error = None
+    try:
+        student.save_checkpoint(str(tmp), tag="student", save_latest=False)
         if teacher is not None:
-            teacher.module.peft_config["default"].save_pretrained(str(tmp / "hf_teacher"))
-        _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
-        if final.exists():  # the same step saved again (a resumed run that stopped at once)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_atomic(root / LATEST, tag)
-        if keep_last:
-            tags = sorted((p for p in root.glob("global_step*") if p.is_dir()),
-                          key=lambda p: int(p.name[len("global_step"):]))
-            for old in tags[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+            teacher.save_checkpoint(str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
+    except OSError as e:
+        error = f"{e.strerror or e}: {e.filename or tmp}"
+    faults.crash_point("crash_in_save", state.step, _rank())
+    _agree(error, f"checkpoint {final} ({kept})")
+    if _rank() == 0:
+        try:
+            _finish_tag(tmp, final, root, tag, state, student, teacher, tokenizer, run_config, keep_last)
+        except OSError as e:
+            error = f"{e.strerror or e}: {e.filename or tmp}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, f"checkpoint {final} ({kept})")
     return final
+
+
+def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerState, student, teacher, tokenizer,
+                run_config: str, keep_last: int) -> None:
+    """Rank 0, once every rank wrote its part: the small files, the rename, `latest`, pruning."""
+    (tmp / "run_config.yaml").write_text(run_config)
+    student.module.config.save_pretrained(str(tmp / "hf_student"))  # what convert_to_hf rebuilds it from
+    if getattr(student.module, "generation_config", None) is not None:
+        student.module.generation_config.save_pretrained(str(tmp / "hf_student"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "hf_student"))
+    if teacher is not None:
+        teacher.module.peft_config["default"].save_pretrained(str(tmp / "hf_teacher"))
+    _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
+    if final.exists():  # the same step saved again (a resumed run that stopped at once)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_atomic(root / LATEST, tag)
+    if keep_last:
+        tags = sorted((p for p in root.glob("global_step*") if p.is_dir()),
+                      key=lambda p: int(p.name[len("global_step"):]))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
@@ -237,11 +284,9 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
     if resume == "none":
         return None
     if resume == "auto":
-        root = Path(out_dir) / CHECKPOINTS
-        return root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        return _latest(Path(out_dir) / CHECKPOINTS)
     path = Path(resume).expanduser()
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+    path = _latest(path) or path
     if not (path / "trainer_state.json").is_file():
         raise CheckpointError(f'"resume": {resume} is not a checkpoint tag directory (no trainer_state.json) nor a '
                               f"checkpoints directory with a `{LATEST}` file")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     REQUEST.install()  # before the slow imports and start-up: a scheduler's early USR1 must not kill us
     args = parse_args(argv)
-    from okd_scale.checkpoint import CheckpointError
+    from okd_scale.checkpoint import CheckpointError, SaveError
     from okd_scale.config import ConfigError, load_config
     from okd_scale.data import DataError
     from okd_scale.models import ModelError
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, SaveError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 1
