@@ -167,7 +167,8 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
             o.sub_(lse[:, i:i + 1])
         ctx.temperatures, ctx.group = tuple(temperatures), group
         ctx.dtypes = [s.dtype for s in shards]
-        ctx.save_for_backward(*outs)
+        # only the outputs whose input needs a gradient are kept for backward (a frozen teacher's are not)
+        ctx.save_for_backward(*[o if ctx.needs_input_grad[2 + i] else None for i, o in enumerate(outs)])
         return tuple(outs)
 
     @staticmethod
