@@ -25,8 +25,11 @@ class Cluster:
     """A SLURM cluster on this machine (slurm_up / slurm_down of the recipe), driven from bash."""
 
     def __init__(self, state_dir: Path, nodes: int):
-        # without OMP_NUM_THREADS: `nproc`, which sizes the node, honours it
-        self.env = {**{k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")},
+        # without OMP_NUM_THREADS: `nproc`, which sizes the node, honours it; without this process's
+        # torch.distributed variables (an in-process test may have set them): jobs inherit sbatch's environment
+        drop = ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in drop},
                     "SLURM_CI_DIR": str(state_dir), "SLURM_CI_NODES": str(nodes),
                     "SLURM_CONF": str(state_dir / "etc" / "slurm.conf")}
 
