@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from okd_scale.data import alpaca_prompt
-from okd_scale.generation import GenerationError, eos_ids, generate_ids
+from okd_scale.generation import GenerationError, eos_and_pad, generate_ids
 
 _SCORER = None
 
@@ -117,12 +117,11 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=128, do_sam
     from transformers import set_seed
 
     try:
-        eos = eos_ids(model, tokenizer)
+        eos, pad = eos_and_pad(model, tokenizer)
         ids = [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
         if max_prompt_tokens:
             ids = [x[-max_prompt_tokens:] for x in ids]
         set_seed(seed)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         rows = generate_ids(model, ids, eos=eos, pad_id=pad, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size)
     except GenerationError as e:

@@ -20,6 +20,20 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def eos_and_pad(model, tokenizer) -> tuple[list[int], int]:
+    """(eos ids, the pad id for left padding: the tokenizer's pad token, else the first eos)."""
+    eos = eos_ids(model, tokenizer)
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+
+def needs_synced_gpus(model, world_size: int) -> bool:
+    """Whether generation must keep ranks in step: a ZeRO-3-partitioned model on several ranks, where
+    every forward is collective."""
+    from .models import is_partitioned
+
+    return world_size > 1 and any(is_partitioned(p) for p in model.parameters())
+
+
 def model_device(model) -> torch.device:
     """Where a plain (not partitioned) model's parameters are."""
     try:

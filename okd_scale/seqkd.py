@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .config import RunConfig
 from .data import IGNORE_INDEX, truncate
-from .generation import eos_ids, generate_ids, prompt_ids
+from .generation import eos_and_pad, generate_ids, needs_synced_gpus, prompt_ids
 
 log = logging.getLogger("okd_scale")
 
@@ -83,19 +83,16 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     """The teacher's responses, rank r generating prompts r, r + W, ...; rank 0 writes the cache."""
     import gc
 
-    from .models import is_partitioned
-
     clock = time.perf_counter()
     teacher = build_teacher()
     mine = list(range(rank, len(prompts), world))
-    synced = world > 1 and any(is_partitioned(p) for p in teacher.module.parameters())
+    synced = needs_synced_gpus(teacher.module, world)
     if synced:  # every rank runs the same number of collective forwards
         per_rank = -(-len(prompts) // world)
         mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
     sq = cfg.seqkd
     tok = tokenizer
-    eos = eos_ids(teacher.module, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    eos, pad = eos_and_pad(teacher.module, tok)
     outs = generate_ids(teacher.module, [prompts[i] for i in mine], eos=eos, pad_id=pad,
                         max_new_tokens=sq.max_new_tokens, do_sample=sq.do_sample, temperature=sq.temperature,
                         top_p=sq.top_p, batch_size=batch_size, device=teacher.device, synced_gpus=synced)

@@ -185,9 +185,8 @@ def _sgo_sampler(cfg: RunConfig, student, tokenizer, world: int):
         return None
     import random
 
-    eos = generation.eos_ids(student.module, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    synced = world > 1 and any(models.is_partitioned(p) for p in student.module.parameters())
+    eos, pad = generation.eos_and_pad(student.module, tokenizer)
+    synced = generation.needs_synced_gpus(student.module, world)
     sg = cfg.sgo
 
     def sample(batch: dict) -> dict:
@@ -358,11 +357,10 @@ class Evaluator:
         tok = self.tokenizer
         mine = self.rows[self.rank::self.world]
         real = len(mine)
-        synced = self.world > 1 and any(models.is_partitioned(p) for p in engine.module.parameters())
+        synced = generation.needs_synced_gpus(engine.module, self.world)
         if synced:  # ZeRO-3: every rank runs the same number of collective forwards
             mine += [self.rows[0]] * (-(-len(self.rows) // self.world) - real)
-        eos = generation.eos_ids(engine.module, tok)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        eos, pad = generation.eos_and_pad(engine.module, tok)
         outs = generation.generate_ids(engine.module, [tok.encode(r["prompt"], add_special_tokens=False) for r in mine],
                                        eos=eos, pad_id=pad, max_new_tokens=self.max_new_tokens, batch_size=8,
                                        device=engine.device, synced_gpus=synced)
