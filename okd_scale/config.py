@@ -115,6 +115,9 @@ class SeqKDArgs:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 8
+    # auto: a whole copy of the teacher per rank when it fits in half the device's free memory (one
+    # forward per token, no all-gathers), else the ZeRO-3 engine; copy | engine force one of them
+    generate_with: str = "auto"
 
 
 @dataclass
@@ -323,6 +326,8 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
         _check(v > 0, origin, key, "a number > 0", v)
     for key, v in [("sgo.top_p", sg.top_p), ("seqkd.top_p", sq.top_p)]:
         _check(0.0 < v <= 1.0, origin, key, "in (0, 1]", v)
+    _check(sq.generate_with in ("auto", "copy", "engine"), origin, "seqkd.generate_with", "auto, copy or engine",
+           sq.generate_with)
     _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
     _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
     _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)

@@ -1,6 +1,7 @@
 """Teacher and student from local Hugging Face directories; tokenizer checks; the teacher's online module."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,6 +61,24 @@ def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = 
         unset_hf_deepspeed_config()
     model.config.use_cache = False
     return model
+
+
+def weight_bytes(path: str, bf16: bool) -> Optional[int]:
+    """Bytes the model's weights take once loaded (2 per parameter in bf16, else 4), counted from the
+    shapes in its safetensors headers; None when the directory has no safetensors files."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(path).expanduser().glob("*.safetensors"))
+    if not files:
+        return None
+    count = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                count += math.prod(st.get_slice(key).get_shape())
+    return count * (2 if bf16 else 4)
 
 
 def online_block_ids(num_layers: int, num_blocks: Optional[int]) -> list[int]:

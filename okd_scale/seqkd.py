@@ -29,7 +29,7 @@ def fingerprint(cfg: RunConfig, prompts: list[list[int]]) -> dict:
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     teacher = Path(cfg.model.teacher).expanduser()
     return {"teacher": str(teacher.resolve()) if teacher.exists() else cfg.model.teacher, "prompts_sha256": digest,
-            "num_prompts": len(prompts), "generation": {k: v for k, v in vars(cfg.seqkd).items() if k != "cache_file"},
+            "num_prompts": len(prompts), "generation": {k: v for k, v in vars(cfg.seqkd).items() if k not in ("cache_file", "generate_with")},
             "seed": cfg.seed}
 
 
@@ -58,8 +58,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int, world: int,
                      build_teacher: Callable[[], object], batch_size: int) -> tuple[list[dict], dict]:
-    """(examples of prompt + teacher response, stats {"generated", "cached", "seconds"}). ``build_teacher`` makes
-    the teacher's DeepSpeed engine; it is only called when the cache cannot be used."""
+    """(examples of prompt + teacher response, stats {"generated", "cached", "seconds"}). ``build_teacher`` returns
+    the frozen teacher model and its device; it is only called when the cache cannot be used."""
     path, max_length = cache_path(cfg), cfg.data.max_length
     prompts = [prompt_ids(e["input_ids"], e["labels"]) for e in examples]
     meta = fingerprint(cfg, prompts)
@@ -84,18 +84,18 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     import gc
 
     clock = time.perf_counter()
-    teacher = build_teacher()
+    teacher, device = build_teacher()
     mine = list(range(rank, len(prompts), world))
-    synced = needs_synced_gpus(teacher.module, world)
+    synced = needs_synced_gpus(teacher, world)
     if synced:  # every rank runs the same number of collective forwards
         per_rank = -(-len(prompts) // world)
         mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
     sq = cfg.seqkd
     tok = tokenizer
-    eos, pad = eos_and_pad(teacher.module, tok)
-    outs = generate_ids(teacher.module, [prompts[i] for i in mine], eos=eos, pad_id=pad,
+    eos, pad = eos_and_pad(teacher, tok)
+    outs = generate_ids(teacher, [prompts[i] for i in mine], eos=eos, pad_id=pad,
                         max_new_tokens=sq.max_new_tokens, do_sample=sq.do_sample, temperature=sq.temperature,
-                        top_p=sq.top_p, batch_size=batch_size, device=teacher.device, synced_gpus=synced)
+                        top_p=sq.top_p, batch_size=batch_size, device=device, synced_gpus=synced)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.rank{rank}")
     part.write_text(json.dumps({str(i): o for i, o in zip(mine, outs)}))

@@ -382,6 +382,7 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
             shards.append(q_logits)
             temps.append(1.0)
         logs = _VocabParallelLogSoftmax.apply(tuple(temps), group, *shards)
+        del shards, q_logits  # the logits slices are not needed past the log-softmax
         div = div_weight * _local_divergence(name, logs[0], logs[1], start=start, vocab_size=vocab_size,
                                              group=group, **params)
         ce = ce_weight * _local_ce(logs[2], rest[0], start) if use_ce else div.new_zeros(())

@@ -89,6 +89,31 @@ def _load_teacher(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
     return teacher
 
 
+def _generation_teacher(cfg: RunConfig, ds_teacher: dict, tokenizer):
+    """The frozen teacher SeqKD generates with, as (module, device): a whole copy on this rank's device
+    (``seqkd.generate_with: copy``, or ``auto`` when its weights fit in half the free device memory),
+    else the ZeRO-3 engine, whose every generated token all-gathers every layer."""
+    from deepspeed.accelerator import get_accelerator
+
+    m, sq = cfg.model, cfg.seqkd
+    accel = get_accelerator()
+    need = models.weight_bytes(m.teacher, cfg.train.bf16)
+    free = accel.available_memory()
+    copy = sq.generate_with == "copy" or (sq.generate_with == "auto" and need is not None and need <= free / 2)
+    log.info("seqkd: generating with %s (teacher weights %s, free device memory %.1f GiB)",
+             "a whole copy of the teacher per rank" if copy else "the ZeRO-3 teacher engine",
+             "unknown" if need is None else f"{need / 2**30:.2f} GiB", free / 2**30)
+    if not copy:
+        engine = _load_teacher(cfg, ds_teacher, tokenizer, online=False)
+        return engine.module, engine.device
+    model = models.load_causal_lm(m.teacher, bf16=cfg.train.bf16, trust_remote_code=m.trust_remote_code,
+                                  allow_hub=m.allow_hub)
+    models.check_vocab(model, tokenizer, m.teacher, "teacher")
+    models.freeze(model)
+    device = torch.device(accel.current_device_name())
+    return model.to(device), device
+
+
 def build(cfg: RunConfig, rank: int, world: int):
     """Tokenizer, data loader and the engines for `cfg`: (tokenizer, loader, stats, teacher, student).
     For seqkd the training examples are the teacher's cached responses (made first when missing)."""
@@ -112,7 +137,7 @@ def build(cfg: RunConfig, rank: int, world: int):
     if cfg.method == "seqkd":
         examples, stats.seqkd = seqkd.teacher_examples(
             cfg, examples, tokenizer, rank, world, batch_size=cfg.seqkd.batch_size,
-            build_teacher=lambda: _load_teacher(cfg, ds_teacher, tokenizer, online=False))
+            build_teacher=lambda: _generation_teacher(cfg, ds_teacher, tokenizer))
         done(f"seqkd: {len(examples)} teacher responses ({stats.seqkd['generated']} generated)")
     loader = data.build_dataloader(examples, batch_size=t.per_device_train_batch_size,
                                    pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world, seed=cfg.seed)

@@ -409,6 +409,24 @@ def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, mo
     assert len(calls) == 2
 
 
+def test_seqkd_copy_and_engine_generate_the_same_responses(tmp_path, pair):
+    """seqkd.generate_with: a whole copy of the teacher and its ZeRO-3 engine give the same greedy responses."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    rows = {}
+    for way in ("copy", "engine"):
+        cache = tmp_path / way / "teacher.jsonl"
+        cfg = load_config(write_config(tmp_path / f"{way}.yaml", pair, "seqkd"),
+                          [f"output_dir={tmp_path / f'run_{way}'}", f"seqkd.cache_file={cache}",
+                           f"seqkd.generate_with={way}", "seqkd.max_new_tokens=6", "data.eval_file=null",
+                           "train.max_steps=1"])
+        assert run_and_dump(cfg)["metrics"]["data"]["seqkd"]["generated"] == 32
+        rows[way] = [json.loads(line)["output_ids"] for line in cache.read_text().splitlines()]
+    assert len(rows["copy"]) == 32 and rows["copy"] == rows["engine"]
+
+
 def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
     """okd's per-phase timers cover the step: their sum is within 10% of the measured step time."""
     from dist_worker import run_and_dump
