@@ -62,6 +62,7 @@ class TrainArgs:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
     keep_last: int = 2  # checkpoints kept (0: all)
     max_bad_steps: int = 10  # stop after more than N consecutive steps skipped for non-finite loss or gradients
+    ddp_timeout: int = 1800  # seconds a rank may wait for the others before the one that died or hangs is named
 
 
 @dataclass
@@ -308,6 +309,7 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                    ("train.max_bad_steps", t.max_bad_steps),
                    ("train.eval_every", t.eval_every), ("data.eval_rouge_examples", cfg.data.eval_rouge_examples)]:
         _check(v >= 0, origin, key, "an integer >= 0", v)
+    _check(t.ddp_timeout >= 1, origin, "train.ddp_timeout", "an integer >= 1 (seconds)", t.ddp_timeout)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
     for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),
                    ("loss.temperature", lo.temperature)]:

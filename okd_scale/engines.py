@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import socket
@@ -19,12 +20,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+STALE_LOCK_S = 900  # DeepSpeed's just-in-time op builds take a minute or two; a lock this old is left over
+
+
+def check_build_locks(root: Optional[Path] = None, max_age_s: float = STALE_LOCK_S) -> None:
+    """Refuse to start when a torch extension build lock is older than ``max_age_s``: one left by a process
+    killed while DeepSpeed compiled an op just in time, which would make this run wait on it forever."""
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:  # the build ended meanwhile
+            continue
+        if age > max_age_s:
+            raise ConfigError(f"{lock}: a build lock of {age / 60:.0f} minutes, left by a process killed while it "
+                              f"compiled the DeepSpeed op {lock.parent.name!r}; every run would wait on it. If no "
+                              f"other process on this machine is building that op, remove the file and run again")
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     """Join (or create) the process group with the accelerator's backend; returns (rank, world_size, local_rank).
 
     Under `deepspeed`, `torchrun` or srun with the torch variables set, the environment describes the group;
-    a plain `python` run becomes a group of one.
+    a plain `python` run becomes a group of one. ``timeout_s``: the collectives' own timeout (DeepSpeed's
+    default when None).
     """
+    check_build_locks()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -37,7 +63,8 @@ def init_distributed() -> tuple[int, int, int]:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **kw)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def armed(name: str, step: int, rank: int = 0) -> bool:
@@ -19,3 +20,10 @@ def crash_point(name: str, step: int, rank: int = 0) -> None:
     """Die here (SIGKILL, as a crash or an OOM kill would) when `name` is armed."""
     if armed(name, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang_point(name: str, step: int, rank: int = 0) -> None:
+    """Block here for good (as a deadlock or a stuck filesystem would) when `name` is armed."""
+    if armed(name, step, rank):
+        while True:
+            time.sleep(3600)

@@ -49,16 +49,23 @@ def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = 
 
     from .engines import zero_stage
 
+    from safetensors import SafetensorError
+
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                     trust_remote_code=trust_remote_code,
-                                                     local_files_only=not allow_hub)
-    except (OSError, ValueError, KeyError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                           trust_remote_code=trust_remote_code,
+                                                           local_files_only=not allow_hub, output_loading_info=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ModelError(f"cannot load a causal LM from {path}: {e}") from None
     finally:
         del keep_alive
         unset_hf_deepspeed_config()
+    missing = sorted(info.get("missing_keys") or []) + sorted(k for k, *_ in info.get("mismatched_keys") or [])
+    if missing:
+        raise ModelError(f"cannot load a causal LM from {path}: its weights files lack or mis-shape {len(missing)} "
+                         f"tensors (e.g. {missing[:3]}), which would start from random values; re-download or "
+                         "re-export the model")
     model.config.use_cache = False
     return model
 
@@ -70,14 +77,19 @@ def weight_bytes(path: str, bf16: bool) -> Optional[int]:
 
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     files = sorted(Path(path).expanduser().glob("*.safetensors"))
     if not files:
         return None
     count = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                count += math.prod(st.get_slice(key).get_shape())
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    count += math.prod(st.get_slice(key).get_shape())
+    except (OSError, SafetensorError):  # unreadable: the load that follows reports it
+        return None
     return count * (2 if bf16 else 4)
 
 

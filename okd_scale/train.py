@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from okd_scale.data import DataError
     from okd_scale.models import ModelError
     from okd_scale.trainer import TrainingError, train
+    from okd_scale.watchdog import RankFailure
 
     # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step: not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingError, SaveError) as e:
-        if rank0:
+    except (TrainingError, SaveError, RankFailure) as e:
+        if rank0 or isinstance(e, RankFailure):  # a rank failure is reported by whichever rank survives
             print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

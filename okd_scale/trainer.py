@@ -21,6 +21,7 @@ from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
 from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
 from .stop import REQUEST
+from .watchdog import RankFailure, Watchdog, collective_timeout
 
 log = logging.getLogger("okd_scale")
 TRAINING_TEACHER = ("okd", "kd", "sgo")  # methods with a teacher engine during training
@@ -257,7 +258,7 @@ def train(cfg: RunConfig) -> TrainResult:
     return early with `stopped_by` set); at the end evaluate and export the student (and online module)."""
     from transformers import set_seed
 
-    rank, world, _ = engines.init_distributed()
+    rank, world, _ = engines.init_distributed(timeout_s=collective_timeout(cfg.train.ddp_timeout))
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.find_checkpoint(out, cfg.resume)
@@ -294,8 +295,13 @@ def train(cfg: RunConfig) -> TrainResult:
     evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
     bad_run = 0  # consecutive steps whose update was skipped
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
+    dog = Watchdog(rank, world, t.ddp_timeout)
+    dog.arm()
     try:
         for step in range(first_step, t.max_steps + 1):
+            dog.progress(step)
+            faults.crash_point("kill_rank", step, rank)
+            faults.hang_point("hang_rank", step, rank)
             row = loop.step(step, stop_requested=stop.signal is not None)
             if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
                 for k, v in row.items():
@@ -338,7 +344,19 @@ def train(cfg: RunConfig) -> TrainResult:
                 log.warning("stopped at step %d by %s; resume with the same command", step, result.stopped_by)
                 bar.close()
                 return result
+    except (TrainingError, checkpoint.SaveError):
+        raise
+    except RuntimeError as e:  # a collective failed: name the rank behind it when one died or hangs
+        dog.disarm()
+        while dog.exiting:  # the watchdog already reported who failed and is ending this process
+            time.sleep(1)
+        verdict = dog.diagnose() if dog.store is not None else None
+        if verdict is None:
+            raise
+        raise RankFailure(f"{verdict}. The last checkpoint is intact; run the same command again to resume "
+                          f"(the collective's error: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     finally:
+        dog.close()
         stop.uninstall()
         stop.signal = None  # served (or moot): the run is over
     bar.close()

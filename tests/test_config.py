@@ -159,3 +159,56 @@ def test_cli_help_and_unknown_flag_exit_statuses():
     assert proc.returncode == 0 and "usage:" in proc.stdout and "Traceback" not in proc.stderr
     proc = run_cli("--bogus")
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _broken_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of model directory src with one fault: truncated or missing weights, an unknown
+    architecture, or a vocabulary smaller than its tokenizer."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    config = json.loads((dst / "config.json").read_text())
+    if how == "partial":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "missing":
+        weights.unlink()
+    elif how == "lacking":  # a complete file that lacks a tensor (a shard of a sharded checkpoint, say)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        tensors.pop(next(k for k in tensors if "layers.0" in k))
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif how == "architecture":
+        config.update(model_type="no_such_model", architectures=["NoSuchModelForCausalLM"])
+    elif how == "small_vocab":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(src))
+        model.resize_token_embeddings(model.config.vocab_size // 2)
+        model.save_pretrained(str(dst))
+        return dst
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("role, how, message", [
+    ("teacher", "partial", "cannot load a causal LM from"),
+    ("student", "partial", "cannot load a causal LM from"),
+    ("teacher", "missing", "cannot load a causal LM from"),
+    ("student", "lacking", "lack or mis-shape 1 tensors"),
+    ("teacher", "architecture", "cannot load a causal LM from"),
+    ("teacher", "small_vocab", "its vocabulary has"),
+])
+def test_cli_unusable_model_refused_before_training(tmp_path, assets, role, how, message):
+    """A truncated or missing weights file, an architecture transformers cannot build, a vocabulary smaller
+    than the tokenizer: refused at start (exit 2) naming the directory, with nothing trained or saved."""
+    cfg = base(assets)
+    cfg["model"][role] = str(_broken_copy(assets / role, tmp_path / f"bad_{role}", how))
+    cfg["output_dir"] = str(tmp_path / "out")
+    proc = run_cli("--config", str(write(tmp_path, cfg)), "train.max_steps=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: " in proc.stderr and message in proc.stderr and f"bad_{role}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "student").exists()

@@ -84,3 +84,98 @@ def test_full_disk_fails_the_save_before_writing(small_disk, pair):
     assert (out / "checkpoints" / "latest").read_text() == "global_step1"
     assert not (out / "checkpoints" / ".global_step2.tmp").exists() or \
         not any((out / "checkpoints" / ".global_step2.tmp").iterdir())
+
+
+# --------------------------------------------------------------------------- a rank that dies or hangs
+
+
+def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "") -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of one run as two plain processes (as srun starts them: no launcher that would kill
+    the survivor for us), with the fault armed."""
+    import socket
+    import sys
+
+    from test_train import ROOT, clean_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port), **({"OKD_SCALE_FAULT": fault} if fault else {}))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg),
+                                       f"output_dir={out}", *overrides], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,survivor,words", [
+    ("kill_rank@3@1", 0, "rank 1 stopped answering"),
+    ("kill_rank@3@0", 1, "rank 0 is unreachable"),
+    ("hang_rank@3@1", 0, "rank 1 hangs at step 3 outside the collective the other ranks wait in"),
+])
+def test_a_rank_that_dies_or_hangs_is_named_and_the_run_resumes(tmp_path, pair, fault, survivor, words):
+    """2 ranks, one SIGKILLed (as an OOM kill would) or blocked for good at step 3: the other stops by
+    itself within train.ddp_timeout with a message naming that rank (exit 1), the checkpoint of step 2
+    is `latest`, and the same command resumes from it to the end."""
+    import json
+    import time
+
+    from okd_scale.checkpoint import CHECKPOINTS
+
+    timeout = 10
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    out = tmp_path / "run"
+    common = ["data.eval_file=null", "train.max_steps=4", "train.save_every=2", f"train.ddp_timeout={timeout}"]
+    procs = _two_ranks(cfg, out, *common, fault=fault)
+    history = out / "log_history.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    step2_at = time.time()  # step 3, where the fault is, starts now
+    stderr = procs[survivor].communicate(timeout=timeout + 60)[1]
+    took = time.time() - step2_at
+    assert procs[survivor].returncode == 1, stderr[-3000:]
+    assert words in stderr and "run the same command again to resume" in stderr, stderr[-3000:]
+    assert took < timeout + 15, took  # the timeout, a diagnosis of a few heartbeats, and the exit
+    other = procs[1 - survivor]
+    try:
+        other.communicate(timeout=30)  # a killed rank is gone; a hung one sees the verdict and exits too
+    finally:
+        other.kill()
+    assert (out / CHECKPOINTS / "latest").read_text() == "global_step2"
+    resumed = _two_ranks(cfg, out, *common)
+    results = [p.communicate(timeout=600) for p in resumed]
+    assert [p.returncode for p in resumed] == [0, 0], results[0][1][-3000:]
+    assert "at step 2" in results[0][1]
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
+    """A torch-extension build lock left by a rank killed during DeepSpeed's just-in-time op build: the run
+    stops at start (exit 2) naming the lock, instead of waiting on it forever; a fresh lock is left alone."""
+    import os
+    import sys
+    import time
+
+    from okd_scale.config import ConfigError
+    from okd_scale.engines import check_build_locks
+    from test_train import ROOT, clean_env
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_build_locks(tmp_path / "ext")  # a build under way elsewhere: not refused
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(ConfigError, match="deepspeed_shm_comm"):
+        check_build_locks(tmp_path / "ext")
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "kd")
+    proc = subprocess.run([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg)],
+                          env=clean_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {lock}: a build lock of 60 minutes" in proc.stderr and "remove the file" in proc.stderr
+    assert lock.exists()  # never removed for the user: another machine's build might share the directory

@@ -1,0 +1,202 @@
+"""Liveness of the ranks of a multi-rank run, so that a rank that dies or hangs stops the others with
+a message naming it instead of leaving them waiting in a collective forever.
+
+Every rank runs a daemon thread that beats into the process group's store: a counter, its step, and
+where its main thread is (file:line, and whether that is inside a torch.distributed or DeepSpeed comm
+call). When this rank's training steps stop advancing for ``train.ddp_timeout`` seconds, or a
+collective raises, the ranks are looked at twice, a few beats apart: a rank whose beat did not move
+died (or is frozen); a live rank that stayed at one line outside any collective while others wait in
+one is the one that hangs. The verdict goes to the store (so every rank reports the same one) and the
+process exits with status 1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+log = logging.getLogger("okd_scale")
+
+KEY = "okd_scale/watchdog/"
+COLLECTIVE_FILES = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}")
+EXIT_STATUS = 1
+
+
+def _default_store():
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
+
+
+def main_thread_location() -> tuple[str, bool]:
+    """(where the main thread is, as 'path:line in function', whether it is inside a collective call)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "unknown", False
+    code = frame.f_code
+    where = f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+    waiting = False
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in COLLECTIVE_FILES):
+            waiting = True
+            break
+        frame = frame.f_back
+    return where, waiting
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _short(path: str) -> str:
+    """A source path relative to this repository or to site-packages."""
+    if path.startswith(_ROOT + os.sep):
+        return os.path.relpath(path, _ROOT)
+    i = path.rfind("site-packages" + os.sep)
+    return path[i + len("site-packages" + os.sep):] if i >= 0 else path
+
+
+class RankFailure(RuntimeError):
+    """Another rank died or hangs (the message names it)."""
+
+
+def collective_timeout(timeout_s: float) -> float:
+    """The process group's own timeout: a backstop behind the watchdog's verdict at ``timeout_s``."""
+    return 2 * timeout_s
+
+
+class Watchdog:
+    """One rank's beat thread and the stall check (see the module docstring). ``progress(step)`` marks
+    that this rank's training advanced; ``arm()``/``disarm()`` bracket the part of the run where a
+    stall of ``timeout_s`` counts (the training loop)."""
+
+    def __init__(self, rank: int, world: int, timeout_s: float, interval_s: Optional[float] = None):
+        self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
+        self.interval_s = interval_s or min(30.0, max(0.5, self.timeout_s / 10))
+        self.store = _default_store()
+        self.step, self.beat = 0, 0
+        self._progress_at = time.monotonic()
+        self._armed = self.exiting = False
+        self._stop = threading.Event()
+        self._thread = None
+        if self.store is not None:
+            self._beat()
+            self._thread = threading.Thread(target=self._run, name="okd_scale-watchdog", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ main thread side
+
+    def progress(self, step: int) -> None:
+        self.step, self._progress_at = step, time.monotonic()
+
+    def arm(self) -> None:
+        self._progress_at, self._armed = time.monotonic(), True
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s)
+
+    # ------------------------------------------------------------------ beats and verdicts
+
+    def _beat(self) -> None:
+        self.beat += 1
+        where, waiting = main_thread_location()
+        self.store.set(f"{KEY}{self.rank}", json.dumps({"beat": self.beat, "step": self.step, "where": where,
+                                                         "waiting": waiting}))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                verdict = self._verdict()
+            except Exception:  # noqa: BLE001 - the store is gone: rank 0 (its host) died or the run ended
+                if self._armed and not self._stop.is_set():
+                    self._exit(f"rank 0 is unreachable (it hosts the process group's store at "
+                               f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}): "
+                               f"it died, was killed, or its node is down")
+                return
+            if verdict is not None and self._armed:  # another rank found who died or hangs
+                self._exit(verdict)
+                return
+            stalled = time.monotonic() - self._progress_at
+            if self._armed and stalled > self.timeout_s:
+                verdict = self.diagnose(stalled)
+                if verdict is not None:
+                    self._exit(verdict)
+                    return
+                log.warning("rank %d: no training progress for %.0f s (train.ddp_timeout %.0f s), but every rank "
+                            "is alive and none could be singled out; still waiting", self.rank, stalled,
+                            self.timeout_s)
+                self._progress_at = time.monotonic()  # warn again after another timeout
+
+    def _read(self) -> dict[int, dict]:
+        """Every rank's last beat; a rank that never beat gets beat -1 (a get of a missing key would block)."""
+        beats = {}
+        for r in range(self.world):
+            key = f"{KEY}{r}"
+            beats[r] = (json.loads(bytes(self.store.get(key)).decode()) if self.store.check([key])
+                        else {"beat": -1, "step": 0, "where": "never started", "waiting": False})
+        return beats
+
+    def _verdict(self) -> Optional[str]:
+        key = f"{KEY}verdict"
+        return bytes(self.store.get(key)).decode() if self.store.check([key]) else None
+
+    def diagnose(self, stalled_s: Optional[float] = None) -> Optional[str]:
+        """A message naming the ranks that died or hang, or None when none can be singled out."""
+        try:
+            verdict = self._verdict()
+            if verdict is not None:
+                return verdict
+            first = self._read()
+            for _ in range(3):  # a window of three beats, beating meanwhile (this rank is alive)
+                time.sleep(self.interval_s)
+                self._beat()
+            verdict = self._verdict()
+            if verdict is not None:
+                return verdict
+            second = self._read()
+        except Exception:  # noqa: BLE001
+            return (f"rank 0 is unreachable (it hosts the process group's store at {os.environ.get('MASTER_ADDR', '?')}:"
+                    f"{os.environ.get('MASTER_PORT', '?')}): it died, was killed, or its node is down")
+        others = [r for r in range(self.world) if r != self.rank]
+        dead = [r for r in others if second[r]["beat"] == first[r]["beat"]]
+        alive = [r for r in range(self.world) if r not in dead]
+        waiting = [r for r in alive if first[r]["waiting"] and second[r]["waiting"]]
+        hung = [r for r in others if r in alive and waiting and r not in waiting and not first[r]["waiting"]
+                and first[r]["where"] == second[r]["where"]]
+        if not dead and not hung:
+            return None
+        waited = f" after {stalled_s:.0f} s without progress" if stalled_s is not None else ""
+        parts = [f"rank {r} stopped answering (last heard from at step {second[r]['step']}; no heartbeat for "
+                 f"{3 * self.interval_s:.1f} s: it died, was killed, or is frozen; see its log)" for r in dead]
+        parts += [f"rank {r} hangs at step {second[r]['step']} outside the collective the other ranks wait in "
+                  f"(its main thread stays at {second[r]['where']})" for r in hung]
+        message = f"{'; '.join(parts)} (found by rank {self.rank}{waited}; train.ddp_timeout is {self.timeout_s:.0f} s)"
+        try:
+            self.store.set(f"{KEY}verdict", message)
+        except Exception:  # noqa: BLE001
+            pass
+        return message
+
+    def _exit(self, message: str) -> None:
+        """Report and end this process: its main thread is blocked in a collective and cannot raise."""
+        self.exiting = True
+        print(f"error: {message}. The last checkpoint is intact; run the same command again to resume.",
+              file=sys.stderr, flush=True)
+        if self.rank == 0:  # the store lives in this process: give the other ranks a few beats to read the verdict
+            time.sleep(3 * self.interval_s)
+        os._exit(EXIT_STATUS)
