@@ -47,9 +47,9 @@ def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = 
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from .engines import zero_stage
-
     from safetensors import SafetensorError
+
+    from .engines import zero_stage
 
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
     try:
@@ -75,9 +75,7 @@ def weight_bytes(path: str, bf16: bool) -> Optional[int]:
     shapes in its safetensors headers; None when the directory has no safetensors files."""
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(Path(path).expanduser().glob("*.safetensors"))
     if not files:

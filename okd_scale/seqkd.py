@@ -28,9 +28,9 @@ def fingerprint(cfg: RunConfig, prompts: list[list[int]]) -> dict:
     """What the cached responses depend on: the teacher, the prompts (hashed) and the generation settings."""
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     teacher = Path(cfg.model.teacher).expanduser()
+    generation = {k: v for k, v in vars(cfg.seqkd).items() if k not in ("cache_file", "generate_with")}
     return {"teacher": str(teacher.resolve()) if teacher.exists() else cfg.model.teacher, "prompts_sha256": digest,
-            "num_prompts": len(prompts), "generation": {k: v for k, v in vars(cfg.seqkd).items() if k not in ("cache_file", "generate_with")},
-            "seed": cfg.seed}
+            "num_prompts": len(prompts), "generation": generation, "seed": cfg.seed}
 
 
 def _read_cache(path: Path, meta: dict) -> list[list[int]] | None:

@@ -21,7 +21,7 @@ from .config import TEACHER_METHODS, ConfigError, RunConfig
 from .divergences import ce_sum
 from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
 from .stop import REQUEST
-from .watchdog import RankFailure, Watchdog, collective_timeout
+from .watchdog import RESUME_HINT, RankFailure, Watchdog, collective_timeout
 
 log = logging.getLogger("okd_scale")
 TRAINING_TEACHER = ("okd", "kd", "sgo")  # methods with a teacher engine during training
@@ -353,8 +353,8 @@ def train(cfg: RunConfig) -> TrainResult:
         verdict = dog.diagnose() if dog.store is not None else None
         if verdict is None:
             raise
-        raise RankFailure(f"{verdict}. The last checkpoint is intact; run the same command again to resume "
-                          f"(the collective's error: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RankFailure(f"{verdict}. {RESUME_HINT} (the collective's error: {cause})") from e
     finally:
         dog.close()
         stop.uninstall()

@@ -24,6 +24,7 @@ log = logging.getLogger("okd_scale")
 KEY = "okd_scale/watchdog/"
 COLLECTIVE_FILES = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}")
 EXIT_STATUS = 1
+RESUME_HINT = "The last checkpoint is intact; run the same command again to resume"
 
 
 def _default_store():
@@ -63,6 +64,11 @@ def _short(path: str) -> str:
         return os.path.relpath(path, _ROOT)
     i = path.rfind("site-packages" + os.sep)
     return path[i + len("site-packages" + os.sep):] if i >= 0 else path
+
+
+def _store_gone() -> str:
+    return (f"rank 0 is unreachable (it hosts the process group's store at {os.environ.get('MASTER_ADDR', '?')}:"
+            f"{os.environ.get('MASTER_PORT', '?')}): it died, was killed, or its node is down")
 
 
 class RankFailure(RuntimeError):
@@ -124,9 +130,7 @@ class Watchdog:
                 verdict = self._verdict()
             except Exception:  # noqa: BLE001 - the store is gone: rank 0 (its host) died or the run ended
                 if self._armed and not self._stop.is_set():
-                    self._exit(f"rank 0 is unreachable (it hosts the process group's store at "
-                               f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}): "
-                               f"it died, was killed, or its node is down")
+                    self._exit(_store_gone())
                 return
             if verdict is not None and self._armed:  # another rank found who died or hangs
                 self._exit(verdict)
@@ -169,14 +173,13 @@ class Watchdog:
             if verdict is not None:
                 return verdict
             second = self._read()
-        except Exception:  # noqa: BLE001
-            return (f"rank 0 is unreachable (it hosts the process group's store at {os.environ.get('MASTER_ADDR', '?')}:"
-                    f"{os.environ.get('MASTER_PORT', '?')}): it died, was killed, or its node is down")
+        except Exception:  # noqa: BLE001 - the store is gone with rank 0
+            return _store_gone()
         others = [r for r in range(self.world) if r != self.rank]
         dead = [r for r in others if second[r]["beat"] == first[r]["beat"]]
         alive = [r for r in range(self.world) if r not in dead]
         waiting = [r for r in alive if first[r]["waiting"] and second[r]["waiting"]]
-        hung = [r for r in others if r in alive and waiting and r not in waiting and not first[r]["waiting"]
+        hung = [r for r in others if r in alive and waiting and not first[r]["waiting"]
                 and first[r]["where"] == second[r]["where"]]
         if not dead and not hung:
             return None
@@ -195,8 +198,7 @@ class Watchdog:
     def _exit(self, message: str) -> None:
         """Report and end this process: its main thread is blocked in a collective and cannot raise."""
         self.exiting = True
-        print(f"error: {message}. The last checkpoint is intact; run the same command again to resume.",
-              file=sys.stderr, flush=True)
+        print(f"error: {message}. {RESUME_HINT}.", file=sys.stderr, flush=True)
         if self.rank == 0:  # the store lives in this process: give the other ranks a few beats to read the verdict
             time.sleep(3 * self.interval_s)
         os._exit(EXIT_STATUS)
