@@ -40,7 +40,7 @@ METHODS = {
     "sft": ["method=sft"],
     "kd_fkl": ["method=kd", "loss.divergence=fkl"],
     "kd_rkl": ["method=kd", "loss.divergence=rkl"],
-    "sgo": ["method=sgo"],
+    "sgo": ["method=sgo", "loss.divergence=fkl"],  # forward KL, whatever the config says
     "okd_fkl": ["method=okd", "loss.divergence=fkl"],  # OKD against kd_fkl at the same divergence
     "okd": ["method=okd"],  # the config's own settings (demo.yaml: reverse KL, as kd_rkl)
 }
