@@ -58,6 +58,7 @@ class TrainArgs:
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 1
+    profile_phases: bool = False  # time each phase of a step, synchronising the accelerator at every phase edge
     eval_every: int = 0  # evaluate on data.eval_file every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
     keep_last: int = 2  # checkpoints kept (0: all)
@@ -123,8 +124,11 @@ class SeqKDArgs:
 
 @dataclass
 class DeepSpeedArgs:
-    teacher_config: str = "ds_configs/teacher_zero3_offload.json"
+    # auto: by size (okd_scale/plan.py): a whole replica per rank, else ZeRO-3, else ZeRO-3 offloaded to CPU,
+    # else to NVMe; or a DeepSpeed JSON path
+    teacher_config: str = "auto"
     student_config: str = "ds_configs/student_zero2.json"
+    nvme_path: Optional[str] = None  # a fast local disk for ZeRO-3 NVMe offload (teacher_config auto, or "auto" in a JSON)
     teacher_overrides: dict = field(default_factory=dict)  # merged into the teacher's JSON
     student_overrides: dict = field(default_factory=dict)
 
@@ -360,5 +364,7 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
             raise ConfigError(f'{origin}: "data.{key}": file not found: {value}')
     for key in ("teacher_config", "student_config"):
         value = getattr(cfg.deepspeed, key)
+        if key == "teacher_config" and value == "auto":
+            continue
         if not resolve_path(value).is_file():
             raise ConfigError(f'{origin}: "deepspeed.{key}": DeepSpeed config not found: {value}')

@@ -24,6 +24,7 @@ chunk of logits from the hidden states and lm_head weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -260,37 +261,45 @@ class _ChunkedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         index, *tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[4:]
-        num_rows = ctx.num_rows
-        grads = [None] * len(tensors)
-        for i, (t, need) in enumerate(zip(tensors, needs)):
-            if need:
-                grads[i] = torch.zeros_like(t) if i < num_rows else torch.zeros_like(t, dtype=_upcast(t).dtype)
-        for start in range(0, index.numel(), ctx.chunk_size):
-            sel = index[start:start + ctx.chunk_size]
-            with torch.enable_grad():
-                inputs = [r.index_select(0, sel).detach().requires_grad_(need)
-                          for r, need in zip(tensors[:num_rows], needs[:num_rows])]
-                inputs += [w.detach().requires_grad_(need) for w, need in zip(tensors[num_rows:], needs[num_rows:])]
-                wanted = [x for x, need in zip(inputs, needs) if need]
-                value = ctx.fn(*inputs)
-                got = torch.autograd.grad(value, wanted, grad_out, allow_unused=True)
-            got = iter(got)
-            for i, need in enumerate(needs):
-                if not need:
-                    continue
-                g = next(got)
-                if g is None:
-                    continue
-                if i < num_rows:
-                    grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
-                else:
-                    grads[i] += g
-            got = g = value = inputs = wanted = None  # free this chunk's buffers before the next one
-        for i in range(num_rows, len(tensors)):
-            if grads[i] is not None:
-                grads[i] = grads[i].to(tensors[i].dtype)
+        _, grads = _chunk_pass(ctx.fn, index, ctx.chunk_size, tensors, ctx.num_rows, ctx.needs_input_grad[4:],
+                               grad_out)
         return (None, None, None, None, *grads)
+
+
+def _chunk_pass(fn, index: Tensor, chunk_size: int, tensors: Sequence[Tensor], num_rows: int,
+                needs: Sequence[bool], grad_out: Tensor) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """(sum over chunks of fn's value, the gradients of <grad_out, that sum> with respect to the tensors that
+    need one): ``tensors[:num_rows]`` are [N, ...] rows indexed by ``index``, the rest shared by every chunk.
+    One chunk's graph is alive at a time; row gradients are written into place (zero for rows not in
+    ``index``), shared ones accumulated in at least float32 and returned in their tensor's dtype."""
+    grads: list[Optional[Tensor]] = [None] * len(tensors)
+    for i, (t, need) in enumerate(zip(tensors, needs)):
+        if need:
+            grads[i] = torch.zeros_like(t) if i < num_rows else torch.zeros_like(t, dtype=_upcast(t).dtype)
+    total = None
+    for start in range(0, index.numel(), chunk_size):
+        sel = index[start:start + chunk_size]
+        with torch.enable_grad():
+            inputs = [r.index_select(0, sel).detach().requires_grad_(need)
+                      for r, need in zip(tensors[:num_rows], needs[:num_rows])]
+            inputs += [w.detach().requires_grad_(need) for w, need in zip(tensors[num_rows:], needs[num_rows:])]
+            wanted = [x for x, need in zip(inputs, needs) if need]
+            value = fn(*inputs)
+            got = iter(torch.autograd.grad(value, wanted, grad_out, allow_unused=True) if wanted else ())
+        total = value.detach() if total is None else total + value.detach()
+        for i, need in enumerate(needs):
+            g = next(got) if need else None
+            if g is None:
+                continue
+            if i < num_rows:
+                grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
+            else:
+                grads[i] += g
+        got = g = value = inputs = wanted = None  # free this chunk's buffers before the next one
+    for i in range(num_rows, len(tensors)):
+        if grads[i] is not None:
+            grads[i] = grads[i].to(tensors[i].dtype)
+    return total, grads
 
 
 def _row_sum(fn: Callable[..., Tensor], rows: Sequence[Tensor], shared: Sequence[Tensor],
@@ -442,6 +451,103 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
         return torch.stack([div, ce]) if split else div + ce
 
     return _row_sum(fn, rows, [p_weight, q_weight], counted, chunk_size)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A loss as weights on two terms: div_weight * sum D + ce_weight * sum CE, D the divergence ``name``."""
+
+    name: str
+    div_weight: float
+    ce_weight: float
+
+
+class _KnownGrad(torch.autograd.Function):
+    """A detached scalar ``value`` whose gradients with respect to ``inputs`` (``grads``, None where an input
+    needs none) were computed with it; backward scales them by the incoming gradient, once."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None  # freed as soon as they are handed on
+        return (None, None, *[None if g is None else g * grad_out.to(g.dtype) for g in grads])
+
+
+def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], s_hidden: Tensor, s_weight: Tensor,
+                        labels: Tensor, *, student: Mix, online: Optional[Mix] = None, chunk_size: int = 1024,
+                        temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                        mu: float = 0.5) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """The student's and the online module's losses over the rows of [N, H] hidden states, every row counted:
+
+        LS = student.div_weight * sum D(pT || pS) + student.ce_weight * sum CE(zS, y)     (pT a constant)
+        LT = online.ce_weight * sum CE(zT, y) + online.div_weight * sum D_T(pS || pT)     (pS a constant)
+
+    with zT = t_hidden @ t_weight.T, zS = s_hidden @ s_weight.T ([V, H] lm_head rows), D = student.name,
+    D_T = online.name, the temperature on D and D_T only. Returns (LS, LT or None without ``online``, the
+    detached sums [D, CE_S, D_T, CE_T]); without a teacher (t_hidden None) LS is its CE term alone.
+
+    LS's gradient reaches s_hidden and s_weight, LT's t_hidden and t_weight (those that require grad). Logits
+    are formed ``chunk_size`` rows at a time, and each chunk's gradients are computed in the same pass as its
+    values and kept for backward, which only scales them: nothing is recomputed (one [chunk, V] set of
+    intermediates alive at a time; the row gradients and a float32 lm_head gradient kept until backward).
+    """
+    teacher = t_hidden is not None
+    _check_name(student.name)
+    if online is not None:
+        _check_name(online.name)
+        if not teacher:
+            raise ValueError("an online loss needs the teacher's hidden states")
+    _check_params(temperature, beta, alpha, mu)
+    _check_chunk_size(chunk_size)
+    if teacher:
+        _check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
+        if t_weight.shape[0] != s_weight.shape[0]:
+            raise ValueError(f"vocab sizes differ: t_weight has V={t_weight.shape[0]}, s_weight has "
+                             f"V={s_weight.shape[0]}; align the vocabularies before calling")
+    if labels.shape != s_hidden.shape[:-1] or s_hidden.dim() != 2:
+        raise ValueError(f"expected s_hidden [N, H] and labels [N], got {tuple(s_hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    kw = dict(beta=beta, alpha=alpha, mu=mu)
+
+    def log_probs_and_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logz = _log_probs(z, temperature)
+        return logz, (F.nll_loss(logz, y, reduction="sum") if temperature == 1 else _ce_rows(z, y))
+
+    def fn(hs: Tensor, y: Tensor, *rest: Tensor) -> Tensor:
+        ht, ws, wt = rest if teacher else (None, rest[0], None)
+        logq, ce_s = log_probs_and_ce(hs @ ws.t(), y)
+        zero = ce_s.new_zeros(())
+        kd = kd_t = ce_t = zero
+        ls, lt = student.ce_weight * ce_s, zero
+        if teacher:
+            zt = ht @ wt.t()
+            logp = _log_probs(zt, temperature)
+            kd = _per_token(student.name, logp.detach(), logq, **kw).sum()
+            ls = ls + student.div_weight * kd
+            if online is not None:
+                kd_t = _per_token(online.name, logq.detach(), logp, **kw).sum()
+                ce_t = F.nll_loss(logp, y, reduction="sum") if temperature == 1 else _ce_rows(zt, y)
+                lt = online.ce_weight * ce_t + online.div_weight * kd_t
+        return torch.stack([ls, lt, kd, ce_s, kd_t, ce_t])
+
+    tensors = [s_hidden, labels] + ([t_hidden, s_weight, t_weight] if teacher else [s_weight])
+    on = online is not None
+    needs = [s_hidden.requires_grad, False] + ([t_hidden.requires_grad and on, s_weight.requires_grad,
+                                                t_weight.requires_grad and on] if teacher else [s_weight.requires_grad])
+    num_rows = 3 if teacher else 2
+    grad_out = torch.tensor([1.0, 1.0, 0, 0, 0, 0], device=s_hidden.device, dtype=_upcast(s_hidden).dtype)
+    index = torch.arange(s_hidden.shape[0], device=s_hidden.device)
+    total, grads = _chunk_pass(fn, index, chunk_size, tensors, num_rows, needs, grad_out)
+    if total is None:  # no rows: zeros of the right shape and dtype
+        total = fn(*[t[:0] for t in tensors[:num_rows]], *tensors[num_rows:]).detach()
+    g_s = [grads[0], grads[-2 if teacher else -1]]  # s_hidden, s_weight
+    ls = _KnownGrad.apply(total[0], g_s, s_hidden, s_weight)
+    lt = _KnownGrad.apply(total[1], [grads[2], grads[4]], t_hidden, t_weight) if on else None
+    return ls, lt, total[2:]
 
 
 def ce_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -11,7 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import plan
 from .config import TEACHER_METHODS, ConfigError, RunConfig, resolve_path
+
+log = logging.getLogger("okd_scale")
 
 
 def _free_port() -> int:
@@ -135,8 +140,10 @@ def _no_auto_left(node: Any, origin: str, path: str = "") -> None:
 
 def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradient_accumulation_steps: int,
                     world_size: int, learning_rate: float, weight_decay: float, bf16: bool, max_grad_norm: float,
-                    with_optimizer: bool = True, origin_key: str = "deepspeed") -> dict:
-    """A DeepSpeed config from a JSON file plus overrides, its "auto" values filled from the run config."""
+                    with_optimizer: bool = True, nvme_path: Optional[str] = None,
+                    origin_key: str = "deepspeed") -> dict:
+    """A DeepSpeed config from a JSON file plus overrides, its "auto" values filled from the run config.
+    Without an optimizer, ZeRO stages 1 and 2 (which partition optimizer states and gradients) become 0."""
     file = resolve_path(path)
     try:
         cfg = json.loads(Path(file).read_text())
@@ -153,9 +160,17 @@ def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradie
     if with_optimizer and "optimizer" in cfg:
         _fill(cfg, "optimizer.params.lr", learning_rate, f"{origin_key} learning_rate", origin)
         _fill(cfg, "optimizer.params.weight_decay", weight_decay, f"{origin_key} weight_decay", origin)
+    offload = cfg.get("zero_optimization", {}).get("offload_param", {})
+    if offload.get("device") == "nvme" and offload.get("nvme_path", "auto") == "auto":
+        if not nvme_path:
+            raise ConfigError(f'{origin}: "zero_optimization.offload_param.nvme_path" is "auto" but '
+                              '"deepspeed.nvme_path" is not set; set it to a directory on a fast local disk')
+        offload["nvme_path"] = nvme_path
     if not with_optimizer:
         cfg.pop("optimizer", None)
         cfg.pop("scheduler", None)
+        if zero_stage(cfg) in (1, 2):
+            cfg["zero_optimization"]["stage"] = 0
     _no_auto_left(cfg, origin)
     return cfg
 
@@ -192,17 +207,73 @@ def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[li
     return engine
 
 
+def _memory_budget(nvme_path: Optional[str]) -> tuple[plan.Budget, int, int]:
+    """(the minimum over ranks of free device and host memory, nodes, most ranks on one node)."""
+    import psutil
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    host = psutil.virtual_memory().available
+    on_host = accel.device_name() == "cpu"
+    free = torch.tensor([float(host if on_host else accel.available_memory()), float(host)], dtype=torch.float64,
+                        device=accel.current_device_name())
+    hosts = [socket.gethostname()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+    per_node = max(hosts.count(h) for h in hosts)
+    device, host = (int(x) for x in free.tolist())
+    return plan.Budget(device, host, device_is_host=on_host, nvme_path=nvme_path), len(set(hosts)), per_node
+
+
+def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
+    """deepspeed.teacher_config auto: the placement okd_scale.plan chooses for the run's teacher, student and
+    batch with the free memory of every rank (the same numbers on every rank)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from .models import weight_bytes
+
+    t = cfg.train
+    budget, nodes, per_node = _memory_budget(cfg.deepspeed.nvme_path)
+    teacher = plan.read_shape(cfg.model.teacher)
+    stored = weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
+    if stored is not None:
+        teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
+    offload = student_ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    settings = plan.Settings(
+        seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
+        grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32",
+        cluster=plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB),
+        student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
+        online=cfg.method == "okd", online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
+        activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
+        flash_attention=get_accelerator().device_name() != "cpu")
+    try:
+        return plan.teacher_placement(teacher, plan.read_shape(cfg.model.student), settings, budget)
+    except plan.PlacementError as e:
+        raise ConfigError(f'"deepspeed.teacher_config" is auto, but {e}') from None
+
+
 def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dict]:
-    """The filled (teacher, student) DeepSpeed configs; teacher None for methods without one."""
+    """The filled (teacher, student) DeepSpeed configs; teacher None for methods without one. With
+    deepspeed.teacher_config auto, the teacher's config is that of the placement chosen by size (logged)."""
     t = cfg.train
     common = dict(micro_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                  world_size=world_size, bf16=t.bf16, max_grad_norm=t.max_grad_norm)
+                  world_size=world_size, bf16=t.bf16, max_grad_norm=t.max_grad_norm,
+                  nvme_path=cfg.deepspeed.nvme_path)
     student = build_ds_config(cfg.deepspeed.student_config, cfg.deepspeed.student_overrides,
                               learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                               origin_key="deepspeed.student_config", **common)
     teacher = None
     if cfg.method in TEACHER_METHODS:
-        teacher = build_ds_config(cfg.deepspeed.teacher_config, cfg.deepspeed.teacher_overrides,
+        path = cfg.deepspeed.teacher_config
+        if path == "auto":
+            choice = teacher_placement(cfg, student)
+            log.info("%s", choice.summary())
+            path = choice.placement.ds_config
+        teacher = build_ds_config(path, cfg.deepspeed.teacher_overrides,
                                   learning_rate=cfg.online.learning_rate, weight_decay=cfg.online.weight_decay,
                                   with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",
                                   **common)

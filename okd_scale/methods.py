@@ -1,25 +1,22 @@
 """One training step per method: forward passes, losses and backward passes (the engines step in the trainer).
 
-A step returns the *sums* over its counted tokens of each loss term (detached), so the trainer can report
-means over the global batch; the losses it backpropagates are those sums divided by `ctx.num_tokens`.
-
-Token distributions come from the models' final hidden states at the counted positions and their lm_head
-weights, one chunk of tokens at a time (`loss.from_hidden`, the default; with `loss.vocab_shards` W > 1 the
-W ranks of a group also split the vocabulary), or from the models' logits at the counted positions.
+A step returns the *sums* over its counted tokens of each loss term (detached tensors on the device, so a
+step needs no host sync), so the trainer can report means over the global batch; the losses it
+backpropagates are those sums divided by `ctx.num_tokens`. How the losses read the models (hidden states
+and lm_head rows, vocab-sharded or not, or logits) is the scorer's business (scorers.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
 from .data import IGNORE_INDEX
-from .divergences import ce_from_hidden, ce_sum, chunked_divergence_from_hidden, divergence_sum
+from .divergences import Mix
 from .perf import PhaseTimer
-from .sharded import gather_rows, sharded_ce_from_hidden, sharded_divergence_from_hidden
 
 
 @dataclass
@@ -27,28 +24,21 @@ class StepContext:
     cfg: RunConfig
     student: object  # DeepSpeed engine
     teacher: Optional[object]  # DeepSpeed engine, or None for sft
-    num_tokens: float  # the normaliser: counted tokens of the global batch / (world size x accumulation steps)
+    num_tokens: Union[float, torch.Tensor]  # the normaliser: counted tokens of the global batch / (world x accumulation)
     vocab_size: int  # the tokenizer's real size; logits beyond it (padding) are dropped
+    scorer: object  # scorers.HiddenScorer | ShardedScorer | LogitsScorer
     update_online: bool = False
     on_policy: bool = False  # sgo: this step's responses were sampled from the student (the loss is D alone)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
-    from_hidden: bool = False  # score hidden states with lm_head rows (else: logits at the counted positions)
-    teacher_head: Optional[torch.Tensor] = None  # the frozen teacher lm_head's rows vocab_slice, gathered once
-    vocab_slice: Optional[tuple[int, int]] = None  # this rank's [start, end) of the vocabulary; None: all of it
-    vocab_group: object = None  # the group the vocabulary is split over (loss.vocab_shards > 1), else None
-    vocab_shards: int = 1
     inject_nan: bool = False  # test hook: make this rank's student outputs NaN (faults.py, "nan_batch")
 
-    def student_head(self) -> torch.Tensor:
-        """The student's lm_head rows for this rank (a view: gradients reach the parameter)."""
-        start, end = self.vocab_slice or (0, self.vocab_size)
-        return self.student.module.get_output_embeddings().weight[start:end]
 
-
-def loss_normaliser(counted_tokens: float, world_size: int, accumulation_steps: int) -> float:
+def loss_normaliser(counted_tokens, world_size: int, accumulation_steps: int):
     """What each micro-batch's loss sum is divided by, so that after DeepSpeed's scaling (1 / accumulation
     steps) and its gradient average over ranks, the gradient is that of the mean over the global batch's
-    counted tokens."""
+    counted tokens (a float, or a tensor for a count still on the device)."""
+    if isinstance(counted_tokens, torch.Tensor):
+        return counted_tokens.clamp_min(1.0) / (world_size * accumulation_steps)
     return max(counted_tokens, 1.0) / (world_size * accumulation_steps)
 
 
@@ -58,14 +48,29 @@ def targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, labels != IGNORE_INDEX
 
 
-def forward_counted(engine, batch: dict, mask: torch.Tensor, vocab_size: int, *, hidden: bool) -> torch.Tensor:
-    """The model's outputs at the counted positions (mask [B, T-1]): its final (post-norm) hidden states
-    [N, H] when ``hidden``, else its logits [N, vocab_size]. Either way no [B, T, V] logits are formed:
-    transformers' ``logits_to_keep`` mask selects the positions the lm_head sees (none, for hidden)."""
+def with_counted(batch: dict) -> dict:
+    """The batch with the indices its losses read, computed where the batch is (on the host, before it moves
+    to the device, the step needs no device sync for them): "counted_labels" [N], the counted tokens'
+    labels; "counted_rows" [N], their positions in the flattened [B * T]; "counted_cols" [P], the positions
+    counted in any row; "counted_cols_rows" [N], their positions in the flattened [B * P]."""
+    if "counted_rows" in batch:
+        return batch
+    labels, mask = targets(batch)
     keep = F.pad(mask, (0, 1), value=False)
+    cols = keep.any(0).nonzero().squeeze(1)
+    return {**batch, "counted_labels": labels[mask], "counted_rows": keep.flatten().nonzero().squeeze(1),
+            "counted_cols": cols, "counted_cols_rows": keep[:, cols].flatten().nonzero().squeeze(1)}
+
+
+def forward_counted(engine, batch: dict, vocab_size: int, *, hidden: bool) -> torch.Tensor:
+    """The model's outputs at the counted positions (`with_counted`): its final (post-norm) hidden states
+    [N, H] when ``hidden``, else its logits [N, vocab_size]. Either way no [B, T, V] logits are formed:
+    transformers' ``logits_to_keep`` selects the positions the lm_head sees (none, for hidden)."""
+    batch = with_counted(batch)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not hidden:
-        return engine(**inputs, logits_to_keep=keep).logits[:, :vocab_size]
+        logits = engine(**inputs, logits_to_keep=batch["counted_cols"]).logits
+        return logits.flatten(0, 1).index_select(0, batch["counted_cols_rows"])[:, :vocab_size]
     captured = []
 
     def grab(module, args, out):
@@ -73,116 +78,87 @@ def forward_counted(engine, batch: dict, mask: torch.Tensor, vocab_size: int, *,
 
     handle = engine.module.get_decoder().register_forward_hook(grab)
     try:
-        engine(**inputs, logits_to_keep=torch.zeros_like(keep))
+        engine(**inputs, logits_to_keep=batch["counted_cols"][:0])
     finally:
         handle.remove()
-    return captured[-1][keep]
-
-
-def _terms(ctx: StepContext, name: str, p: torch.Tensor, q: torch.Tensor, y: torch.Tensor,
-           p_head: Optional[torch.Tensor] = None, q_head: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[sum D(p || q), sum CE(q, y)] over the counted tokens: p, q are logits, or hidden states scored
-    with the lm_head rows p_head, q_head (vocab-sharded over ctx.vocab_group when it is set)."""
-    lo = ctx.cfg.loss
-    kw = dict(temperature=lo.temperature, chunk_size=lo.chunk_size, beta=lo.js_beta, alpha=lo.skew_alpha,
-              mu=lo.akl_mu)
-    if p_head is None:
-        return torch.stack([divergence_sum(name, p, q, **kw), ce_sum(q, y, chunk_size=lo.chunk_size)])
-    if ctx.vocab_group is not None:
-        return sharded_divergence_from_hidden(name, p, p_head, q, q_head, labels=y, ce_weight=1.0, split=True,
-                                              vocab_size=ctx.vocab_size, group=ctx.vocab_group, **kw)
-    return chunked_divergence_from_hidden(name, p, p_head, q, q_head, labels=y, ce_weight=1.0, split=True, **kw)
+    return captured[-1].flatten(0, 1).index_select(0, batch["counted_rows"])
 
 
 def _outputs(ctx: StepContext, batch: dict, *, teacher_grad: bool) -> tuple:
-    """(teacher outputs or None, student outputs, labels) at the counted positions, gathered over the
-    vocab-sharded group when there is one."""
-    labels, mask = targets(batch)
-    y = labels[mask]
+    """(teacher outputs or None, student outputs, labels) at the counted positions."""
+    batch = with_counted(batch)
     zt = None
     if ctx.teacher is not None:
         with ctx.timer.phase("teacher_forward"), torch.enable_grad() if teacher_grad else torch.no_grad():
-            zt = forward_counted(ctx.teacher, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+            zt = forward_counted(ctx.teacher, batch, ctx.vocab_size, hidden=ctx.scorer.hidden)
     with ctx.timer.phase("student_forward"):
-        zs = forward_counted(ctx.student, batch, mask, ctx.vocab_size, hidden=ctx.from_hidden)
+        zs = forward_counted(ctx.student, batch, ctx.vocab_size, hidden=ctx.scorer.hidden)
     if ctx.inject_nan:  # test hook (faults.py): a batch whose forward pass overflowed
         zs = zs * float("nan")
-    if ctx.vocab_group is not None:
-        rows = (zs, y) if zt is None else (zs, y, zt)
-        with ctx.timer.phase("comm"):
-            zs, y, *rest = gather_rows(*rows, group=ctx.vocab_group, pad_values=(0, IGNORE_INDEX, 0))
-        zt = rest[0] if rest else None
-    return zt, zs, y
+    return zt, zs, batch["counted_labels"]
 
 
-def _student_loss(ctx: StepContext, zt: torch.Tensor, zs: torch.Tensor, y: torch.Tensor) -> dict:
-    """LS = kd_ratio * D(pT.detach() || pS) + (1 - kd_ratio) * CE(zS, y) and its terms (sums).
-    On an sgo step with sampled responses, LS = D(pT.detach() || pS) (GKD: no CE on the student's own samples)."""
-    lo = ctx.cfg.loss
-    heads = (ctx.teacher_head, ctx.student_head()) if ctx.from_hidden else ()
-    ratio = 1.0 if ctx.on_policy else lo.kd_ratio
-    with ctx.timer.phase("loss"):
-        kd, ce = _terms(ctx, lo.divergence, zt.detach(), zs, y, *heads)
-    return {"student/loss": ratio * kd + (1.0 - ratio) * ce, "student/kd": kd, "student/ce": ce}
-
-
-def _backward(ctx: StepContext, parts: list[tuple[object, torch.Tensor, str]]) -> float:
+def _backward(ctx: StepContext, parts: list[tuple[object, torch.Tensor, str]]) -> torch.Tensor:
     """engine.backward(loss / num_tokens) for each (engine, loss sum, timer phase). When any of the losses
     is not finite on any rank, every loss is made NaN first, so that every engine's DeepSpeed step finds
-    non-finite gradients and skips (no weight changes, on every rank). Returns 1.0 for such a step, else 0.0."""
+    non-finite gradients and skips (no weight changes, on every rank). Returns 1.0 for such a step, else
+    0.0, as a tensor on the device (no host sync)."""
     with ctx.timer.phase("comm"):
-        bad = torch.tensor([float(not bool(torch.isfinite(loss).all())) for _, loss, _ in parts],
-                           device=parts[0][1].device).max()
+        bad = torch.stack([~torch.isfinite(loss).all() for _, loss, _ in parts]).any().float()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    poison = float("nan") if bad.item() > 0 else 1.0
+    scale = torch.where(bad > 0, float("nan"), 1.0) / ctx.num_tokens
     for engine, loss, phase in parts:
         with ctx.timer.phase(phase):
-            engine.backward(loss * poison / ctx.num_tokens)
-    return float(bad.item())
+            engine.backward(loss * scale)
+    return bad
 
 
-def _logs(ctx: StepContext, values: dict, nonfinite: float) -> dict:
-    """Detached sums for this rank: a vocab-sharded group's sums are the group's, so each rank reports 1/W."""
-    return {**{k: v.detach() / ctx.vocab_shards for k, v in values.items()}, "nonfinite": nonfinite}
+def _logs(ctx: StepContext, values: dict, nonfinite: torch.Tensor) -> dict:
+    """Detached sums for this rank (scaled by the scorer's share: a vocab-sharded group's sums are the group's)."""
+    return {**{k: v.detach() * ctx.scorer.log_scale for k, v in values.items()}, "nonfinite": nonfinite}
+
+
+def _student_mix(ctx: StepContext) -> Mix:
+    """LS's weights: kd_ratio on D, the rest on CE; D alone on an sgo step with sampled responses (GKD: no CE on
+    the student's own samples)."""
+    lo = ctx.cfg.loss
+    ratio = 1.0 if ctx.on_policy else lo.kd_ratio
+    return Mix(lo.divergence, ratio, 1.0 - ratio)
 
 
 def sft_step(batch: dict, ctx: StepContext) -> dict:
     """Cross-entropy on the response tokens."""
     _, zs, y = _outputs(ctx, batch, teacher_grad=False)
-    chunk = ctx.cfg.loss.chunk_size
     with ctx.timer.phase("loss"):
-        if not ctx.from_hidden:
-            ce = ce_sum(zs, y, chunk_size=chunk)
-        elif ctx.vocab_group is not None:
-            ce = sharded_ce_from_hidden(zs, ctx.student_head(), y, vocab_size=ctx.vocab_size,
-                                        group=ctx.vocab_group, chunk_size=chunk)
-        else:
-            ce = ce_from_hidden(zs, ctx.student_head(), y, chunk_size=chunk)
-    bad = _backward(ctx, [(ctx.student, ce, "student_backward")])
-    return _logs(ctx, {"student/loss": ce, "student/ce": ce}, bad)
+        ls, _, terms = ctx.scorer.losses(None, zs, y, Mix(ctx.cfg.loss.divergence, 0.0, 1.0), timer=ctx.timer)
+    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
+    return _logs(ctx, {"student/loss": ls, "student/ce": terms[1]}, bad)
 
 
 def kd_step(batch: dict, ctx: StepContext) -> dict:
-    """Frozen teacher; the student learns kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
+    """Frozen teacher; the student learns LS = kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
-    ls = _student_loss(ctx, zt, zs, y)
-    return _logs(ctx, ls, _backward(ctx, [(ctx.student, ls["student/loss"], "student_backward")]))
+    with ctx.timer.phase("loss"):
+        ls, _, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), timer=ctx.timer)
+    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
+    return _logs(ctx, {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}, bad)
 
 
 def okd_step(batch: dict, ctx: StepContext) -> dict:
-    """Online KD (design.md section 2): the student step of `kd`, and on update steps the online module's
-    LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT), backpropagated into the teacher's LoRA only."""
+    """Online KD: the student step of `kd`, and on update steps, from the same logits in the same pass, the
+    online module's LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT), backpropagated into the
+    teacher's LoRA only."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=ctx.update_online)
-    losses = _student_loss(ctx, zt, zs, y)
-    parts = [(ctx.student, losses["student/loss"], "student_backward")]
-    if ctx.update_online:
-        on = ctx.cfg.online
-        heads = (ctx.student_head().detach(), ctx.teacher_head) if ctx.from_hidden else ()
-        with ctx.timer.phase("online_loss"):
-            kd_t, ce_t = _terms(ctx, on.divergence, zs.detach(), zt, y, *heads)
-        losses.update({"teacher/loss": ce_t + on.divergence_weight * kd_t, "teacher/ce": ce_t, "teacher/kd": kd_t})
-        parts.append((ctx.teacher, losses["teacher/loss"], "online_backward"))
+    on = ctx.cfg.online
+    online = Mix(on.divergence, on.divergence_weight, 1.0) if ctx.update_online else None
+    with ctx.timer.phase("loss"):
+        ls, lt, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), online, timer=ctx.timer)
+    losses = {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}
+    parts = [(ctx.student, ls, "student_backward")]
+    if online is not None:
+        losses.update({"teacher/loss": lt, "teacher/ce": terms[3], "teacher/kd": terms[2]})
+        parts.append((ctx.teacher, lt, "online_backward"))
     return _logs(ctx, losses, _backward(ctx, parts))
 
 

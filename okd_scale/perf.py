@@ -34,14 +34,19 @@ def _synchronize() -> None:
 
 @dataclass
 class PhaseTimer:
-    """Wall time per named phase of the current step. The accelerator is synchronised at each phase's
-    edges, so asynchronous device work is counted in the phase that launched it."""
+    """Wall time per named phase of the current step (`train.profile_phases`). The accelerator is
+    synchronised at each phase's edges, so asynchronous device work is counted in the phase that launched
+    it; when not ``enabled`` a phase costs nothing and records nothing."""
 
+    enabled: bool = True
     sync: bool = True
     totals: dict = field(default_factory=lambda: defaultdict(float))
 
     @contextmanager
     def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
         if self.sync:
             _synchronize()
         start = time.perf_counter()

@@ -16,10 +16,11 @@ from typing import Iterator, Optional
 import torch
 import yaml
 
-from . import checkpoint, data, engines, faults, generation, models, perf, seqkd, sharded
-from .config import TEACHER_METHODS, ConfigError, RunConfig
+from . import checkpoint, data, engines, faults, generation, models, perf, seqkd
+from .config import TEACHER_METHODS, RunConfig
 from .divergences import ce_sum
-from .methods import METHODS, StepContext, forward_counted, loss_normaliser, targets
+from .methods import METHODS, StepContext, forward_counted, loss_normaliser, with_counted
+from .scorers import make_scorer
 from .stop import REQUEST
 from .watchdog import RESUME_HINT, RankFailure, Watchdog, collective_timeout
 
@@ -68,7 +69,7 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _load_teacher(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
@@ -161,45 +162,18 @@ def build(cfg: RunConfig, rank: int, world: int):
     return tokenizer, loader, stats, teacher, student
 
 
-def loss_heads(cfg: RunConfig, teacher, student, vocab_size: int, rank: int, world: int) -> dict:
-    """The StepContext fields that say how losses read the models (see methods.py): from hidden states
-    and lm_head rows (this rank's vocabulary slice when loss.vocab_shards > 1), or from logits."""
-    lo = cfg.loss
-    weight = student.module.get_output_embeddings().weight
-    if not lo.from_hidden:
-        return {}
-    if models.is_partitioned(weight):
-        if lo.vocab_shards > 1:
-            raise ConfigError(f'"loss.vocab_shards" is {lo.vocab_shards}, but the student runs under ZeRO-3 '
-                              f"({cfg.deepspeed.student_config}), which partitions its lm_head; use a ZeRO-0/1/2 "
-                              f"student config or loss.vocab_shards=1")
-        log.info("student under ZeRO-3: its lm_head is partitioned, so the losses use logits at the response "
-                 "positions (loss.from_hidden needs the student's lm_head whole on each rank)")
-        return {}
-    fields = {"from_hidden": True}
-    start, end = 0, vocab_size
-    if lo.vocab_shards > 1:
-        group, shard_rank = engines.vocab_shard_group(lo.vocab_shards, rank, world)
-        start, end = sharded.vocab_range(vocab_size, shard_rank, lo.vocab_shards)
-        fields.update(vocab_group=group, vocab_slice=(start, end), vocab_shards=lo.vocab_shards)
-    if teacher is not None:
-        fields["teacher_head"] = models.frozen_head_rows(teacher.module, start, end)
-    return fields
-
-
 @torch.no_grad()
 def eval_loss(engine, loader, vocab_size: int) -> float:
     """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
     was_training = engine.training
     engine.eval()
-    total = count = 0.0
+    total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0.0
     for batch in loader:
-        batch = _to(batch, engine.device)
-        labels, mask = targets(batch)
-        total += float(ce_sum(forward_counted(engine, batch, mask, vocab_size, hidden=False), labels[mask]))
-        count += float(mask.sum())
+        batch = _to(with_counted(batch), engine.device)
+        total += ce_sum(forward_counted(engine, batch, vocab_size, hidden=False), batch["counted_labels"]).double()
+        count += batch["counted_labels"].numel()
     engine.train(was_training)
-    total, count = _all_reduce_sum([total, count], engine.device)
+    total, count = _all_reduce_sum([float(total), count], engine.device)
     return total / max(count, 1.0)
 
 
@@ -280,8 +254,7 @@ def train(cfg: RunConfig) -> TrainResult:
         log.info("resumed from %s at step %d (%.1f s)", resume_from, state.step, time.perf_counter() - clock)
     if rank == 0:
         history.write_text("".join(json.dumps(r) + "\n" for r in past))
-    vocab = len(tokenizer)
-    heads = loss_heads(cfg, teacher, student, vocab, rank, world)
+    scorer = make_scorer(cfg, teacher, student, len(tokenizer), rank, world)
     t = cfg.train
     writer = None
     if rank == 0:
@@ -291,7 +264,7 @@ def train(cfg: RunConfig) -> TrainResult:
     bar = tqdm(total=t.max_steps, initial=first_step - 1, desc=cfg.method, disable=rank != 0, dynamic_ncols=True)
 
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
-    loop = _Loop(cfg, student, teacher, tokenizer, world, heads, _batches(loader, pos))
+    loop = _Loop(cfg, student, teacher, tokenizer, world, scorer, _batches(loader, pos))
     evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
     bad_run = 0  # consecutive steps whose update was skipped
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
@@ -416,12 +389,12 @@ class Evaluator:
 class _Loop:
     """One optimizer step at a time: batches (sgo: resampled), losses, backward passes, engine steps."""
 
-    def __init__(self, cfg: RunConfig, student, teacher, tokenizer, world: int, heads: dict, batches):
-        self.cfg, self.student, self.teacher, self.world, self.heads = cfg, student, teacher, world, heads
+    def __init__(self, cfg: RunConfig, student, teacher, tokenizer, world: int, scorer, batches):
+        self.cfg, self.student, self.teacher, self.world, self.scorer = cfg, student, teacher, world, scorer
         self.batches, self.vocab = batches, len(tokenizer)
         self.rank = torch.distributed.get_rank()
         self.step_fn = METHODS[cfg.method]
-        self.timer = perf.PhaseTimer()
+        self.timer = perf.PhaseTimer(enabled=cfg.train.profile_phases)
         self.sampler = _sgo_sampler(cfg, student, tokenizer, world)
         self.sampled_tokens = 0.0
 
@@ -430,34 +403,43 @@ class _Loop:
         cfg, student, teacher, timer = self.cfg, self.student, self.teacher, self.timer
         gas, device = cfg.train.gradient_accumulation_steps, student.device
         start = time.perf_counter()
-        with timer.phase("data"):
-            micro = [_to(next(self.batches), device) for _ in range(gas)]
+        with timer.phase("data"):  # counted positions and token counts are found on the host, before batches move
+            host = [with_counted(next(self.batches)) for _ in range(gas)]
         on_policy = self.sampler is not None and self.sampler.on_policy(step)
         if on_policy:
-            with timer.phase("generation"):
-                micro = [_to(self.sampler(b), device) for b in micro]
+            with timer.phase("generation"):  # the sampled batches come back to the host
+                host = [with_counted(self.sampler(_to(b, device))) for b in host]
+        micro = [_to(b, device) for b in host]
         with timer.phase("comm"):
-            counted, seen = _all_reduce_sum([sum(float(targets(b)[1].sum()) for b in micro),
-                                             sum(float(b["attention_mask"].sum()) for b in micro)], device)
+            tokens = torch.tensor([sum(b["counted_labels"].numel() for b in host),
+                                   sum(int(b["attention_mask"].sum()) for b in host)], dtype=torch.float64).to(device)
+            if self.world > 1:
+                torch.distributed.all_reduce(tokens)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
-                          num_tokens=loss_normaliser(counted, self.world, gas), vocab_size=self.vocab,
-                          update_online=update_online, on_policy=on_policy, timer=timer,
-                          inject_nan=faults.armed("nan_batch", step, self.rank), **self.heads)
-        sums: dict[str, float] = defaultdict(float)
-        nonfinite = 0.0
+                          num_tokens=loss_normaliser(tokens[0].float(), self.world, gas), vocab_size=self.vocab,
+                          scorer=self.scorer, update_online=update_online, on_policy=on_policy, timer=timer,
+                          inject_nan=faults.armed("nan_batch", step, self.rank))
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), device=device)
         for b in micro:
             logs = self.step_fn(b, ctx)
-            nonfinite = max(nonfinite, logs.pop("nonfinite"))
+            nonfinite = torch.maximum(nonfinite, logs.pop("nonfinite"))
             for k, v in logs.items():
-                sums[k] += float(v)
+                sums[k] = sums[k] + v if k in sums else v
             with timer.phase("optimizer"):
                 student.step()
                 if update_online:
                     teacher.step()
         keys = sorted(sums)
-        with timer.phase("comm"):  # the stop flag rides along: every rank stops at the same step
-            *reduced, stop = _all_reduce_sum([sums[k] for k in keys] + [float(stop_requested)], device)
+        with timer.phase("comm"):  # the one host sync of the step; the stop flag rides along, so every rank stops
+            flags = torch.stack([nonfinite.double(), torch.tensor(float(stop_requested), dtype=torch.float64,
+                                                                  device=device)])
+            values = torch.cat([torch.stack([sums[k].double() for k in keys]), flags])
+            if self.world > 1:
+                torch.distributed.all_reduce(values)
+            *reduced, nonfinite, stop = values.tolist()
+            counted, seen = tokens.tolist()
         elapsed = time.perf_counter() - start
         row = {"step": step, **{k: v / max(counted, 1.0) for k, v in zip(keys, reduced)},
                "lr/student": student.get_lr()[0], "time/step_s": elapsed,

@@ -1,7 +1,6 @@
-"""tools/plan.py against what torch, peft and transformers actually build and allocate on this machine."""
+"""okd_scale/plan.py (and tools/plan.py, its command line) against what torch, peft and transformers actually build and allocate on this machine."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -18,15 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_out"
 
 
-def _load_plan():
-    spec = importlib.util.spec_from_file_location("_tool_plan", ROOT / "tools" / "plan.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-plan = _load_plan()
+from okd_scale import plan  # noqa: E402
 
 
 def _numel(module: torch.nn.Module) -> int:

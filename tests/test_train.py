@@ -194,7 +194,8 @@ def test_gradient_equals_float64_global_token_mean(tmp_path, pair, from_hidden):
     from okd_scale.config import load_config
     from okd_scale.engines import init_distributed
     from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
-    from okd_scale.trainer import build, loss_heads
+    from okd_scale.scorers import HiddenScorer, make_scorer
+    from okd_scale.trainer import build
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
                       ["train.per_device_train_batch_size=3", "train.gradient_accumulation_steps=2",
@@ -206,10 +207,10 @@ def test_gradient_equals_float64_global_token_mean(tmp_path, pair, from_hidden):
     micro = [next(it), next(it)]
     counted = sum(float(targets(b)[1].sum()) for b in micro)
     assert float(targets(micro[0])[1].sum()) != float(targets(micro[1])[1].sum())  # unequal micro-batches
-    heads = loss_heads(cfg, teacher, student, len(tokenizer), 0, 1)
-    assert heads.get("from_hidden", False) == from_hidden
+    scorer = make_scorer(cfg, teacher, student, len(tokenizer), 0, 1)
+    assert isinstance(scorer, HiddenScorer) == from_hidden
     ctx = StepContext(cfg=cfg, student=student, teacher=teacher, num_tokens=loss_normaliser(counted, 1, 2),
-                      vocab_size=len(tokenizer), **heads)
+                      vocab_size=len(tokenizer), scorer=scorer)
     kd_step(micro[0], ctx)
     student.step()  # not a boundary: accumulates
     kd_step(micro[1], ctx)
@@ -284,9 +285,12 @@ def test_hidden_path_equals_logits_path(tmp_path, pair):
 
 def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
     """loss.vocab_shards=2 on 2 ranks (each rank scores both ranks' tokens on half the vocabulary,
-    uneven rows gathered) trains exactly as vocab_shards=1 on 2 ranks."""
+    uneven rows gathered) trains exactly as vocab_shards=1 on 2 ranks. (The teacher is pinned to ZeRO-3 with
+    offload: Adam magnifies float-order noise in a LoRA A entry whose gradient is near zero, 3.7e-6 there
+    and 1.5e-5 with the replica's ZeRO-1 optimizer, over this test's 1e-5.)"""
     for shards in (1, 2):
-        cfg = write_config(tmp_path / f"cfg{shards}.yaml", pair, "okd")
+        cfg = write_config(tmp_path / f"cfg{shards}.yaml", pair, "okd",
+                           deepspeed={"teacher_config": "ds_configs/teacher_zero3_offload.json"})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / f'shards{shards}'}",
                f"loss.vocab_shards={shards}", "loss.chunk_size=9", "data.eval_file=null"]
@@ -428,21 +432,28 @@ def test_seqkd_copy_and_engine_generate_the_same_responses(tmp_path, pair):
 
 
 def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
-    """okd's per-phase timers cover the step: their sum is within 10% of the measured step time."""
+    """With train.profile_phases, okd's per-phase timers cover the step: their sum is within 10% of the
+    measured step time; without it (the default) no phase is timed, and step time, tokens/s and memory stay."""
     from dist_worker import run_and_dump
 
     from okd_scale.config import load_config
 
-    report = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), ["data.eval_file=null"]))
+    report = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
+                                      ["data.eval_file=null", "train.profile_phases=true"]))
     for row in report["history"][1:]:
         phases = {k: v for k, v in row.items() if k.startswith("time/") and k != "time/step_s"}
         assert {"time/data_s", "time/teacher_forward_s", "time/student_forward_s", "time/loss_s",
-                "time/student_backward_s", "time/online_loss_s", "time/online_backward_s", "time/optimizer_s",
+                "time/student_backward_s", "time/online_backward_s", "time/optimizer_s",
                 "time/comm_s"} <= phases.keys()
         assert sum(phases.values()) == pytest.approx(row["time/step_s"], rel=0.10)
     m = report["metrics"]
     assert set(m["time_per_phase_s"]) >= {"teacher_forward", "online_backward"}
     assert m["flops_per_step"] > 0 and m["peak_memory_gib_per_rank"][0] > 0
+
+    plain = run_and_dump(load_config(write_config(tmp_path / "cfg2.yaml", pair, "okd"),
+                                     ["data.eval_file=null", f"output_dir={tmp_path / 'plain'}", "train.max_steps=2"]))
+    assert all(k == "time/step_s" for r in plain["history"] for k in r if k.startswith("time/"))
+    assert plain["history"][-1]["tokens_per_s"] > 0 and plain["metrics"]["peak_memory_gib_per_rank"][0] > 0
 
 
 def test_evaluation_during_training(tmp_path, pair):

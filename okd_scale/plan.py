@@ -1,0 +1,711 @@
+"""Memory and step-time plan for a distillation run, and where the teacher goes (`teacher_placement`).
+
+A teacher (a whole replica, ZeRO-3, or ZeRO-3 with its parameters offloaded to CPU or NVMe) with, for
+OKD, a LoRA online module on its last k blocks, and a student under ZeRO-0/1/2/3, both data-parallel
+over every GPU. The trainer's `deepspeed.teacher_config: auto` and the command line use the same
+formulas and the same choice:
+
+    python -m okd_scale.plan --teacher-params 7e9 --student-params 1.1e9 --seq-len 2048 --nodes 2
+    python tools/plan.py --teacher demo_out/teacher --student demo_out/student_init --gpus-per-node 2
+
+Each model is a Hugging Face directory (or its config.json, read with transformers.AutoConfig, local
+files only) or a parameter count. Notation: V vocab, h hidden, L blocks, a heads, kv key/value heads,
+d head dim, I intermediate size, s sequence length, b micro-batch per GPU, N = nodes * gpus-per-node
+(the data-parallel size), G = gpus-per-node, k online blocks, r LoRA rank.
+
+Parameters (Llama layout; exact for llama, mistral, qwen2, qwen3 configs):
+    embeddings V*h; per block: attention h*a*d (q) + 2*h*kv*d (k, v) + a*d*h (o) [+ q, k, v biases for
+    qwen2 or attention_bias, + o bias for attention_bias; + 2*d q/k norms for qwen3], gated MLP 3*h*I
+    [+ 2*I + h for mlp_bias], two RMSNorms 2*h; final norm h; lm_head V*h unless tie_word_embeddings.
+    A bare count gets an assumed shape (printed) for the items that need one: untied, head dim 128
+    (64 below h = 1024), a = kv = h / head dim, I = 8h/3, L = h/128, h the multiple of the head dim
+    whose 12*L*h^2 + 2*V*h is nearest the count. The count itself is used as given.
+LoRA (online module, targets q,k,v,o,gate,up,down of the last k blocks): k * sum over those matrices
+    of r*(in + out) trainable parameters.
+
+Model states (ZeRO paper accounting, Adam), bytes per parameter:
+    bf16 mixed precision: 2 params + 2 grads + 12 optimizer (fp32 master, exp_avg, exp_avg_sq) = 16;
+    fp32: 4 params + 4 grads + 8 optimizer (exp_avg, exp_avg_sq) = 16.
+    The teacher's frozen base has parameters only; grads and optimizer states are the LoRA's.
+    ZeRO stage >= 1 divides optimizer states by N, >= 2 also gradients, 3 also parameters (partitions
+    rounded up). Offload to CPU moves the partitioned ones to CPU memory: per node G partitions; offload
+    to NVMe moves the teacher's partitioned parameters to NVMe (its LoRA states stay in CPU memory).
+Without an online module (kd, sgo) the teacher has no LoRA, no gradients, and keeps no activations.
+Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation", bf16):
+    per block s*b*h*(34 + 5*a*s/h) bytes; --flash-attention drops the 5*a*s/h term (no stored a*s^2
+    scores); fp32 doubles it. With --activation-checkpointing (the student only, as in the trainer):
+    each block keeps its input, 2*s*b*h bytes (fp32: 4*s*b*h), plus one block's full activations while
+    it is recomputed. Student: all L blocks. Teacher: the k online blocks are kept for the online
+    module's backward; below them the forward keeps nothing, so one block's activations, once.
+Working sets:
+    ZeRO-3 gathered layers: 2 (prefetch) * the largest layer (a block or the V*h embedding) in the
+    compute dtype, for each ZeRO-3 engine.
+    Teacher lm_head copy: V*h in the compute dtype (the trainer gathers it once per rank) when the
+    teacher is ZeRO-3 and the student is not (the hidden-state loss path).
+    Student under ZeRO-3 (the logits loss path): teacher and student logits at the response positions
+    and their gradients, 2*s*b*(V_teacher + V_student)*dtype bytes (every token a response token: an
+    upper bound).
+    Loss: LOSS_CHUNK_BUFFERS = 6 float32 [chunk, V] buffers (chunk = min(--chunk-size, s*b); the two
+    models' logits, their log-softmaxes, the elementwise term and its gradient), plus on the
+    hidden-state path the float32 V*h gradient accumulator of the student's lm_head.
+Step-time floor, per optimizer step, T = s*b*grad_accum*N tokens (N_student, N_teacher, N_block:
+parameter counts of the student, the teacher and one teacher block):
+    FLOPs = 6*N_student*T (student forward + backward) + 2*N_teacher*T (teacher forward)
+            + 4*N_block*k*T (online module's backward through the top k teacher blocks)
+    time  = FLOPs / (N * peak_tflops * 1e12 * mfu); mfu = 1 gives the floor.
+
+Teacher placement (`teacher_placement`): the first of replica, ZeRO-3, ZeRO-3 + CPU offload, ZeRO-3 +
+NVMe offload whose plan fits HEADROOM of the free memory (per device: the minimum over ranks; per node:
+host memory; on the CPU accelerator the ranks of a node share host memory as their device).
+
+tests/test_plan.py checks the counts against the models transformers builds (and peft's LoRA), and the
+fp32 model states against the tensors of a real torch AdamW step on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .perf import step_flops  # the trainer's formula, shared
+
+GIB = 2 ** 30
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+# bytes per trainable parameter: (gradient, optimizer states)
+TRAIN_BYTES = {"bf16": (2, 12), "fp32": (4, 8)}
+LOSS_CHUNK_BUFFERS = 6
+QWEN2_QKV_BIAS = {"qwen2"}
+QK_NORM_TYPES = {"qwen3"}
+EXACT_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class PlanError(ValueError):
+    """An input the planner cannot use; `flag` names the command-line option it came from."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+@dataclass
+class ModelShape:
+    """A causal LM's size: its parameter count and the shape the per-layer estimates need."""
+
+    params: int
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    block_params: int
+    source: str = ""
+    assumed: bool = False  # shape guessed from a bare parameter count
+    note: str = ""
+
+    def describe(self) -> str:
+        kind = "assumed shape" if self.assumed else "config"
+        text = (f"{self.params:,} params ({kind}: L={self.layers}, h={self.hidden}, a={self.heads}, "
+                f"kv={self.kv_heads}, I={self.intermediate}, V={self.vocab}, "
+                f"{'tied' if self.tied else 'untied'}; {self.block_params:,} per block)")
+        return text + (f" [{self.note}]" if self.note else "")
+
+
+@dataclass
+class EngineSpec:
+    """How one DeepSpeed engine runs: ZeRO stage and offload target."""
+
+    zero: int
+    offload: str = "none"  # "cpu" | "nvme" | "none"
+
+
+@dataclass
+class Cluster:
+    """Nodes x GPUs per node, all data-parallel, with each GPU's and each node's memory."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    cpu_mem_gib: float = 512.0
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Settings:
+    """Everything a plan depends on besides the two models."""
+
+    seq_len: int = 512
+    micro_batch: int = 4
+    grad_accum: int = 1
+    cluster: Cluster = field(default_factory=Cluster)
+    teacher: EngineSpec = field(default_factory=lambda: EngineSpec(3, "cpu"))
+    student: EngineSpec = field(default_factory=lambda: EngineSpec(2, "none"))
+    online: bool = True  # the teacher carries the online module (okd); False: a frozen teacher (kd, sgo)
+    online_blocks: Optional[int] = None  # default: a quarter of the teacher's blocks, at least 1
+    lora_r: int = 8
+    dtype: str = "bf16"
+    peak_tflops: float = 989.0
+    mfu: float = 1.0
+    activation_checkpointing: bool = False
+    flash_attention: bool = False
+    chunk_size: int = 1024
+
+
+@dataclass
+class Item:
+    """One memory item: bytes on each GPU and bytes of CPU memory on each node."""
+
+    name: str
+    gpu: int = 0
+    cpu_node: int = 0
+    key: str = ""  # a stable name to look the item up by (Plan.item); defaults to `name`
+
+    def __post_init__(self):
+        self.key = self.key or self.name
+
+
+@dataclass
+class Plan:
+    teacher: ModelShape
+    student: ModelShape
+    settings: Settings
+    online_blocks: int
+    lora_params: int
+    items: list[Item]
+    tokens_per_step: int
+    flops_per_step: float
+    step_time_s: float
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(i.gpu for i in self.items)
+
+    @property
+    def cpu_node_total(self) -> int:
+        return sum(i.cpu_node for i in self.items)
+
+    @property
+    def gpu_fits(self) -> bool:
+        return self.gpu_total <= self.settings.cluster.gpu_mem_gib * GIB
+
+    @property
+    def cpu_fits(self) -> bool:
+        return self.cpu_node_total <= self.settings.cluster.cpu_mem_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.cpu_fits
+
+    def item(self, name: str) -> Item:
+        """The item with this key, e.g. "student gradients", "teacher activations"."""
+        return next(i for i in self.items if i.key == name)
+
+
+# --------------------------------------------------------------------------- model shapes
+
+
+def block_params(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, *,
+                 qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False,
+                 qk_norm: bool = False) -> int:
+    """Parameters of one Llama-layout decoder block."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = hidden * q + 2 * hidden * kv + q * hidden
+    if qkv_bias:
+        attn += q + 2 * kv
+    if o_bias:
+        attn += hidden
+    if qk_norm:
+        attn += 2 * head_dim
+    mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
+    return attn + mlp + 2 * hidden
+
+
+def shape_from_config(config, source: str = "") -> ModelShape:
+    """The parameter count and shape of a transformers config (Llama layout)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if getattr(text, k, None) is None]
+    if missing:
+        raise ValueError(f"the config ({type(config).__name__}) has no {', '.join(missing)}; expected a "
+                         f"decoder-only causal LM config with vocab_size, hidden_size, num_hidden_layers, "
+                         f"num_attention_heads and intermediate_size")
+    h, heads = int(text.hidden_size), int(text.num_attention_heads)
+    kv = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or h // heads)
+    model_type = getattr(text, "model_type", "") or ""
+    attention_bias = bool(getattr(text, "attention_bias", False))
+    blk = block_params(h, heads, kv, head_dim, int(text.intermediate_size),
+                       qkv_bias=attention_bias or model_type in QWEN2_QKV_BIAS, o_bias=attention_bias,
+                       mlp_bias=bool(getattr(text, "mlp_bias", False)), qk_norm=model_type in QK_NORM_TYPES)
+    vocab, layers = int(text.vocab_size), int(text.num_hidden_layers)
+    tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    params = vocab * h + layers * blk + h + (0 if tied else vocab * h)
+    note = "" if model_type in EXACT_TYPES else f"model_type {model_type or '?'}: counted with the Llama layout"
+    return ModelShape(params=params, vocab=vocab, hidden=h, layers=layers, heads=heads, kv_heads=kv,
+                      head_dim=head_dim, intermediate=int(text.intermediate_size), tied=tied, block_params=blk,
+                      source=source, note=note)
+
+
+def read_shape(path: str | Path) -> ModelShape:
+    """The shape of a local Hugging Face model directory or config.json (no hub access)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read a transformers config from {path}: {first}") from None
+    return shape_from_config(config, source=str(path))
+
+
+def shape_from_count(params: int, vocab: int = 32000) -> ModelShape:
+    """A Llama-like shape for a bare parameter count (see the module docstring); the count is kept."""
+    best = None
+    for hidden in [*range(64, 1024, 64), *range(1024, 32768 + 1, 128)]:
+        layers = max(1, round(hidden / 128))
+        err = abs(12 * layers * hidden ** 2 + 2 * vocab * hidden - params)
+        if best is None or err < best[0]:
+            best = (err, hidden, layers)
+    _, h, layers = best
+    head_dim = 128 if h >= 1024 else 64
+    heads = max(1, h // head_dim)
+    inter = max(64, round(8 * h / 3 / 64) * 64)
+    return ModelShape(params=params, vocab=vocab, hidden=h, layers=layers, heads=heads, kv_heads=heads,
+                      head_dim=h // heads, intermediate=inter, tied=False,
+                      block_params=block_params(h, heads, heads, h // heads, inter), source=f"{params:.3g} params",
+                      assumed=True)
+
+
+def lora_params(shape: ModelShape, blocks: int, r: int) -> int:
+    """Trainable parameters of a rank-r LoRA on q,k,v,o,gate,up,down of `blocks` blocks."""
+    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    in_out = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return blocks * sum(r * (a + b) for a, b in in_out)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def model_states(total: int, trainable: int, dtype: str, engine: EngineSpec, cluster: Cluster) -> dict[str, Item]:
+    """Parameters, gradients and Adam states of one engine, partitioned by ZeRO and offloaded as asked."""
+    grad_b, opt_b = TRAIN_BYTES[dtype]
+    full = {"parameters": total * DTYPE_BYTES[dtype], "gradients": trainable * grad_b,
+            "optimizer states": trainable * opt_b}
+    partitioned = {"optimizer states": engine.zero >= 1, "gradients": engine.zero >= 2,
+                   "parameters": engine.zero >= 3}
+    out = {}
+    for kind, size in full.items():
+        if not partitioned[kind]:
+            out[kind] = Item(kind, gpu=size)
+            continue
+        share = math.ceil(size / cluster.gpus)
+        if engine.offload == "nvme" and kind == "parameters":
+            out[kind] = Item(kind)  # on NVMe: neither device nor host memory
+        elif engine.offload in ("cpu", "nvme"):
+            out[kind] = Item(kind, cpu_node=share * cluster.gpus_per_node)
+        else:
+            out[kind] = Item(kind, gpu=share)
+    return out
+
+
+def block_activation_bytes(shape: ModelShape, seq: int, micro: int, dtype: str, flash: bool = False) -> int:
+    """Activations one block keeps for backward, per micro-batch (Korthikanti et al.)."""
+    s, b, h, a = seq, micro, shape.hidden, shape.heads
+    per_token_layer = 34 * h + (0 if flash else 5 * a * s)
+    return s * b * per_token_layer * DTYPE_BYTES[dtype] // 2
+
+
+def activation_bytes(shape: ModelShape, seq: int, micro: int, dtype: str, *, kept_blocks: int,
+                     checkpointing: bool = False, flash: bool = False, transient_block: bool = False) -> int:
+    """Activations of `kept_blocks` blocks kept for backward (block inputs only when checkpointing, plus
+    one block being recomputed), and optionally one block's activations that live only during forward."""
+    full = block_activation_bytes(shape, seq, micro, dtype, flash)
+    if checkpointing and kept_blocks:
+        kept = kept_blocks * seq * micro * shape.hidden * DTYPE_BYTES[dtype] + full
+    else:
+        kept = kept_blocks * full
+    return kept + (full if transient_block else 0)
+
+
+def largest_layer(shape: ModelShape) -> int:
+    """Parameters of the largest module ZeRO-3 gathers whole: a block or the embedding."""
+    return max(shape.block_params, shape.vocab * shape.hidden)
+
+
+def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, k: int, n_lora: int) -> list[Item]:
+    """Per-GPU and per-node CPU bytes of every item, teacher first."""
+    c, dt, db = cfg.cluster, cfg.dtype, DTYPE_BYTES[cfg.dtype]
+    s, b = cfg.seq_len, cfg.micro_batch
+    items = []
+    t_states = model_states(teacher.params + n_lora, n_lora, dt, cfg.teacher, c)
+    labels = {"parameters": "teacher parameters (frozen base + LoRA)", "gradients": "teacher gradients (LoRA)",
+              "optimizer states": "teacher optimizer states (LoRA)"}
+    for kind, it in t_states.items():
+        items.append(Item(labels[kind], it.gpu, it.cpu_node, key=f"teacher {kind}"))
+    below = k < teacher.layers
+    items.append(Item(f"teacher activations ({k} online blocks kept" + (" + 1 forward block)" if below else ")")
+                      if k else "teacher activations (1 forward block)",
+                      gpu=activation_bytes(teacher, s, b, dt, kept_blocks=k, flash=cfg.flash_attention,
+                                           transient_block=below), key="teacher activations"))
+    if cfg.teacher.zero == 3:
+        items.append(Item("teacher ZeRO-3 gathered layers (2 x largest)", gpu=2 * largest_layer(teacher) * db,
+                          key="teacher gathered layers"))
+    hidden_path = cfg.student.zero < 3
+    if cfg.teacher.zero == 3 and hidden_path:
+        items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy"))
+    for kind, it in model_states(student.params, student.params, dt, cfg.student, c).items():
+        items.append(Item(f"student {kind}", it.gpu, it.cpu_node))
+    ckpt = " (checkpointed)" if cfg.activation_checkpointing else ""
+    items.append(Item(f"student activations{ckpt}",
+                      gpu=activation_bytes(student, s, b, dt, kept_blocks=student.layers,
+                                           checkpointing=cfg.activation_checkpointing, flash=cfg.flash_attention),
+                      key="student activations"))
+    if cfg.student.zero == 3:
+        items.append(Item("student ZeRO-3 gathered layers (2 x largest)", gpu=2 * largest_layer(student) * db,
+                          key="student gathered layers"))
+        items.append(Item("logits at response positions + grads (ZeRO-3 student)",
+                          gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits"))
+    vocab = max(teacher.vocab, student.vocab)
+    loss = LOSS_CHUNK_BUFFERS * min(cfg.chunk_size, s * b) * vocab * 4
+    if hidden_path:
+        loss += student.vocab * student.hidden * 4
+    items.append(Item("loss buffers (logit chunks" + (" + fp32 lm_head grad)" if hidden_path else ")"), gpu=loss,
+                      key="loss buffers"))
+    return items
+
+
+# --------------------------------------------------------------------------- step time
+
+
+def step_time(flops: float, gpus: int, peak_tflops: float, mfu: float = 1.0) -> float:
+    """Seconds per step at `mfu` of the GPUs' peak (mfu = 1: the floor)."""
+    return flops / (gpus * peak_tflops * 1e12 * mfu)
+
+
+def online_block_count(teacher: ModelShape, k: Optional[int]) -> int:
+    """k: as given, else the trainer's default (okd_scale.models.online_block_ids)."""
+    from okd_scale.models import ModelError, online_block_ids
+
+    try:
+        return len(online_block_ids(teacher.layers, k))
+    except ModelError:
+        raise PlanError("--online-blocks", f"expected at most the teacher's {teacher.layers} blocks, got {k}") from None
+
+
+def make_plan(teacher: ModelShape, student: ModelShape, cfg: Settings) -> Plan:
+    """Memory items, FLOPs and the step-time floor of one OKD setting."""
+    if cfg.student.offload == "cpu" and cfg.student.zero == 0:
+        raise PlanError("--student-offload", "cpu offload needs --student-zero 1, 2 or 3")
+    if cfg.teacher.offload == "cpu" and cfg.teacher.zero == 0:
+        raise PlanError("--teacher-offload", "cpu offload needs --teacher-zero 1, 2 or 3")
+    if cfg.teacher.offload == "nvme" and cfg.teacher.zero != 3:
+        raise PlanError("--teacher-offload", "nvme offload needs --teacher-zero 3")
+    k = online_block_count(teacher, cfg.online_blocks) if cfg.online else 0
+    n_lora = lora_params(teacher, k, cfg.lora_r)
+    tokens = cfg.seq_len * cfg.micro_batch * cfg.grad_accum * cfg.cluster.gpus
+    flops = step_flops(n_student=student.params, n_teacher=teacher.params, n_online=teacher.block_params * k,
+                       tokens=tokens, teacher=True, online=cfg.online)
+    return Plan(teacher=teacher, student=student, settings=cfg, online_blocks=k, lora_params=n_lora,
+                items=memory_items(teacher, student, cfg, k, n_lora), tokens_per_step=tokens, flops_per_step=flops,
+                step_time_s=step_time(flops, cfg.cluster.gpus, cfg.peak_tflops, cfg.mfu))
+
+
+# --------------------------------------------------------------------------- teacher placement
+
+HEADROOM = 0.9  # the share of free memory a plan may fill: the rest is the allocator's, the CUDA context's, slack
+
+
+class PlacementError(ValueError):
+    """No placement of the teacher fits the memory there is."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One way to hold the teacher: its engine spec and the shipped DeepSpeed config that gives it."""
+
+    name: str
+    engine: EngineSpec
+    ds_config: str  # relative to the repository
+    what: str
+
+
+# in order of preference: the fastest that fits wins
+PLACEMENTS = (
+    Placement("replica", EngineSpec(1), "ds_configs/teacher_replica.json",
+              "a whole frozen replica per rank (only the online module's optimizer states partitioned)"),
+    Placement("zero3", EngineSpec(3), "ds_configs/teacher_zero3.json", "ZeRO-3 partitioned over the devices"),
+    Placement("zero3_offload_cpu", EngineSpec(3, "cpu"), "ds_configs/teacher_zero3_offload.json",
+              "ZeRO-3 with its parameters offloaded to CPU memory"),
+    Placement("zero3_offload_nvme", EngineSpec(3, "nvme"), "ds_configs/teacher_zero3_nvme.json",
+              "ZeRO-3 with its parameters offloaded to NVMe (deepspeed.nvme_path)"),
+)
+
+
+@dataclass
+class Budget:
+    """The memory a run may use: the minimum over its ranks of free device memory, and of free host
+    memory per node; on the CPU accelerator the ranks of a node share host memory as their device."""
+
+    device_bytes: int
+    host_bytes: int
+    device_is_host: bool = False
+    nvme_path: Optional[str] = None
+
+
+@dataclass
+class PlacementChoice:
+    """The chosen placement, its plan, and every placement considered with why it was refused."""
+
+    placement: Placement
+    plan: Plan
+    refused: list[tuple[Placement, str]]
+    budget: Budget
+
+    def summary(self) -> str:
+        """One line: the choice and the numbers behind it."""
+        c, b = self.plan.settings.cluster, self.budget
+        weights = self.plan.teacher.params * DTYPE_BYTES[self.plan.settings.dtype]
+        if b.device_is_host:
+            need = f"{fmt_bytes(_host_need(self.plan, b))} of {fmt_bytes(b.host_bytes)} free host memory"
+        else:
+            need = (f"{fmt_bytes(self.plan.gpu_total)} per device of {fmt_bytes(b.device_bytes)} free, "
+                    f"{fmt_bytes(self.plan.cpu_node_total)} host per node of {fmt_bytes(b.host_bytes)} free")
+        text = (f"teacher placement: {self.placement.name} ({self.placement.what}); teacher weights "
+                f"{fmt_bytes(weights)}, planned {need} ({c.nodes} node(s) x {c.gpus_per_node} ranks, "
+                f"headroom {HEADROOM:g})")
+        if self.refused:
+            text += "; not " + "; not ".join(f"{p.name}: {why}" for p, why in self.refused)
+        return text
+
+
+def _host_need(plan: Plan, budget: Budget) -> int:
+    """Host memory per node: offloaded items, plus every rank's device items when the device is the host."""
+    per_rank = plan.gpu_total if budget.device_is_host else 0
+    return per_rank * plan.settings.cluster.gpus_per_node + plan.cpu_node_total
+
+
+def refusal(plan: Plan, budget: Budget) -> str:
+    """Why the plan does not fit the budget ("" when it fits)."""
+    if plan.settings.teacher.offload == "nvme" and not budget.nvme_path:
+        return "deepspeed.nvme_path is not set"
+    host = _host_need(plan, budget)
+    if not budget.device_is_host and plan.gpu_total > HEADROOM * budget.device_bytes:
+        return f"needs {fmt_bytes(plan.gpu_total)} per device, {fmt_bytes(budget.device_bytes)} free"
+    if host > HEADROOM * budget.host_bytes:
+        return f"needs {fmt_bytes(host)} of host memory per node, {fmt_bytes(budget.host_bytes)} free"
+    return ""
+
+
+def teacher_placement(teacher: ModelShape, student: ModelShape, cfg: Settings, budget: Budget) -> PlacementChoice:
+    """The first of PLACEMENTS whose plan fits the budget; PlacementError with the numbers when none does."""
+    refused = []
+    for placement in PLACEMENTS:
+        plan = make_plan(teacher, student, dataclasses.replace(cfg, teacher=placement.engine))
+        why = refusal(plan, budget)
+        if not why:
+            return PlacementChoice(placement, plan, refused, budget)
+        refused.append((placement, why))
+    weights = teacher.params * DTYPE_BYTES[cfg.dtype]
+    raise PlacementError(f"the teacher ({fmt_bytes(weights)} of weights) fits nowhere: "
+                         + "; ".join(f"{p.name} {why}" for p, why in refused)
+                         + ". Use more devices or nodes, a smaller micro-batch or sequence length, bf16, or set "
+                           "deepspeed.nvme_path to a fast local disk")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _verdict(total: int, limit_gib: float, items: list[tuple[str, int]], where: str) -> str:
+    ok = total <= limit_gib * GIB
+    name, size = max(items, key=lambda x: x[1])
+    return (f"{where}: {fmt_bytes(total)} of {limit_gib:g} GiB -> {'FITS' if ok else 'DOES NOT FIT'} "
+            f"(biggest: {name}, {fmt_bytes(size)})")
+
+
+def _engine(e: EngineSpec) -> str:
+    return f"ZeRO-{e.zero}" + (f", offload {e.offload}" if e.offload != "none" else "")
+
+
+def render(plan: Plan) -> str:
+    """The plan as markdown: settings, the memory table, fit verdicts, FLOPs and the step-time floor."""
+    cfg, c = plan.settings, plan.settings.cluster
+    run = (f"{c.nodes} node(s) x {c.gpus_per_node} GPUs = {c.gpus} GPUs; seq {cfg.seq_len}, micro-batch "
+           f"{cfg.micro_batch}, grad-accum {cfg.grad_accum}, {cfg.dtype}")
+    run += ", activation checkpointing" if cfg.activation_checkpointing else ""
+    run += ", flash attention" if cfg.flash_attention else ""
+    lines = [
+        "## OKD plan",
+        "",
+        f"- teacher: {plan.teacher.describe()}; {_engine(cfg.teacher)}",
+        (f"- online module: LoRA r={cfg.lora_r} on the last {plan.online_blocks} blocks, "
+         f"{plan.lora_params:,} trainable params" if cfg.online else "- online module: none (a frozen teacher)"),
+        f"- student: {plan.student.describe()}; {_engine(cfg.student)}",
+        f"- {run}",
+        "",
+        "| item | per GPU | CPU per node |",
+        "|---|---:|---:|",
+    ]
+    for it in plan.items:
+        lines.append(f"| {it.name} | {fmt_bytes(it.gpu)} | {fmt_bytes(it.cpu_node)} |")
+    lines.append(f"| **total** | **{fmt_bytes(plan.gpu_total)}** | **{fmt_bytes(plan.cpu_node_total)}** |")
+    lines += [
+        "",
+        "- " + _verdict(plan.gpu_total, c.gpu_mem_gib, [(i.name, i.gpu) for i in plan.items], "GPU per GPU"),
+        "- " + _verdict(plan.cpu_node_total, c.cpu_mem_gib, [(i.name, i.cpu_node) for i in plan.items],
+                        "CPU per node"),
+        f"- overall: {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        "",
+        f"- tokens per step: {plan.tokens_per_step:,}",
+        f"- FLOPs per step: {plan.flops_per_step:.4e} (6*N_student + 2*N_teacher + 4*N_block*k per token)",
+        f"- step time: {plan.step_time_s:.6g} s at mfu {cfg.mfu:g} of {cfg.peak_tflops:g} TFLOP/s per GPU"
+        + (" (the floor)" if cfg.mfu == 1.0 else ""),
+        f"- throughput: {plan.tokens_per_step / plan.step_time_s:,.0f} tokens/s",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _number(kind: type, minimum: float, strict: bool, what: str):
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is int:
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+            value = int(value)
+        if value < minimum or (strict and value == minimum) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POS_INT = _number(int, 0, True, "a positive integer")
+POS_FLOAT = _number(float, 0, True, "a positive number")
+
+
+def _fraction(text: str) -> float:
+    value = POS_FLOAT(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Per-GPU / per-node memory, the teacher's placement and the step-time "
+                                "floor of a distillation run (formulas: the docstring of okd_scale/plan.py).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("models (a local Hugging Face directory / config.json, or a parameter count)")
+    m.add_argument("--teacher", help="teacher model directory or config.json")
+    m.add_argument("--teacher-params", type=POS_INT, help="teacher parameter count, e.g. 7e9")
+    m.add_argument("--student", help="student model directory or config.json")
+    m.add_argument("--student-params", type=POS_INT, help="student parameter count, e.g. 1.1e9")
+    m.add_argument("--vocab-size", type=POS_INT, default=32000, help="vocabulary of a model given as a count")
+    r = p.add_argument_group("run")
+    r.add_argument("--method", choices=("okd", "kd", "sgo"), default="okd",
+                   help="okd: the teacher trains its online module; kd, sgo: a frozen teacher")
+    r.add_argument("--seq-len", type=POS_INT, default=512, help="tokens per sequence")
+    r.add_argument("--micro-batch", type=POS_INT, default=4, help="sequences per GPU per micro-step")
+    r.add_argument("--grad-accum", type=POS_INT, default=1, help="micro-steps per optimizer step")
+    r.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="bf16 mixed precision or fp32")
+    r.add_argument("--activation-checkpointing", action="store_true", help="student gradient checkpointing")
+    r.add_argument("--flash-attention", action="store_true", help="attention keeps no a*s^2 scores")
+    r.add_argument("--chunk-size", type=POS_INT, default=1024, help="loss.chunk_size: tokens per logits chunk")
+    r.add_argument("--online-blocks", type=POS_INT, help="k; None: a quarter of the teacher's blocks, at least 1")
+    r.add_argument("--lora-r", type=POS_INT, default=8, help="the online module's LoRA rank")
+    k = p.add_argument_group("cluster")
+    k.add_argument("--nodes", type=POS_INT, default=1, help="nodes")
+    k.add_argument("--gpus-per-node", type=POS_INT, default=8, help="GPUs per node")
+    k.add_argument("--gpu-mem-gib", type=POS_FLOAT, default=80.0, help="memory per GPU")
+    k.add_argument("--cpu-mem-gib", type=POS_FLOAT, default=512.0, help="CPU memory per node")
+    k.add_argument("--peak-tflops", type=POS_FLOAT, default=989.0, help="peak per GPU (989: H100 bf16 dense)")
+    k.add_argument("--mfu", type=_fraction, default=1.0, help="assumed utilisation in (0, 1]; 1 gives the floor")
+    z = p.add_argument_group("DeepSpeed")
+    z.add_argument("--teacher-zero", type=int, choices=(0, 1, 2, 3),
+                   help="teacher ZeRO stage (default: chosen with the offload, as deepspeed.teacher_config: auto does)")
+    z.add_argument("--teacher-offload", choices=("cpu", "nvme", "none"),
+                   help="teacher offload target (default: chosen with the stage)")
+    z.add_argument("--nvme-path", help="deepspeed.nvme_path: lets the automatic choice offload the teacher to NVMe")
+    z.add_argument("--student-zero", type=int, choices=(0, 1, 2, 3), default=2, help="student ZeRO stage")
+    z.add_argument("--student-offload", choices=("cpu", "none"), default="none", help="student offload target")
+    return p
+
+
+def _shape(parser: argparse.ArgumentParser, path: Optional[str], count: Optional[int], flag: str,
+           vocab: int) -> ModelShape:
+    if path and count:
+        parser.error(f"give either --{flag} or --{flag}-params, not both")
+    if count:
+        return shape_from_count(count, vocab)
+    if not path:
+        parser.error(f"--{flag} or --{flag}-params is required: a model directory / config.json, or a "
+                     f"parameter count such as 7e9")
+    try:
+        return read_shape(path)
+    except (OSError, ValueError) as e:
+        parser.error(f"--{flag} {path}: {e} (expected a local Hugging Face model directory or its config.json)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The Settings the flags give; the teacher's engine as given (ZeRO-3 and no offload by default)."""
+    teacher = EngineSpec(3 if args.teacher_zero is None else args.teacher_zero, args.teacher_offload or "none")
+    return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+                    cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib),
+                    teacher=teacher, online=args.method == "okd",
+                    student=EngineSpec(args.student_zero, args.student_offload),
+                    online_blocks=args.online_blocks, lora_r=args.lora_r, dtype=args.dtype,
+                    peak_tflops=args.peak_tflops, mfu=args.mfu, activation_checkpointing=args.activation_checkpointing,
+                    flash_attention=args.flash_attention, chunk_size=args.chunk_size)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    teacher = _shape(parser, args.teacher, args.teacher_params, "teacher", args.vocab_size)
+    student = _shape(parser, args.student, args.student_params, "student", args.vocab_size)
+    settings = settings_from_args(args)
+    try:
+        if args.teacher_zero is None and args.teacher_offload is None:
+            budget = Budget(int(args.gpu_mem_gib * GIB), int(args.cpu_mem_gib * GIB), nvme_path=args.nvme_path)
+            try:
+                choice = teacher_placement(teacher, student, settings, budget)
+                plan, placement = choice.plan, f"- {choice.summary()}"
+            except PlacementError as e:  # the plan of the smallest placement, with its DOES NOT FIT verdicts
+                last = PLACEMENTS[-1] if args.nvme_path else PLACEMENTS[-2]
+                plan = make_plan(teacher, student, dataclasses.replace(settings, teacher=last.engine))
+                placement = f"- teacher placement: {e} (the table: {last.name})"
+        else:
+            plan, placement = make_plan(teacher, student, settings), "- teacher placement: as given by the flags"
+    except PlanError as e:
+        parser.error(str(e))
+    print(render(plan) + "\n" + placement)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
