@@ -1,0 +1,177 @@
+"""deepspeed.teacher_config: auto — the teacher placed by its size (okd_scale.plan.teacher_placement), the same
+choice as the plan command line, and every placement training exactly as ZeRO-3 with CPU offload."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from okd_scale import plan
+from test_train import ROOT, _assert_same_runs, clean_env, write_config
+
+GIB = plan.GIB
+OFFLOAD = "ds_configs/teacher_zero3_offload.json"
+
+
+def _choose(teacher: float, student: float, *, gpus: int, gpu_gib: float, host_gib: float, nvme=None,
+            seq=512, micro=1) -> str:
+    t, s = plan.shape_from_count(int(teacher)), plan.shape_from_count(int(student))
+    settings = plan.Settings(seq_len=seq, micro_batch=micro, cluster=plan.Cluster(1, gpus), flash_attention=True)
+    budget = plan.Budget(int(gpu_gib * GIB), int(host_gib * GIB), nvme_path=nvme)
+    return plan.teacher_placement(t, s, settings, budget).placement.name
+
+
+def test_hand_computed_cases():
+    # (sequences of 512 tokens, one per GPU) a 7B teacher in bf16 is 14 GB of weights: whole on each 80 GB GPU
+    # beside a 1B student
+    assert _choose(7e9, 1e9, gpus=8, gpu_gib=80, host_gib=512) == "replica"
+    # on 16 GB GPUs 14 GB of weights leave no room for the student: ZeRO-3 puts 1.75 GB on each of 8
+    assert _choose(7e9, 1e9, gpus=8, gpu_gib=16, host_gib=512) == "zero3"
+    # a 70B teacher (140 GB) on 2 x 24 GB GPUs: 70 GB per partition does not fit; 140 GB fits 512 GB of host
+    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=512) == "zero3_offload_cpu"
+    # ... nor 64 GB of host: NVMe when there is a path, else refused with the numbers and what to change
+    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64, nvme="/local_nvme") == "zero3_offload_nvme"
+    with pytest.raises(plan.PlacementError) as err:
+        _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64)
+    text = str(err.value)
+    assert "130.39 GiB of weights" in text and "fits nowhere" in text and "deepspeed.nvme_path" in text
+    assert "replica needs" in text and "24.00 GiB free" in text and "64.00 GiB free" in text
+
+
+def _settings(**kw) -> plan.Settings:
+    return plan.Settings(seq_len=1024, micro_batch=2, cluster=plan.Cluster(1, 4), **kw)
+
+
+def test_boundaries_each_way():
+    teacher, student = plan.shape_from_count(int(3e9)), plan.shape_from_count(int(5e8))
+    cfg = _settings()
+    need = {p.name: plan.make_plan(teacher, student, _settings(teacher=p.engine)) for p in plan.PLACEMENTS}
+    host = 1024 * GIB
+
+    def pick(device: int, host_bytes: int = host, **kw) -> str:
+        return plan.teacher_placement(teacher, student, cfg, plan.Budget(device, host_bytes, **kw)).placement.name
+
+    replica = need["replica"].gpu_total
+    assert pick(math.ceil(replica / plan.HEADROOM) + 1) == "replica"
+    assert pick(math.floor(replica / plan.HEADROOM) - 1) == "zero3"
+    zero3 = need["zero3"].gpu_total
+    assert pick(math.ceil(zero3 / plan.HEADROOM) + 1) == "zero3"
+    assert pick(math.floor(zero3 / plan.HEADROOM) - 1) == "zero3_offload_cpu"
+    # CPU offload against host memory per node (4 GPUs' partitions); below it NVMe, if there is a path
+    small = math.floor(zero3 / plan.HEADROOM) - 1
+    offload = need["zero3_offload_cpu"]
+    assert offload.gpu_total <= plan.HEADROOM * small
+    cpu = offload.cpu_node_total
+    assert pick(small, math.ceil(cpu / plan.HEADROOM) + 1) == "zero3_offload_cpu"
+    assert pick(small, math.floor(cpu / plan.HEADROOM) - 1, nvme_path="/nvme") == "zero3_offload_nvme"
+    # the CPU accelerator: the 4 ranks' "device" items and the offloaded ones share host memory
+    shared = 4 * replica
+    assert pick(0, math.ceil(shared / plan.HEADROOM) + 1, device_is_host=True) == "replica"
+    assert pick(0, math.floor(shared / plan.HEADROOM) - 1, device_is_host=True) != "replica"
+
+
+def test_the_trainer_and_the_command_line_agree(tmp_path, pair):
+    """The trainer's Settings for a run equal the command line's for the same run (one plan, not two), and
+    the command line prints the choice that teacher_placement makes."""
+    from okd_scale.config import load_config
+    from okd_scale.engines import build_ds_config, teacher_placement
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), ["loss.chunk_size=64"])
+    student_ds = build_ds_config(cfg.deepspeed.student_config, {}, micro_batch_size=4, gradient_accumulation_steps=1,
+                                 world_size=1, learning_rate=1e-3, weight_decay=0.0, bf16=False, max_grad_norm=1.0)
+    choice = teacher_placement(cfg, student_ds)
+    assert choice.placement.name == "replica"  # a tiny pair fits anywhere
+    args = plan.build_parser().parse_args(
+        ["--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "--seq-len", "64",
+         "--micro-batch", "4", "--dtype", "fp32", "--online-blocks", "2", "--chunk-size", "64", "--student-zero", "2",
+         "--gpus-per-node", "1", "--gpu-mem-gib", "8", "--cpu-mem-gib", "8"])
+    settings = plan.settings_from_args(args)
+    cli = plan.make_plan(plan.read_shape(pair / "teacher"), plan.read_shape(pair / "student"),
+                         plan.dataclasses.replace(settings, teacher=choice.placement.engine))
+    assert [(i.key, i.gpu, i.cpu_node) for i in cli.items] == [(i.key, i.gpu, i.cpu_node) for i in choice.plan.items]
+
+    common = ["--teacher-params", "7e9", "--student-params", "1e9", "--seq-len", "512", "--micro-batch", "1",
+              "--gpus-per-node", "8", "--flash-attention"]
+    for gib, name in (("80", "replica"), ("16", "zero3")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *common, "--gpu-mem-gib", gib],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert f"- teacher placement: {name} (" in proc.stdout
+        assert name == _choose(7e9, 1e9, gpus=8, gpu_gib=float(gib), host_gib=512)
+
+
+def test_a_teacher_that_fits_nowhere_is_refused_before_any_engine(tmp_path, pair):
+    """A 70B-parameter config (no weights needed: the refusal comes first) on this machine, no NVMe path."""
+    import shutil
+
+    from okd_scale.config import ConfigError, load_config
+    from okd_scale.trainer import train
+
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    config = json.loads((pair / "teacher" / "config.json").read_text())
+    config.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8)
+    (huge / "config.json").write_text(json.dumps(config))
+    for f in (pair / "teacher").glob("*token*"):
+        shutil.copy(f, huge / f.name)
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
+                      [f"model.teacher={huge}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    text = str(err.value)
+    assert '"deepspeed.teacher_config" is auto, but the teacher' in text and "fits nowhere" in text
+    assert "GiB of weights" in text and "deepspeed.nvme_path is not set" in text
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_nvme_offload_needs_a_path():
+    from okd_scale.config import ConfigError
+    from okd_scale.engines import build_ds_config
+
+    common = dict(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, learning_rate=1e-4,
+                  weight_decay=0.0, bf16=False, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match=r'"deepspeed.nvme_path" is not set'):
+        build_ds_config("ds_configs/teacher_zero3_nvme.json", {}, **common)
+    cfg = build_ds_config("ds_configs/teacher_zero3_nvme.json", {}, nvme_path="/local_nvme", **common)
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "nvme", "nvme_path": "/local_nvme",
+                                                         "pin_memory": True}
+    # without an optimizer (a frozen teacher) ZeRO-1/2 mean nothing: the replica runs as stage 0
+    assert build_ds_config("ds_configs/teacher_replica.json", {}, with_optimizer=False, **common)[
+        "zero_optimization"]["stage"] == 0
+
+
+@pytest.mark.parametrize("method", ["okd", "kd"])
+def test_each_placement_trains_as_zero3_offload_one_process(tmp_path, pair, method):
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    for name in ("offload", "replica", "zero3"):
+        path = {"offload": OFFLOAD, "replica": "ds_configs/teacher_replica.json",
+                "zero3": "ds_configs/teacher_zero3.json"}[name]
+        run_and_dump(load_config(write_config(tmp_path / f"{name}.yaml", pair, method),
+                                 [f"output_dir={tmp_path / name}", f"deepspeed.teacher_config={path}",
+                                  "data.eval_file=null"]))
+    for name in ("replica", "zero3"):
+        _assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["okd", "kd"])
+def test_each_placement_trains_as_zero3_offload_two_processes(tmp_path, pair, method):
+    for name, path in (("offload", OFFLOAD), ("auto", "auto"), ("zero3", "ds_configs/teacher_zero3.json")):
+        cfg = write_config(tmp_path / f"{name}.yaml", pair, method)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / name}",
+               f"deepspeed.teacher_config={path}", "data.eval_file=null"]
+        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        if name == "auto":
+            assert "teacher placement: replica" in proc.stderr
+    for name in ("auto", "zero3"):
+        _assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
