@@ -2,7 +2,7 @@
 
     python tools/bench_methods.py                                  # the demo pair (made when missing)
     python tools/bench_methods.py --teacher T --student S --data train.jsonl --nproc 2 \
-        --methods sft,kd,seqkd,sgo,okd --steps 6 --warmup 2 --max-length 128 --batch-size 4
+        --methods sft,kd,seqkd,sgo,okd --steps 6 --warmup 2 --max-length 128 --batch-size 4 [--bf16]
 
 Each method runs `--warmup + --steps` optimizer steps of okd_scale/train.py under torchrun with
 `--nproc` processes, the same data order (seed), micro-batch and sequence length, the same divergence
@@ -35,8 +35,47 @@ sys.path.insert(0, str(ROOT / "tools"))
 METHODS = ("sft", "kd", "seqkd", "sgo", "okd")
 
 
-def run_method(method: str, args, out: Path) -> dict:
-    """One method's run; its measured rows and metrics."""
+def has_config_key(key: str) -> bool:
+    """Whether okd_scale's run config knows the dotted `key` (keys being added are passed only once they exist)."""
+    from okd_scale.config import RunConfig, _all_keys
+
+    return key in _all_keys(RunConfig)
+
+
+def launch_env(nproc: int) -> dict:
+    """The environment of a launched run: the cores shared out among `nproc` processes, no hub access."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.setdefault(key, "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def demo_pair(args) -> None:
+    """Fill in whichever of args.teacher, args.student, args.data is unset from the demo pair (made when missing)."""
+    if args.teacher and args.student and args.data:
+        return
+    from demo import prepare_assets
+
+    demo = Path(args.demo_dir).resolve()
+    prepare_assets(demo)
+    args.teacher = args.teacher or str(demo / "teacher")
+    args.student = args.student or str(demo / "student_init")
+    args.data = args.data or str(demo / "data" / "train.jsonl")
+
+
+def bench_rows(data: str, needed: int, out: Path, parser) -> str:
+    """A copy of the first `needed` rows of `data` in `out` (every run reads exactly these); its path."""
+    lines = [line for line in Path(data).read_text().splitlines() if line.strip()]
+    if len(lines) < needed:
+        parser.error(f"--data {data}: {len(lines)} rows, fewer than the {needed} the runs need")
+    path = out / "bench_train.jsonl"
+    path.write_text("\n".join(lines[:needed]) + "\n")
+    return str(path)
+
+
+def run_method(method: str, args, out: Path, extra: list[str] = ()) -> dict:
+    """One method's run in `out/method`, with `extra` overrides after args.overrides; its measured rows and metrics."""
     overrides = [f"method={method}", f"model.teacher={args.teacher}", f"model.student={args.student}",
                  f"data.train_file={args.data}", "data.eval_file=null", f"output_dir={out / method}",
                  f"train.max_steps={args.warmup + args.steps}", f"train.per_device_train_batch_size={args.batch_size}",
@@ -44,12 +83,13 @@ def run_method(method: str, args, out: Path) -> dict:
                  f"loss.divergence={args.divergence}", f"online.divergence={args.divergence}",
                  f"sgo.lambda=1", f"sgo.max_new_tokens={args.sgo_new_tokens}",
                  f"seqkd.cache_file={out / 'seqkd_cache.jsonl'}", f"seqkd.max_new_tokens={args.sgo_new_tokens}",
-                 *args.overrides]
+                 *(["train.bf16=true"] if getattr(args, "bf16", False) else []),
+                 *([f"deepspeed.teacher_config={args.teacher_config}"] if getattr(args, "teacher_config", None) else []),
+                 *args.overrides, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            str(ROOT / "okd_scale" / "train.py"), "--config", str(args.config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.nproc)))}
     clock = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(args.nproc), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench_methods: {method} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / method / "log_history.jsonl").read_text().splitlines()]
@@ -60,6 +100,7 @@ def run_method(method: str, args, out: Path) -> dict:
     seqkd = metrics["data"].get("seqkd") or {}
     return {"method": method, "step_s": step,
             "tokens_per_s": sum(r["tokens/seen"] for r in measured) / sum(r["time/step_s"] for r in measured),
+            "tokens_per_step": statistics.mean(r["tokens/seen"] for r in measured),
             "peak_gib_per_rank": metrics["peak_memory_gib_per_rank"], "device": metrics["device"],
             "phases_s": {k[5:-2]: statistics.mean(r.get(k, 0.0) for r in measured) for k in phases},
             "mfu": metrics.get("mfu"), "run_s": time.perf_counter() - clock,
@@ -103,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--divergence", default="fkl")
     p.add_argument("--sgo-new-tokens", type=int, default=128)
+    p.add_argument("--bf16", action="store_true", help="train in bf16 (train.bf16=true)")
+    p.add_argument("--teacher-config", help="deepspeed.teacher_config for every run (default: the base config's)")
     p.add_argument("--out", help="run directory (default: a temporary one)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="more key=value for every run")
@@ -114,30 +157,20 @@ def main(argv=None) -> int:
     for flag in ("steps", "warmup", "nproc", "batch_size", "max_length", "sgo_new_tokens"):
         if getattr(args, flag) < (0 if flag == "warmup" else 1):
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
-    if not (args.teacher and args.student and args.data):
-        from demo import prepare_assets
-
-        demo = Path(args.demo_dir).resolve()
-        prepare_assets(demo)
-        args.teacher = args.teacher or str(demo / "teacher")
-        args.student = args.student or str(demo / "student_init")
-        args.data = args.data or str(demo / "data" / "train.jsonl")
+    demo_pair(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_methods_"))
     out.mkdir(parents=True, exist_ok=True)
     # exactly the examples the runs consume, so seqkd's one-off generation covers just those
-    needed = args.nproc * args.batch_size * (args.warmup + args.steps)
-    lines = [line for line in Path(args.data).read_text().splitlines() if line.strip()]
-    if len(lines) < needed:
-        p.error(f"--data {args.data}: {len(lines)} rows, fewer than the {needed} the runs need")
-    args.data = str(out / "bench_train.jsonl")
-    Path(args.data).write_text("\n".join(lines[:needed]) + "\n")
+    args.data = bench_rows(args.data, args.nproc * args.batch_size * (args.warmup + args.steps), out, p)
+    extra = ["train.profile_phases=true"] if has_config_key("train.profile_phases") else []  # the phase columns
     results = []
     for method in methods:
         print(f"bench_methods: {method} ...", file=sys.stderr, flush=True)
-        results.append(run_method(method, args, out))
+        results.append(run_method(method, args, out, extra))
     print(f"\n{args.nproc} processes, {args.batch_size} sequences/process of at most {args.max_length} tokens, "
           f"{args.steps} measured steps after {args.warmup}, divergence {args.divergence}, "
-          f"sgo lambda=1 with {args.sgo_new_tokens} new tokens; device {results[0]['device']}\n")
+          f"sgo lambda=1 with {args.sgo_new_tokens} new tokens, {'bf16' if args.bf16 else 'fp32'}; "
+          f"device {results[0]['device']}\n")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,0 +1,53 @@
+"""tools/bench_peers.py on the tiny pair: TRL's GKDTrainer and okd_scale's kd, okd, sgo each get a row, TRL sees
+the same rows in the same order as okd_scale, and the target lines print."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_ADAM = '{"optimizer": {"params": {"torch_adam": true}}}'
+
+
+@pytest.mark.slow
+def test_bench_peers_table(tmp_path, pair):
+    pytest.importorskip("trl", reason="the benchmark extra: pip install -e .[bench]")
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--teacher", str(pair / "teacher"),
+           "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
+           "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-length", "48", "--new-tokens", "8",
+           "--out", str(runs), "--json", str(tmp_path / "peers.json"),
+           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM}",
+           f"deepspeed.student_overrides={TORCH_ADAM}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "peers.json").read_text())
+    assert [r["method"] for r in results] == ["trl_gkd", "kd", "okd", "trl_gkd_onpolicy", "sgo"]
+    by = {r["method"]: r for r in results}
+    for r in results:
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_gib_per_rank"][0] > 0
+        assert r["precision"] == "fp32" and r["nproc"] == 1
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {r['label']} | fp32 | 1 |"))
+        if r["pairs_with"] is None:
+            assert row.endswith("| - |")
+        else:
+            ratio = r["tokens_per_s"] / by[r["pairs_with"]]["tokens_per_s"]
+            assert row.endswith(f"| {ratio:.2f} |")
+    # the same rows in the same order: TRL (lmbda=0) and kd see the same tokens at every step
+    trl_tokens = json.loads((runs / "trl_gkd" / "rank0.json").read_text())["tokens"]
+    kd_tokens = [json.loads(line)["tokens/seen"] for line in (runs / "kd" / "log_history.jsonl").read_text().splitlines()]
+    assert trl_tokens == kd_tokens
+    assert re.search(r"okd_scale kd / TRL GKD lmbda=0 tokens/s = [\d.]+ \(target >= 1.2\): (PASS|FAIL)", proc.stdout)
+    assert re.search(r"okd_scale sgo / TRL GKD lmbda=1 tokens/s = [\d.]+ \(target >= 1.2\): (PASS|FAIL)", proc.stdout)
+    assert re.search(r"okd_scale okd / kd step time = [\d.]+ \(target <= 1.25\): (PASS|FAIL)", proc.stdout)
+
+
+def test_bench_peers_refuses_bad_flag_values():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--new-tokens", "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--new-tokens must be a positive integer, got 0" in proc.stderr
