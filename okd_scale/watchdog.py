@@ -1,13 +1,18 @@
 """Liveness of the ranks of a multi-rank run, so that a rank that dies or hangs stops the others with
 a message naming it instead of leaving them waiting in a collective forever.
 
-Every rank runs a daemon thread that beats into the process group's store: a counter, its step, and
-where its main thread is (file:line, and whether that is inside a torch.distributed or DeepSpeed comm
-call). When this rank's training steps stop advancing for ``train.ddp_timeout`` seconds, or a
-collective raises, the ranks are looked at twice, a few beats apart: a rank whose beat did not move
-died (or is frozen); a live rank that stayed at one line outside any collective while others wait in
-one is the one that hangs. The verdict goes to the store (so every rank reports the same one) and the
-process exits with status 1.
+Every rank runs a daemon thread that beats into the process group's store: a counter, its training
+step, how many collectives it has issued on each process group (the groups' sequence numbers), and
+where its main thread is. When this rank's training steps stop advancing for ``train.ddp_timeout``
+seconds, or a collective raises, the ranks are looked at twice, a few beats apart: a rank whose beat
+did not move died (or is frozen); a live rank that did not move and is behind another one (an earlier
+step, or fewer collectives issued on a group they share) is the one that hangs: the others have entered
+a collective it never reached. This holds whatever the backend does while it waits (gloo blocks inside
+the collective call; under NCCL the call returns and the rank blocks later, in a device sync of its own
+code). Where a backend keeps no sequence numbers, the main thread's Python frames stand in (a live rank
+outside any torch.distributed/DeepSpeed comm call while others wait in one); ``frames=False`` (or
+OKD_SCALE_WATCHDOG_FRAMES=0) turns that off. The verdict goes to the store (so every rank reports the
+same one) and the process exits with status 1.
 """
 from __future__ import annotations
 
@@ -37,6 +42,42 @@ def _default_store():
         return _get_default_store()
     except (ImportError, RuntimeError, ValueError):
         return None
+
+
+def collective_counts() -> dict[str, int]:
+    """{process group name: collectives this rank has issued on it} for every group it belongs to whose
+    backend keeps sequence numbers (gloo and NCCL do); names agree across ranks (groups are created in
+    the same order on every rank)."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        groups = list(c10d._world.pg_map)
+        names = c10d._world.pg_names
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+    counts = {}
+    for pg in groups:
+        try:
+            counts[str(names[pg])] = int(pg._get_sequence_number_for_group())
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):  # no sequence numbers here
+            continue
+    return counts
+
+
+def _ahead(a: dict, b: dict, b_rank: int) -> Optional[str]:
+    """How the rank of beat ``a`` is ahead of the rank of beat ``b`` (a later step, or more collectives
+    issued on a group they share), in words; None when it is not."""
+    if a["step"] != b["step"]:
+        return f"is at step {a['step']}" if a["step"] > b["step"] else None
+    for group in sorted(set(a.get("seq", {})) & set(b.get("seq", {}))):
+        if a["seq"][group] > b["seq"][group]:
+            return (f"has issued {a['seq'][group]} collectives on process group {group}, rank {b_rank} only "
+                    f"{b['seq'][group]}")
+    return None
+
+
+def _frames_default() -> bool:
+    return os.environ.get("OKD_SCALE_WATCHDOG_FRAMES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def main_thread_location() -> tuple[str, bool]:
@@ -71,6 +112,11 @@ def _store_gone() -> str:
             f"{os.environ.get('MASTER_PORT', '?')}): it died, was killed, or its node is down")
 
 
+def _position(beat: dict) -> tuple:
+    """Where a rank's training is: its step and its collectives issued per group."""
+    return beat["step"], tuple(sorted(beat.get("seq", {}).items()))
+
+
 class RankFailure(RuntimeError):
     """Another rank died or hangs (the message names it)."""
 
@@ -83,12 +129,16 @@ def collective_timeout(timeout_s: float) -> float:
 class Watchdog:
     """One rank's beat thread and the stall check (see the module docstring). ``progress(step)`` marks
     that this rank's training advanced; ``arm()``/``disarm()`` bracket the part of the run where a
-    stall of ``timeout_s`` counts (the training loop)."""
+    stall of ``timeout_s`` counts (the training loop). ``store``: where the beats go (default: the
+    process group's own; none, and no thread, on one rank). ``frames``: whether Python frames may single
+    out a hung rank where no sequence numbers can (default: OKD_SCALE_WATCHDOG_FRAMES, on)."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, interval_s: Optional[float] = None):
+    def __init__(self, rank: int, world: int, timeout_s: float, interval_s: Optional[float] = None,
+                 store=None, frames: Optional[bool] = None):
         self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
         self.interval_s = interval_s or min(30.0, max(0.5, self.timeout_s / 10))
-        self.store = _default_store()
+        self.frames = _frames_default() if frames is None else bool(frames)
+        self.store = store if store is not None else _default_store()
         self.step, self.beat = 0, 0
         self._progress_at = time.monotonic()
         self._armed = self.exiting = False
@@ -120,8 +170,8 @@ class Watchdog:
     def _beat(self) -> None:
         self.beat += 1
         where, waiting = main_thread_location()
-        self.store.set(f"{KEY}{self.rank}", json.dumps({"beat": self.beat, "step": self.step, "where": where,
-                                                         "waiting": waiting}))
+        beat = {"beat": self.beat, "step": self.step, "seq": collective_counts(), "where": where, "waiting": waiting}
+        self.store.set(f"{KEY}{self.rank}", json.dumps(beat))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -152,7 +202,7 @@ class Watchdog:
         for r in range(self.world):
             key = f"{KEY}{r}"
             beats[r] = (json.loads(bytes(self.store.get(key)).decode()) if self.store.check([key])
-                        else {"beat": -1, "step": 0, "where": "never started", "waiting": False})
+                        else {"beat": -1, "step": 0, "seq": {}, "where": "never started", "waiting": False})
         return beats
 
     def _verdict(self) -> Optional[str]:
@@ -178,16 +228,24 @@ class Watchdog:
         others = [r for r in range(self.world) if r != self.rank]
         dead = [r for r in others if second[r]["beat"] == first[r]["beat"]]
         alive = [r for r in range(self.world) if r not in dead]
-        waiting = [r for r in alive if first[r]["waiting"] and second[r]["waiting"]]
-        hung = [r for r in others if r in alive and waiting and not first[r]["waiting"]
-                and first[r]["where"] == second[r]["where"]]
+        still = [r for r in alive if _position(first[r]) == _position(second[r])]
+        hung = {}  # rank -> how another rank is ahead of it
+        for r in still:
+            ahead = [(o, _ahead(second[o], second[r], r)) for o in alive if o != r]
+            ahead = [(o, how) for o, how in ahead if how]
+            if ahead:
+                hung[r] = f"rank {ahead[0][0]} {ahead[0][1]}"
+        if not hung and self.frames and not any(second[r].get("seq") for r in alive):
+            waiting = [r for r in alive if first[r]["waiting"] and second[r]["waiting"]]
+            hung = {r: "seen from Python frames: the others are inside a collective call" for r in others
+                    if r in still and waiting and not first[r]["waiting"] and first[r]["where"] == second[r]["where"]}
         if not dead and not hung:
             return None
         waited = f" after {stalled_s:.0f} s without progress" if stalled_s is not None else ""
         parts = [f"rank {r} stopped answering (last heard from at step {second[r]['step']}; no heartbeat for "
                  f"{3 * self.interval_s:.1f} s: it died, was killed, or is frozen; see its log)" for r in dead]
         parts += [f"rank {r} hangs at step {second[r]['step']} outside the collective the other ranks wait in "
-                  f"(its main thread stays at {second[r]['where']})" for r in hung]
+                  f"({how}; its main thread stays at {second[r]['where']})" for r, how in hung.items()]
         message = f"{'; '.join(parts)} (found by rank {self.rank}{waited}; train.ddp_timeout is {self.timeout_s:.0f} s)"
         try:
             self.store.set(f"{KEY}verdict", message)

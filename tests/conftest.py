@@ -2,7 +2,8 @@ import os
 import sys
 from pathlib import Path
 
-# Set before anything imports deepspeed/transformers.
+# Set before anything imports deepspeed/transformers. DS_ACCELERATOR=cuda (as `make test` exports where
+# nvidia-smi exists) runs the tests on the GPU: they take their tensors' device from the `device` fixture.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +17,12 @@ sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device tests compute on: DeepSpeed's accelerator's current device (torch.device("cpu") on CPU)."""
+    return tiny.device()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """tools/convert_to_hf.py: checkpoints of 1- and 2-process runs, ZeRO-2 and ZeRO-3 students, become
 Hugging Face directories whose logits are the trained model's; the teacher with its online module,
-merged or as an adapter; sharded output; and every refusal."""
+merged or as an adapter; sharded output; and every refusal. The runs train on the accelerator (2-process
+runs on the CPU where it has fewer than 2 devices); conversion and the logits compared run on the host."""
 from __future__ import annotations
 
 import json
@@ -12,36 +13,44 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import ROOT, clean_env, write_config
+import tiny
+from test_train import ROOT, write_config
 
 TOOL = ROOT / "tools" / "convert_to_hf.py"
 RUNS = {"1proc-zero2": (1, "ds_configs/student_zero2.json"), "1proc-zero3": (1, "ds_configs/student_zero3.json"),
         "2proc-zero2": (2, "ds_configs/student_zero2.json"), "2proc-zero3": (2, "ds_configs/student_zero3.json")}
 
 
+class Runs(dict):
+    """okd runs of 4 steps, one per (processes, student ZeRO stage), and one with a tied-embedding student
+    under ZeRO-3 ("tied-zero3", 2 processes): run name -> output directory, each trained on first use."""
+
+    def __init__(self, base: Path, pair: Path, tokenizer):
+        super().__init__()
+        self.base, self.pair = base, pair
+        tiny.make_llama(base / "tied_student", tokenizer, num_layers=2, hidden=32, seed=5, tie=True)
+
+    def __missing__(self, name: str) -> Path:
+        nproc, student_config = {**RUNS, "tied-zero3": (2, "ds_configs/student_zero3.json")}[name]
+        cfg = write_config(self.base / f"{name}.yaml", self.pair, "okd", deepspeed={"student_config": student_config})
+        extra = [f"model.student={self.base / 'tied_student'}"] if name.startswith("tied") else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={self.base / name}", "train.max_steps=4",
+               "data.eval_file=null", *extra]
+        proc = subprocess.run(cmd, env=tiny.subprocess_env(nproc), capture_output=True, text=True, timeout=600,
+                              cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        self[name] = self.base / name
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, pair, tokenizer):
-    """okd runs of 4 steps, one per (processes, student ZeRO stage), and one with a tied-embedding
-    student under ZeRO-3; their output directories."""
-    import tiny
-
-    base = tmp_path_factory.mktemp("convert_runs")
-    tiny.make_llama(base / "tied_student", tokenizer, num_layers=2, hidden=32, seed=5, tie=True)
-    outs = {}
-    for name, (nproc, student_config) in {**RUNS, "tied-zero3": (2, "ds_configs/student_zero3.json")}.items():
-        cfg = write_config(base / f"{name}.yaml", pair, "okd", deepspeed={"student_config": student_config})
-        extra = [f"model.student={base / 'tied_student'}"] if name.startswith("tied") else []
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={base / name}", "train.max_steps=4",
-               "data.eval_file=null", *extra]
-        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[name] = base / name
-    return outs
+    return Runs(tmp_path_factory.mktemp("convert_runs"), pair, tokenizer)
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], env=clean_env(), capture_output=True,
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], env=tiny.subprocess_env(), capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
 
 

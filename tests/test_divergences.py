@@ -1,4 +1,5 @@
-"""Tests for okd_scale.divergences against float64 references written from the formulas."""
+"""Tests for okd_scale.divergences against float64 references written from the formulas, on DeepSpeed's
+accelerator (the `device` fixture: the CPU, or the GPU under DS_ACCELERATOR=cuda)."""
 
 import math
 
@@ -44,7 +45,7 @@ def ref_akl_head_weight(p, q, mu):
                 g_tail += gap
             mass += p_row[i]
         weights.append(g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5)
-    return torch.tensor(weights, dtype=torch.float64).reshape(p.shape[:-1])
+    return torch.tensor(weights, dtype=torch.float64, device=p.device).reshape(p.shape[:-1])
 
 
 def ref_divergence(name, p_logits, q_logits, temperature=1.0, beta=0.5, alpha=0.1, mu=0.5):
@@ -94,12 +95,12 @@ CASES = [  # (shape, masked, temperature)
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("shape,masked,temperature", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_float64_reference(name, shape, masked, temperature, dtype):
+def test_matches_float64_reference(name, shape, masked, temperature, dtype, device):
     g = torch.Generator().manual_seed(100 * DIVERGENCES.index(name) + shape[-1])
-    pl = (torch.randn(shape, generator=g) * 3).to(dtype)
-    ql = (torch.randn(shape, generator=g) * 3).to(dtype)
-    mask = torch.rand(shape[:-1], generator=g) > 0.4 if masked else None
-    up = torch.rand(shape[:-1], generator=g, dtype=torch.float64)  # per-token upstream weights
+    pl = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+    ql = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+    mask = (torch.rand(shape[:-1], generator=g) > 0.4).to(device) if masked else None
+    up = torch.rand(shape[:-1], generator=g, dtype=torch.float64).to(device)  # per-token upstream weights
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
 
     # per-token values and gradients w.r.t. both logits
@@ -112,7 +113,7 @@ def test_matches_float64_reference(name, shape, masked, temperature, dtype):
     close(gq, rgq, **tol)
 
     # masked sum
-    keep = torch.ones(shape[:-1], dtype=torch.bool) if mask is None else mask
+    keep = torch.ones(shape[:-1], dtype=torch.bool, device=device) if mask is None else mask
     v, (gp, gq) = value_and_grads(
         lambda a, b: divergence_sum(name, a, b, mask, temperature=temperature, **PARAMS), pl, ql)
     rv, (rgp, rgq) = value_and_grads(
@@ -124,23 +125,23 @@ def test_matches_float64_reference(name, shape, masked, temperature, dtype):
 
 
 @pytest.mark.parametrize("name", [n for n in DIVERGENCES if n != "akl"])
-def test_gradcheck(name):
+def test_gradcheck(name, device):
     g = torch.Generator().manual_seed(1)
-    pl = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    ql = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    pl = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    ql = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, b: token_divergence(name, a, b, temperature=1.3, **PARAMS), (pl, ql))
-    mask = torch.tensor([True, False, True])
+    mask = torch.tensor([True, False, True], device=device)
     assert torch.autograd.gradcheck(
         lambda a, b: divergence_sum(name, a, b, mask, temperature=0.8, chunk_size=1, **PARAMS), (pl, ql))
 
 
-def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl():
+def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl(device):
     """AKL's weights are constants for autograd, so gradcheck does not apply to it directly;
     check by finite differences that its gradient is that of w*FKL + (1-w)*RKL, w held fixed."""
     g = torch.Generator().manual_seed(2)
-    pl = torch.randn(4, 9, generator=g, dtype=torch.float64)
-    ql = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    pl = torch.randn(4, 9, generator=g, dtype=torch.float64).to(device)
+    ql = torch.randn(4, 9, generator=g, dtype=torch.float64).to(device)
     w = ref_akl_head_weight(torch.softmax(pl, -1), torch.softmax(ql, -1), PARAMS["mu"])
     assert ((w > 0.05) & (w < 0.95)).any()  # a real mixture, not just FKL or RKL
 
@@ -150,7 +151,7 @@ def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl():
     _, (gp, gq) = value_and_grads(lambda a, b: token_divergence("akl", a, b, **PARAMS).sum(), pl, ql)
     eps = 1e-6
     for x, grad, which in ((pl, gp, 0), (ql, gq, 1)):
-        d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        d = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
         plus = [pl, ql]
         minus = [pl, ql]
         plus[which], minus[which] = x + eps * d, x - eps * d
@@ -158,9 +159,9 @@ def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl():
         assert abs(numeric.item() - (grad * d).sum().item()) < 1e-6
 
 
-def test_akl_head_is_smallest_prefix_reaching_mu():
-    p = torch.tensor([0.40, 0.35, 0.25], dtype=torch.float64)
-    q = torch.tensor([0.20, 0.50, 0.30], dtype=torch.float64)
+def test_akl_head_is_smallest_prefix_reaching_mu(device):
+    p = torch.tensor([0.40, 0.35, 0.25], dtype=torch.float64, device=device)
+    q = torch.tensor([0.20, 0.50, 0.30], dtype=torch.float64, device=device)
     # mu=0.5: head = {0.40, 0.35} (mass before 0.35 is 0.40 < 0.5); g_head=0.35, g_tail=0.05
     akl = token_divergence("akl", p.log(), q.log(), mu=0.5)
     fkl = token_divergence("fkl", p.log(), q.log())
@@ -192,10 +193,10 @@ def check_finite_and_reference(name, pl, ql, temperature, rtol=1e-4, atol=1e-4):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("scale", [1e4, 1e6])
-def test_huge_logits(name, scale):
+def test_huge_logits(name, scale, device):
     g = torch.Generator().manual_seed(3)
-    pl = torch.randn(6, 50, generator=g) * scale
-    ql = torch.randn(6, 50, generator=g) * scale
+    pl = (torch.randn(6, 50, generator=g) * scale).to(device)
+    ql = (torch.randn(6, 50, generator=g) * scale).to(device)
     ql[0] = pl[0]  # one token with p == q
     for temperature in (1.0, 0.7):
         # float32 log_softmax of ~1e4 logits is exact to ~1e-3 absolute; values are up to ~1e4
@@ -204,27 +205,27 @@ def test_huge_logits(name, scale):
 
 
 @pytest.mark.parametrize("name", ["fkl", "js", "tvd", "skl", "srkl"])
-def test_logits_near_float32_limit(name):
+def test_logits_near_float32_limit(name, device):
     """|logit| ~ 3e38 with temperature < 1 (dividing would overflow): finite where the true value is.
     (RKL and AKL are genuinely infinite here: log p underflows for tokens the student keeps.)"""
-    pl = torch.zeros(2, 20)
+    pl = torch.zeros(2, 20, device=device)
     pl[:, 0], pl[:, 1] = 3e38, -3e38
-    ql = torch.randn(2, 20, generator=torch.Generator().manual_seed(4))
+    ql = torch.randn(2, 20, generator=torch.Generator().manual_seed(4)).to(device)
     v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, temperature=0.5).sum(), pl, ql)
     assert torch.isfinite(v) and torch.isfinite(gp).all() and torch.isfinite(gq).all()
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_neg_inf_logits(name):
+def test_neg_inf_logits(name, device):
     """Padded vocab entries at -inf in both: same as the distribution without those entries."""
     g = torch.Generator().manual_seed(5)
-    pl = torch.randn(2, 4, 40, generator=g) * 2
-    ql = torch.randn(2, 4, 40, generator=g) * 2
-    pad = torch.zeros(40, dtype=torch.bool)
+    pl = (torch.randn(2, 4, 40, generator=g) * 2).to(device)
+    ql = (torch.randn(2, 4, 40, generator=g) * 2).to(device)
+    pad = torch.zeros(40, dtype=torch.bool, device=device)
     pad[[3, 17, 30, 39]] = True
     pl[..., pad] = -math.inf
     ql[..., pad] = -math.inf
-    mask = torch.tensor([[True, False, True, True], [False, True, True, True]])
+    mask = torch.tensor([[True, False, True, True], [False, True, True, True]], device=device)
     for chunk_size in (None, 3):
         v, (gp, gq) = value_and_grads(
             lambda a, b: divergence_sum(name, a, b, mask, temperature=1.5, chunk_size=chunk_size, **PARAMS),
@@ -239,52 +240,54 @@ def test_neg_inf_logits(name):
 
 
 @pytest.mark.parametrize("name", ["fkl", "js", "tvd", "skl", "srkl"])
-def test_neg_inf_only_in_target(name):
+def test_neg_inf_only_in_target(name, device):
     """Teacher masks tokens the student still gives mass to: these divergences stay finite."""
     g = torch.Generator().manual_seed(6)
-    pl = torch.randn(5, 30, generator=g)
-    ql = torch.randn(5, 30, generator=g)
+    pl = torch.randn(5, 30, generator=g).to(device)
+    ql = torch.randn(5, 30, generator=g).to(device)
     pl[:, :4] = -math.inf
     check_finite_and_reference(name, pl, ql, 1.0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_one_hot_teacher_uniform_student(name):
-    pl = torch.full((3, 64), -20.0)
-    pl[torch.arange(3), torch.tensor([0, 5, 63])] = 1e4  # one-hot teacher
-    ql = torch.zeros(3, 64)  # uniform student
+def test_one_hot_teacher_uniform_student(name, device):
+    pl = torch.full((3, 64), -20.0, device=device)
+    pl[torch.arange(3, device=device), torch.tensor([0, 5, 63], device=device)] = 1e4  # one-hot teacher
+    ql = torch.zeros(3, 64, device=device)  # uniform student
     for temperature in (1.0, 2.0):
         v, _, _ = check_finite_and_reference(name, pl, ql, temperature, rtol=1e-5, atol=1e-5)
-        check_finite_and_reference(name, ql, pl[:, torch.arange(63, -1, -1)], temperature, rtol=1e-5, atol=1e-5)
+        check_finite_and_reference(name, ql, pl.flip(-1), temperature, rtol=1e-5, atol=1e-5)
         assert v > 0
 
 
 # --------------------------------------------------------------------------- identities
 
 
-def random_logits(*shape, seed=0, scale=3.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+def random_logits(*shape, seed=0, scale=3.0, device=None):
+    """Reproducible logits (drawn on the CPU, then moved to ``device``)."""
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_divergence_of_a_distribution_with_itself_is_zero(name):
-    x = random_logits(5, 80, seed=7)
+def test_divergence_of_a_distribution_with_itself_is_zero(name, device):
+    x = random_logits(5, 80, seed=7, device=device)
     v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, **PARAMS).sum(), x, x)
-    torch.testing.assert_close(v, torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(v, torch.tensor(0.0, device=device), atol=1e-6, rtol=0)
     assert torch.isfinite(gp).all()
     torch.testing.assert_close(gq, torch.zeros_like(gq), atol=1e-6, rtol=0)  # q = p is a minimum
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_nonnegative(name):
+def test_nonnegative(name, device):
     for seed in range(3):
-        pl, ql = random_logits(40, 50, seed=seed, scale=5.0), random_logits(40, 50, seed=seed + 10)
+        pl, ql = random_logits(40, 50, seed=seed, scale=5.0, device=device), random_logits(40, 50, seed=seed + 10,
+                                                                                         device=device)
         for temperature in (0.3, 1.0, 4.0):
             assert (token_divergence(name, pl, ql, temperature=temperature, **PARAMS) >= -1e-6).all()
 
 
-def test_skew_at_alpha_zero_equals_plain_kl():
-    pl, ql = random_logits(6, 70, seed=8), random_logits(6, 70, seed=9)
+def test_skew_at_alpha_zero_equals_plain_kl(device):
+    pl, ql = random_logits(6, 70, seed=8, device=device), random_logits(6, 70, seed=9, device=device)
     assert torch.equal(token_divergence("skl", pl, ql, alpha=0.0), token_divergence("fkl", pl, ql))
     assert torch.equal(token_divergence("srkl", pl, ql, alpha=0.0), token_divergence("rkl", pl, ql))
     # and the skew really changes the value for alpha > 0
@@ -294,26 +297,27 @@ def test_skew_at_alpha_zero_equals_plain_kl():
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
-def test_js_bounds(beta):
+def test_js_bounds(beta, device):
     bound = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
-    pl, ql = random_logits(30, 40, seed=11, scale=8.0), random_logits(30, 40, seed=12, scale=8.0)
+    pl, ql = random_logits(30, 40, seed=11, scale=8.0, device=device), random_logits(30, 40, seed=12, scale=8.0,
+                                                                                     device=device)
     js = token_divergence("js", pl, ql, beta=beta)
     assert (js >= -1e-7).all() and (js <= bound + 1e-6).all()
     # disjoint supports reach the bound
-    a = torch.full((1, 10), -math.inf)
+    a = torch.full((1, 10), -math.inf, device=device)
     b = a.clone()
     a[0, 0], b[0, 1] = 0.0, 0.0
-    torch.testing.assert_close(token_divergence("js", a, b, beta=beta), torch.tensor([bound]))
+    torch.testing.assert_close(token_divergence("js", a, b, beta=beta), torch.tensor([bound], device=device))
 
 
-def test_tvd_bounds_and_akl_between_fkl_and_rkl():
-    pl, ql = random_logits(30, 40, seed=13, scale=6.0), random_logits(30, 40, seed=14)
+def test_tvd_bounds_and_akl_between_fkl_and_rkl(device):
+    pl, ql = random_logits(30, 40, seed=13, scale=6.0, device=device), random_logits(30, 40, seed=14, device=device)
     tvd = token_divergence("tvd", pl, ql)
     assert (tvd >= 0).all() and (tvd <= 1 + 1e-6).all()
-    a = torch.full((1, 10), -math.inf)
+    a = torch.full((1, 10), -math.inf, device=device)
     b = a.clone()
     a[0, 0], b[0, 1] = 0.0, 0.0
-    torch.testing.assert_close(token_divergence("tvd", a, b), torch.tensor([1.0]))
+    torch.testing.assert_close(token_divergence("tvd", a, b), torch.tensor([1.0], device=device))
     fkl, rkl = token_divergence("fkl", pl, ql), token_divergence("rkl", pl, ql)
     akl = token_divergence("akl", pl, ql)
     assert (akl >= torch.minimum(fkl, rkl) - 1e-5).all() and (akl <= torch.maximum(fkl, rkl) + 1e-5).all()
@@ -324,9 +328,9 @@ def test_tvd_bounds_and_akl_between_fkl_and_rkl():
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_chunked_equals_dense(name, masked):
-    pl, ql = random_logits(3, 9, 48, seed=15), random_logits(3, 9, 48, seed=16)
-    mask = (random_logits(3, 9, seed=17) > 0) if masked else None
+def test_chunked_equals_dense(name, masked, device):
+    pl, ql = random_logits(3, 9, 48, seed=15, device=device), random_logits(3, 9, 48, seed=16, device=device)
+    mask = (random_logits(3, 9, seed=17, device=device) > 0) if masked else None
     n = int(mask.sum()) if masked else 27
     dense, (dgp, dgq) = value_and_grads(
         lambda a, b: divergence_sum(name, a, b, mask, temperature=1.3, **PARAMS), pl, ql)
@@ -341,19 +345,19 @@ def test_chunked_equals_dense(name, masked):
             assert (gq[~mask] == 0).all() and (gp[~mask] == 0).all()
 
 
-def test_chunked_gradient_reaches_only_the_argument_not_detached():
-    pl = random_logits(4, 20, seed=18).requires_grad_()
-    ql = random_logits(4, 20, seed=19).requires_grad_()
+def test_chunked_gradient_reaches_only_the_argument_not_detached(device):
+    pl = random_logits(4, 20, seed=18, device=device).requires_grad_()
+    ql = random_logits(4, 20, seed=19, device=device).requires_grad_()
     divergence_sum("fkl", pl.detach(), ql, chunk_size=3).backward()
     assert pl.grad is None and ql.grad is not None and ql.grad.abs().sum() > 0
 
 
-def test_ce_matches_reference_and_chunks():
+def test_ce_matches_reference_and_chunks(device):
     g = torch.Generator().manual_seed(20)
-    logits = torch.randn(2, 7, 30, generator=g) * 3
-    labels = torch.randint(0, 30, (2, 7), generator=g)
+    logits = (torch.randn(2, 7, 30, generator=g) * 3).to(device)
+    labels = torch.randint(0, 30, (2, 7), generator=g).to(device)
     labels[0, :2] = -100
-    mask = torch.rand(2, 7, generator=g) > 0.3
+    mask = (torch.rand(2, 7, generator=g) > 0.3).to(device)
     for m in (None, mask):
         counted = labels != -100 if m is None else (labels != -100) & m
         ref, (rg,) = value_and_grads(
@@ -365,7 +369,7 @@ def test_ce_matches_reference_and_chunks():
             close(gx, rg, rtol=1e-5, atol=1e-7)
         loss = ce_loss(logits, labels, m, chunk_size=3)
         close(loss, ref / counted.sum(), rtol=1e-5)
-        close(ce_loss(logits, labels, m, num_tokens=torch.tensor(50)), ref / 50, rtol=1e-5)
+        close(ce_loss(logits, labels, m, num_tokens=torch.tensor(50, device=device)), ref / 50, rtol=1e-5)
 
 
 class LargestFloat32(TorchDispatchMode):
@@ -384,10 +388,10 @@ class LargestFloat32(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name", ["fkl", "js", "akl"])
-def test_chunked_never_forms_full_float32_logits(name):
+def test_chunked_never_forms_full_float32_logits(name, device):
     tokens, vocab, chunk = 64, 256, 8
-    pl = random_logits(tokens, vocab, seed=21).bfloat16().requires_grad_()
-    ql = random_logits(tokens, vocab, seed=22).bfloat16().requires_grad_()
+    pl = random_logits(tokens, vocab, seed=21, device=device).bfloat16().requires_grad_()
+    ql = random_logits(tokens, vocab, seed=22, device=device).bfloat16().requires_grad_()
     with LargestFloat32() as seen:
         divergence_sum(name, pl, ql, chunk_size=chunk).backward()
     assert seen.largest <= chunk * vocab, seen.largest
@@ -399,7 +403,9 @@ def test_chunked_never_forms_full_float32_logits(name):
 # --------------------------------------------------------------------------- from hidden states
 
 
-def hidden_case(dtype=torch.float64, seed=23, shape=(2, 6), vocab=40, hp=12, hq=8):
+def hidden_case(dtype=torch.float64, seed=23, shape=(2, 6), vocab=40, hp=12, hq=8, device=None):
+    """Hidden states and lm_head weights of two models, labels and a mask (drawn on the CPU, then moved
+    to ``device``)."""
     g = torch.Generator().manual_seed(seed)
     ph = torch.randn(*shape, hp, generator=g, dtype=dtype)
     pw = torch.randn(vocab, hp, generator=g, dtype=dtype) * 0.5
@@ -408,13 +414,13 @@ def hidden_case(dtype=torch.float64, seed=23, shape=(2, 6), vocab=40, hp=12, hq=
     labels = torch.randint(0, vocab, shape, generator=g)
     labels.view(-1)[::5] = -100
     mask = torch.rand(shape, generator=g) > 0.25
-    return ph, pw, qh, qw, labels, mask
+    return tuple(t.to(device) for t in (ph, pw, qh, qw, labels, mask))
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("ce_weight", [0.0, 0.7])
-def test_hidden_path_equals_dense_logits(name, ce_weight):
-    ph, pw, qh, qw, labels, mask = hidden_case()
+def test_hidden_path_equals_dense_logits(name, ce_weight, device):
+    ph, pw, qh, qw, labels, mask = hidden_case(device=device)
     counted = mask & (labels != -100)
 
     def dense(a, b, c, d):
@@ -435,21 +441,22 @@ def test_hidden_path_equals_dense_logits(name, ce_weight):
             close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-def test_hidden_path_without_labels_and_gradcheck():
-    ph, pw, qh, qw, _, mask = hidden_case(shape=(5,), vocab=7, hp=3, hq=4)
+def test_hidden_path_without_labels_and_gradcheck(device):
+    ph, pw, qh, qw, _, mask = hidden_case(shape=(5,), vocab=7, hp=3, hq=4, device=device)
     v = chunked_divergence_from_hidden("js", ph, pw, qh, qw, mask, chunk_size=2)
     close(v, divergence_sum("js", ph @ pw.T, qh @ qw.T, mask), rtol=1e-12, atol=1e-14)
     ins = [t.clone().requires_grad_() for t in (ph, pw, qh, qw)]
-    labels = torch.tensor([1, -100, 3, 0, 6])
+    labels = torch.tensor([1, -100, 3, 0, 6], device=device)
     assert torch.autograd.gradcheck(
         lambda a, b, c, d: chunked_divergence_from_hidden(
             "fkl", a, b, c, d, mask, chunk_size=2, temperature=0.9, labels=labels, ce_weight=0.3),
         ins)
 
 
-def test_hidden_path_bf16_never_forms_full_float32_logits():
+def test_hidden_path_bf16_never_forms_full_float32_logits(device):
     tokens, vocab, hidden, chunk = 64, 256, 16, 8
-    ph, pw, qh, qw, labels, mask = hidden_case(torch.bfloat16, shape=(tokens,), vocab=vocab, hp=hidden, hq=hidden)
+    ph, pw, qh, qw, labels, mask = hidden_case(torch.bfloat16, shape=(tokens,), vocab=vocab, hp=hidden, hq=hidden,
+                                               device=device)
     ins = [t.clone().requires_grad_() for t in (ph, pw, qh, qw)]
     with LargestFloat32() as seen:
         chunked_divergence_from_hidden("fkl", *ins, mask, chunk_size=chunk, labels=labels, ce_weight=1.0).backward()
@@ -457,8 +464,8 @@ def test_hidden_path_bf16_never_forms_full_float32_logits():
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad).all() for t in ins)
 
 
-def test_ce_from_hidden_equals_ce_of_the_logits():
-    _, _, qh, qw, labels, mask = hidden_case()
+def test_ce_from_hidden_equals_ce_of_the_logits(device):
+    _, _, qh, qw, labels, mask = hidden_case(device=device)
     counted = mask & (labels != -100)
     ref, ref_grads = value_and_grads(lambda c, d: ce_sum(c @ d.T, labels, counted), qh, qw)
     for chunk_size in (1, 7, None):
@@ -470,8 +477,8 @@ def test_ce_from_hidden_equals_ce_of_the_logits():
     assert empty.item() == 0.0
 
 
-def test_split_terms_are_the_weighted_divergence_and_ce():
-    ph, pw, qh, qw, labels, mask = hidden_case()
+def test_split_terms_are_the_weighted_divergence_and_ce(device):
+    ph, pw, qh, qw, labels, mask = hidden_case(device=device)
     counted = mask & (labels != -100)
     terms = chunked_divergence_from_hidden("rkl", ph, pw, qh, qw, mask, chunk_size=3, labels=labels, ce_weight=0.25,
                                            div_weight=2.0, split=True, **PARAMS)
@@ -490,9 +497,9 @@ def test_hidden_path_rejects_different_vocab_sizes():
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_bf16_inputs(name):
-    pl, ql = random_logits(2, 8, 96, seed=24), random_logits(2, 8, 96, seed=25)
-    mask = random_logits(2, 8, seed=26) > -0.5
+def test_bf16_inputs(name, device):
+    pl, ql = random_logits(2, 8, 96, seed=24, device=device), random_logits(2, 8, 96, seed=25, device=device)
+    mask = random_logits(2, 8, seed=26, device=device) > -0.5
     pb, qb = pl.bfloat16(), ql.bfloat16()
     v, (gp, gq) = value_and_grads(lambda a, b: divergence_sum(name, a, b, mask, chunk_size=5, **PARAMS), pb, qb)
     assert v.dtype == torch.float32 and torch.isfinite(v)
@@ -506,15 +513,15 @@ def test_bf16_inputs(name):
     close(v, divergence_sum(name, pl, ql, mask, **PARAMS), rtol=3e-2, atol=3e-2)
 
 
-def test_divergence_loss_normalisation():
-    pl, ql = random_logits(3, 5, 20, seed=27), random_logits(3, 5, 20, seed=28)
-    mask = random_logits(3, 5, seed=29) > 0
+def test_divergence_loss_normalisation(device):
+    pl, ql = random_logits(3, 5, 20, seed=27, device=device), random_logits(3, 5, 20, seed=28, device=device)
+    mask = random_logits(3, 5, seed=29, device=device) > 0
     total = divergence_sum("rkl", pl, ql, mask)
     close(divergence_loss("rkl", pl, ql, mask), total / mask.sum())
     close(divergence_loss("rkl", pl, ql), divergence_sum("rkl", pl, ql) / 15)
     close(divergence_loss("rkl", pl, ql, mask, num_tokens=40.0), total / 40)
-    close(divergence_loss("rkl", pl, ql, mask, num_tokens=torch.tensor(40), chunk_size=2), total / 40)
-    empty = torch.zeros(3, 5, dtype=torch.bool)
+    close(divergence_loss("rkl", pl, ql, mask, num_tokens=torch.tensor(40, device=device), chunk_size=2), total / 40)
+    empty = torch.zeros(3, 5, dtype=torch.bool, device=device)
     x = pl.clone().requires_grad_()
     loss = divergence_loss("rkl", x, ql, empty, chunk_size=4)
     loss.backward()

@@ -1,4 +1,4 @@
-"""okd_scale/evaluate.py: ROUGE-L arithmetic, eval-set reading, generation, CLI outputs."""
+"""okd_scale/evaluate.py: ROUGE-L arithmetic, eval-set reading, generation on the accelerator, CLI outputs."""
 import json
 import statistics
 from pathlib import Path
@@ -69,9 +69,9 @@ def test_reads_shared_eval_sets():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer):
+def tiny_model(tmp_path_factory, tokenizer, device):
     d = tmp_path_factory.mktemp("tinylm")
-    model = tiny.make_llama(d, tokenizer, num_layers=2, hidden=32, heads=4, intermediate=64, seed=1).eval()
+    model = tiny.make_llama(d, tokenizer, num_layers=2, hidden=32, heads=4, intermediate=64, seed=1).to(device).eval()
     return d, model
 
 
@@ -142,7 +142,7 @@ def test_evaluate_model_and_table(tiny_model, tokenizer, tmp_path):
     assert lines[3] == "| other | 12.35 | - | 12.35 |"
 
 
-def test_cli_outputs_match_evaluate_model(tiny_model, tokenizer, tmp_path, capsys):
+def test_cli_outputs_match_evaluate_model(tiny_model, tokenizer, tmp_path, capsys, device):
     model_dir, _ = tiny_model
     a = tiny.write_jsonl(tmp_path / "seta.jsonl", tiny.make_rows(5, seed=3))
     b = tiny.write_jsonl(tmp_path / "setb.jsonl", tiny.make_rows(5, seed=4))
@@ -153,6 +153,7 @@ def test_cli_outputs_match_evaluate_model(tiny_model, tokenizer, tmp_path, capsy
     assert rc == 0
     got = json.loads(out_json.read_text())
     model, tok = ev.load_model(model_dir)
+    assert next(model.parameters()).device == device and got["device"] == str(device)  # the accelerator by default
     want = ev.evaluate_model(model, tok, {"seta": a, "setb": b}, seeds=(3, 4), max_examples=4, max_new_tokens=5,
                              do_sample=True, temperature=1.0, top_p=1.0, batch_size=2)
     assert got["name"] == "tinyLM"
@@ -175,3 +176,12 @@ def test_cli_missing_model(tmp_path, capsys):
     missing = tmp_path / "no_such_model"
     assert ev.main(["--model", str(missing), "--data", str(data)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_load_model_on_the_host_when_asked(tiny_model):
+    """device="cpu" keeps the model on the host whatever the accelerator; a bad device is named."""
+    model_dir, _ = tiny_model
+    model, _ = ev.load_model(model_dir, device="cpu")
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    with pytest.raises(ev.EvaluateError, match="device must be a torch device.*'gpu9'"):
+        ev.load_model(model_dir, device="gpu9")

@@ -1,5 +1,6 @@
-"""Faults a long run meets, triggered for real: the checkpoint disk read-only, or full, while saving.
-The run's checkpoints/ directory is a small tmpfs mounted by the test (root only; skipped otherwise)."""
+"""Faults a long run meets, triggered for real: the checkpoint disk read-only, or full, while saving (the
+run's checkpoints/ directory is a small tmpfs mounted by the test; root only, skipped otherwise); a rank
+that dies or hangs; a stale op build lock."""
 from __future__ import annotations
 
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import tiny
 from test_train import write_config
 
 
@@ -89,21 +91,21 @@ def test_full_disk_fails_the_save_before_writing(small_disk, pair):
 # --------------------------------------------------------------------------- a rank that dies or hangs
 
 
-def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "") -> list[subprocess.Popen]:
+def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "", **extra_env: str) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of one run as two plain processes (as srun starts them: no launcher that would kill
-    the survivor for us), with the fault armed."""
+    the survivor for us), with the fault armed and `extra_env` set."""
     import socket
     import sys
 
-    from test_train import ROOT, clean_env
+    from test_train import ROOT
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), **({"OKD_SCALE_FAULT": fault} if fault else {}))
+        env = tiny.subprocess_env(2, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port), **({"OKD_SCALE_FAULT": fault} if fault else {}), **extra_env)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg),
                                        f"output_dir={out}", *overrides], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -114,12 +116,13 @@ def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "") -> list[s
 @pytest.mark.parametrize("fault,survivor,words", [
     ("kill_rank@3@1", 0, "rank 1 stopped answering"),
     ("kill_rank@3@0", 1, "rank 0 is unreachable"),
-    ("hang_rank@3@1", 0, "rank 1 hangs at step 3 outside the collective the other ranks wait in"),
+    ("hang_rank@3@1", 0, "rank 1 hangs at step 3 outside the collective the other ranks wait in (rank 0 has issued"),
 ])
 def test_a_rank_that_dies_or_hangs_is_named_and_the_run_resumes(tmp_path, pair, fault, survivor, words):
     """2 ranks, one SIGKILLed (as an OOM kill would) or blocked for good at step 3: the other stops by
-    itself within train.ddp_timeout with a message naming that rank (exit 1), the checkpoint of step 2
-    is `latest`, and the same command resumes from it to the end."""
+    itself within train.ddp_timeout with a message naming that rank (exit 1; a hung rank is found from
+    the heartbeats alone, the frame test off), the checkpoint of step 2 is `latest`, and the same command
+    resumes from it to the end."""
     import json
     import time
 
@@ -129,7 +132,7 @@ def test_a_rank_that_dies_or_hangs_is_named_and_the_run_resumes(tmp_path, pair, 
     cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
     out = tmp_path / "run"
     common = ["data.eval_file=null", "train.max_steps=4", "train.save_every=2", f"train.ddp_timeout={timeout}"]
-    procs = _two_ranks(cfg, out, *common, fault=fault)
+    procs = _two_ranks(cfg, out, *common, fault=fault, OKD_SCALE_WATCHDOG_FRAMES="0")
     history = out / "log_history.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 2):
@@ -154,6 +157,97 @@ def test_a_rank_that_dies_or_hangs_is_named_and_the_run_resumes(tmp_path, pair, 
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+def _watchdog_worker(rank: int, world: int, port: int, out: str, fault: str, wait: str) -> None:
+    """A rank of a 2-rank gloo group doing three steps of one all_reduce each, with the watchdog armed
+    (frames off) and `fault` armed through okd_scale.faults; writes the verdict its watchdog reaches to
+    OUT/rank{r}.txt. `wait`: "call" waits inside the collective call (gloo's way), "poll" issues it
+    asynchronously and waits in its own code (NCCL's way: the call returns, a device sync blocks),
+    "frames" waits in the call with no sequence numbers to read and the frame test on (the fallback)."""
+    import datetime
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from okd_scale import faults
+    from okd_scale.watchdog import Watchdog
+
+    os.environ["OKD_SCALE_FAULT"] = fault
+    if wait == "frames":
+        from okd_scale import watchdog
+
+        watchdog.collective_counts = lambda: {}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    dog = Watchdog(rank, world, timeout_s=1.0, interval_s=0.1, frames=wait == "frames")
+    mine = Path(out) / f"rank{rank}.txt"
+
+    def report(message: str) -> None:  # instead of printing and exiting with status 1
+        mine.write_text(message)
+        deadline = time.time() + 20  # rank 0 hosts the store: stay until the other rank has its verdict too
+        while time.time() < deadline and not all((Path(out) / f"rank{r}.txt").exists() for r in range(world)):
+            time.sleep(0.05)
+        os._exit(0)
+
+    dog._exit = report
+    dog.arm()
+    t = torch.ones(1)
+    for step in (1, 2, 3):
+        faults.hang_point("hang_before_step", step, rank)  # not yet at this step
+        dog.progress(step)
+        faults.hang_point("hang_rank", step, rank)  # at this step, before its collective
+        if wait in ("call", "frames"):
+            dist.all_reduce(t)
+        else:
+            work = dist.all_reduce(t, async_op=True)
+            while not work.is_completed():
+                time.sleep(0.01)
+    dog.close()
+    mine.write_text("no verdict")
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("fault,wait,words", [
+    ("hang_rank@3@1", "call", "rank 1 hangs at step 3 outside the collective the other ranks wait in (rank 0 has "
+                              "issued 3 collectives on process group 0, rank 1 only 2"),
+    ("hang_rank@3@1", "poll", "rank 1 hangs at step 3 outside the collective the other ranks wait in (rank 0 has "
+                              "issued 3 collectives on process group 0, rank 1 only 2"),
+    ("hang_before_step@3@0", "poll", "rank 0 hangs at step 2 outside the collective the other ranks wait in "
+                                     "(rank 1 is at step 3"),
+    ("hang_rank@3@1", "frames", "rank 1 hangs at step 3 outside the collective the other ranks wait in (seen from "
+                                "Python frames: the others are inside a collective call; its main thread stays at "
+                                "okd_scale/faults.py"),
+])
+def test_the_rank_behind_is_named_without_python_frames(tmp_path, fault, wait, words):
+    """2 gloo ranks, one blocked for good before its step's collective (or before the step itself):
+    with the frame test off, both watchdogs name that rank from the heartbeats' steps and collective
+    counts, also when the waiting rank is not inside a collective call (as under NCCL). Without
+    sequence numbers (another backend), the frame test finds it where the others wait in the call."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_watchdog_worker, args=(r, 2, port, str(tmp_path), fault, wait))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    verdicts = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else "nothing"
+                for r in range(2)]
+    for r, verdict in enumerate(verdicts):
+        assert words in verdict, f"rank {r}: {verdict}"
+        assert verdict.count(" hangs at ") == 1 and "stopped answering" not in verdict, verdict
+
+
 def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
     """A torch-extension build lock left by a rank killed during DeepSpeed's just-in-time op build: the run
     stops at start (exit 2) naming the lock, instead of waiting on it forever; a fresh lock is left alone."""
@@ -163,7 +257,7 @@ def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
 
     from okd_scale.config import ConfigError
     from okd_scale.engines import check_build_locks
-    from test_train import ROOT, clean_env
+    from test_train import ROOT
 
     lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
@@ -174,8 +268,8 @@ def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
         check_build_locks(tmp_path / "ext")
     cfg = write_config(tmp_path / "cfg.yaml", pair, "kd")
     proc = subprocess.run([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg)],
-                          env=clean_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), capture_output=True, text=True,
-                          timeout=300)
+                          env=tiny.subprocess_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {lock}: a build lock of 60 minutes" in proc.stderr and "remove the file" in proc.stderr
     assert lock.exists()  # never removed for the user: another machine's build might share the directory

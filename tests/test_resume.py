@@ -1,4 +1,5 @@
-"""Checkpoints and exact resume: a stop by signal, a crash in the middle of a save, pruning, refusals."""
+"""Checkpoints and exact resume: a stop by signal, a crash in the middle of a save, pruning, refusals; on the
+accelerator (2-process runs on the CPU where it has fewer than 2 devices)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import ROOT, _comparable, clean_env, write_config
+import tiny
+from test_train import ROOT, _comparable, write_config
 
 
 def _rows(out: Path) -> list:
@@ -55,13 +57,13 @@ def test_stop_by_signal_then_resume_equals_uninterrupted_two_processes(tmp_path,
     cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
     common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=8",
               "data.eval_file=null"]
-    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common), env=clean_env(),
-                              capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common),
+                              env=tiny.subprocess_env(2), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "stopped"
     cmd = _torchrun(cfg, f"output_dir={out}", *common)
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=tiny.subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "log_history.jsonl").is_file() and len(_rows(out)) >= 2):
         time.sleep(0.05)
@@ -76,15 +78,31 @@ def test_stop_by_signal_then_resume_equals_uninterrupted_two_processes(tmp_path,
     assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
     assert not (out / "student").exists()  # no export before the end
 
-    resumed = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd, env=tiny.subprocess_env(2), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stderr
     _assert_same(tmp_path / "straight", out)
 
 
-def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch):
+@pytest.fixture
+def deterministic(device):
+    """On a GPU, torch's deterministic kernels where it has them (attention and embedding backward use atomics
+    otherwise; cuBLAS also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts, as
+    tools/gpu_check.py does); nothing changes on the CPU."""
+    if device.type == "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch, deterministic):
     """A stop at step 3, mid-epoch (a real SIGUSR1 to this process), then resume into the next epoch:
-    the same losses and weights as a straight run."""
+    the same losses and weights as a straight run (on a GPU, with deterministic kernels)."""
     from dist_worker import run_and_dump
 
     from okd_scale import trainer
@@ -119,17 +137,18 @@ def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, pair):
     cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
     common = ["train.max_steps=6", "train.save_every=2", "data.eval_file=null"]
     script = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(cfg)]
-    straight = subprocess.run(script + [f"output_dir={tmp_path / 'straight'}", *common], env=clean_env(),
+    straight = subprocess.run(script + [f"output_dir={tmp_path / 'straight'}", *common], env=tiny.subprocess_env(),
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "crashed"
-    crashed = subprocess.run(script + [f"output_dir={out}", *common], env=clean_env(OKD_SCALE_FAULT="crash_in_save@4"),
+    crashed = subprocess.run(script + [f"output_dir={out}", *common],
+                             env=tiny.subprocess_env(OKD_SCALE_FAULT="crash_in_save@4"),
                              capture_output=True, text=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == "global_step2"
     assert (out / "checkpoints" / ".global_step4.tmp").is_dir() and not (out / "checkpoints" / "global_step4").exists()
-    rerun = subprocess.run(script + [f"output_dir={out}", *common], env=clean_env(), capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(script + [f"output_dir={out}", *common], env=tiny.subprocess_env(), capture_output=True,
+                           text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "at step 2" in rerun.stderr
     _assert_same(tmp_path / "straight", out)
@@ -172,7 +191,7 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
     common = ["data.eval_file=null", "train.max_grad_norm=0"]
 
     def run(out: Path, *extra: str, fault: str = "") -> subprocess.CompletedProcess:
-        env = clean_env(OKD_SCALE_FAULT=fault) if fault else clean_env()
+        env = tiny.subprocess_env(2, **({"OKD_SCALE_FAULT": fault} if fault else {}))
         return subprocess.run(_torchrun(cfg, f"output_dir={out}", *common, *extra), env=env, capture_output=True,
                               text=True, timeout=600)
 

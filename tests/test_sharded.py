@@ -174,10 +174,11 @@ def test_vocab_range_covers_the_vocabulary_unevenly():
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-def test_world_size_one_is_dense_exactly(name):
-    """No process group (world size 1): the very same numbers as okd_scale.divergences."""
+def test_world_size_one_is_dense_exactly(name, device):
+    """No process group (world size 1): the very same numbers as okd_scale.divergences, on the accelerator."""
     case = dict(vocab=101, masked=True, seed=9, hidden=True)
-    x = case_inputs(case)
+    on_host = case_inputs(case)
+    x = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in on_host.items()}
     kw = dict(temperature=1.7, **PARAMS)
     assert torch.equal(sharded.shard_logits(x["p"]), x["p"])
     for chunk in (None, 3):
@@ -189,9 +190,9 @@ def test_world_size_one_is_dense_exactly(name):
     got = sharded.sharded_divergence_from_hidden(name, *hidden, vocab_size=101, chunk_size=4, **kw)
     assert torch.equal(got, chunked_divergence_from_hidden(name, *hidden, chunk_size=4, **kw))
     assert torch.equal(sharded.all_gather_shards(x["p"], 101), x["p"])
-    # and the values those functions are compared with come from run_case too (the worker's code path)
+    # and the values those functions are compared with come from run_case too (the worker's code path, on the CPU)
     assert torch.equal(run_case(dict(kind="div", name=name, vocab=101, masked=True, temperature=1.7, seed=9))["value"],
-                       divergence_sum(name, x["p"], x["q"], x["mask"], **kw))
+                       divergence_sum(name, on_host["p"], on_host["q"], on_host["mask"], **kw))
 
 
 def test_shape_errors_are_clear():

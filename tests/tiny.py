@@ -1,9 +1,13 @@
-"""Tiny offline assets for tests: a BPE tokenizer with a ChatML template, small Llama models, jsonl data."""
+"""Tiny offline assets for tests: a BPE tokenizer with a ChatML template, small Llama models, jsonl data;
+and where tests compute: DeepSpeed's accelerator, and the environment of a child run."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -41,22 +45,83 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 320):
     return fast
 
 
+def make_word_tokenizer(out_dir: str | Path, vocab_size: int):
+    """A word-level tokenizer of exactly ``vocab_size`` entries (the special tokens, then "w0", "w1", ...;
+    one token per word of `word_text`) with the ChatML template, saved as a PreTrainedTokenizerFast
+    directory: a real model's vocabulary size without training a tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    vocab.update({f"w{i}": len(SPECIAL) + i for i in range(vocab_size - len(SPECIAL))})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def word_text(rng: random.Random, n: int, vocab_size: int) -> str:
+    """``n`` words of a `make_word_tokenizer` vocabulary: exactly n tokens."""
+    return " ".join(f"w{rng.randrange(vocab_size - len(SPECIAL))}" for _ in range(n))
+
+
 def make_llama(out_dir: str | Path, tokenizer, num_layers: int = 4, hidden: int = 32, heads: int = 4,
-               intermediate: int = 64, vocab_size: int | None = None, seed: int = 0, tie: bool = False):
-    """A randomly initialised LlamaForCausalLM saved with its tokenizer (safetensors)."""
+               intermediate: int = 64, vocab_size: int | None = None, seed: int = 0, tie: bool = False,
+               kv_heads: int | None = None, max_positions: int = 256, dtype=None, device=None):
+    """A randomly initialised LlamaForCausalLM saved with its tokenizer (safetensors). ``dtype``: the
+    saved weights' dtype (default float32); ``device``: where the weights are initialised (a model of
+    billions of parameters initialises much faster on an accelerator)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=256, tie_word_embeddings=tie,
+                      num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(str(out_dir))
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    model.to("cpu").save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def device():
+    """Where tests compute: DeepSpeed's accelerator's current device (the CPU under DS_ACCELERATOR=cpu)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def ranks_fit(nproc: int) -> bool:
+    """Whether ``nproc`` ranks can run on the accelerator, one device each (the CPU hosts any number)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return accel.device_name() == "cpu" or accel.device_count() >= nproc
+
+
+def subprocess_env(nproc: int = 1, **extra) -> dict:
+    """The environment of a child run of ``nproc`` ranks: no rank variables, one thread per rank, the
+    repository on PYTHONPATH, offline, and this process's accelerator when it has a device for every rank,
+    else the CPU (gloo; e.g. 2 ranks on a single GPU, which NCCL cannot run)."""
+    from deepspeed.accelerator import get_accelerator
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               DS_ACCELERATOR=get_accelerator().device_name() if ranks_fit(nproc) else "cpu",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(extra)
+    return env
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
