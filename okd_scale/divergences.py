@@ -273,9 +273,9 @@ def _chunk_pass(fn, index: Tensor, chunk_size: int, tensors: Sequence[Tensor], n
     One chunk's graph is alive at a time; row gradients are written into place (zero for rows not in
     ``index``), shared ones accumulated in at least float32 and returned in their tensor's dtype."""
     grads: list[Optional[Tensor]] = [None] * len(tensors)
-    for i, (t, need) in enumerate(zip(tensors, needs)):
+    for i, (t, need) in enumerate(zip(tensors[:num_rows], needs)):
         if need:
-            grads[i] = torch.zeros_like(t) if i < num_rows else torch.zeros_like(t, dtype=_upcast(t).dtype)
+            grads[i] = torch.zeros_like(t)
     total = None
     for start in range(0, index.numel(), chunk_size):
         sel = index[start:start + chunk_size]
@@ -293,11 +293,15 @@ def _chunk_pass(fn, index: Tensor, chunk_size: int, tensors: Sequence[Tensor], n
                 continue
             if i < num_rows:
                 grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
+            elif grads[i] is None:  # the first chunk's, in at least float32 (no zero-filled buffer to add it to)
+                grads[i] = g.to(_upcast(g).dtype)
             else:
                 grads[i] += g
         got = g = value = inputs = wanted = None  # free this chunk's buffers before the next one
     for i in range(num_rows, len(tensors)):
-        if grads[i] is not None:
+        if needs[i] and grads[i] is None:  # no rows
+            grads[i] = torch.zeros_like(tensors[i])
+        elif grads[i] is not None:
             grads[i] = grads[i].to(tensors[i].dtype)
     return total, grads
 
@@ -474,7 +478,7 @@ class _KnownGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grads, ctx.grads = ctx.grads, None  # freed as soon as they are handed on
-        return (None, None, *[None if g is None else g * grad_out.to(g.dtype) for g in grads])
+        return (None, None, *[None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads])
 
 
 def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], s_hidden: Tensor, s_weight: Tensor,

@@ -59,7 +59,8 @@ class HiddenScorer:
     log_scale: float = 1.0  # what each rank's logged sums are multiplied by
 
     def student_head(self) -> torch.Tensor:
-        return self.student.module.get_output_embeddings().weight[:self.vocab_size]
+        weight = self.student.module.get_output_embeddings().weight
+        return weight if weight.shape[0] == self.vocab_size else weight[:self.vocab_size]  # no slice to backprop
 
     def losses(self, zt, zs, y, student: Mix, online: Optional[Mix] = None, *, timer=None) -> tuple:
         return distill_from_hidden(zt, self.teacher_head, zs, self.student_head(), y, student=student,

@@ -111,6 +111,25 @@ def test_left_padding_matches_unbatched(tiny_model, tokenizer):
     assert tokenizer.padding_side == "right"  # tokenizer left untouched
 
 
+def test_decoding_head_equals_the_plain_head(tiny_model, device):
+    """generation.decoding_head: the lm_head's values for few rows and many, as (W x^T)^T, against float64;
+    the module is its plain self afterwards."""
+    import torch
+
+    from okd_scale.generation import decoding_head
+
+    _, model = tiny_model
+    head = model.get_output_embeddings()
+    for shape in ((4, 1, 32), (2, 3, 32), (40, 32)):
+        x = torch.randn(*shape, device=device)
+        want = x.double() @ head.weight.double().t()
+        with decoding_head(model):
+            assert "forward" in vars(head)
+            got = head(x)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(head)
+
+
 def test_evaluate_model_and_table(tiny_model, tokenizer, tmp_path):
     _, model = tiny_model
     a = tiny.write_jsonl(tmp_path / "a.jsonl", tiny.make_rows(6, seed=1))
