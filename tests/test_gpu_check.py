@@ -65,8 +65,7 @@ def test_table_rows():
     report = gpu_check.Report(
         environment={"device": "NVIDIA H200", "device_name": "cuda:0", "device_memory_gib": 139.8, "torch": "2.11",
                      "deepspeed": "0.19.8", "transformers": "5.17", "python": "3.12.3", "dry_run": False,
-                     "peak_flops": 790e12, "peak_source": "measured on this workplace's machines",
-                     "datasheet_peak_flops": 989e12},
+                     "peak_flops": 790e12},
         carried={"deepspeed": "0.19.8", "rouge_score": "error: ImportError: no nltk"},
         tests=[{"group": "divergences", "passed": 10, "failed": 1, "skipped": 0, "seconds": 2.0,
                 "failures": ["tests/test_divergences.py::test_x"]}],
@@ -77,7 +76,7 @@ def test_table_rows():
                {"pair": "1B-class", "method": "sft", "batch": 8, "seq": 1024,
                 "error": "skipped: the time budget is spent"}])
     text = gpu_check.table(report, gpu_check.Clock(290))
-    assert "790 TFLOP/s" in text and "data-sheet peak for this device is 989" in text
+    assert "790 TFLOP/s" in text and "PEAK_BF16_FLOPS" in text
     assert "FAILED: rouge_score: error: ImportError" in text
     assert "| divergences | 10 | 1 | 0 | 2.0 |" in text and "| **all** (pytest exit 1) | 10 | 1 | 0 | 3.0 |" in text
     assert "Failed: tests/test_divergences.py::test_x" in text

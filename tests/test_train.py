@@ -35,10 +35,8 @@ def write_config(path: Path, pair: Path, method: str, **sections) -> Path:
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), **extra)
-    return env
+    """A child run's environment (tiny.subprocess_env): up to 2 ranks on this accelerator, else on the CPU."""
+    return tiny.subprocess_env(2, **extra)
 
 
 def student_ce(model_dir: Path, data_file: Path, tokenizer) -> float:

@@ -129,13 +129,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [""] + checks)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pair_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that name the models, the data and the base run config."""
     p.add_argument("--teacher", help="teacher model directory (default: the demo teacher)")
     p.add_argument("--student", help="student model directory (default: the demo student)")
     p.add_argument("--data", help="training data (default: the demo train split)")
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"), help="where the demo pair is (made when missing)")
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="base run config")
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="okd_scale's base run config")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pair_arguments(p)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="measured steps")

@@ -65,7 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_methods import bench_rows, demo_pair, has_config_key, launch_env, run_method  # noqa: E402
+from bench_methods import bench_rows, demo_pair, has_config_key, launch_env, pair_arguments, run_method  # noqa: E402
 
 # (run, label, the TRL run it pairs with), in the table's order
 RUNS = (("trl_gkd", "TRL GKD lmbda=0", None), ("kd", "okd_scale kd", "trl_gkd"), ("okd", "okd_scale okd", "trl_gkd"),
@@ -221,11 +221,7 @@ def main(argv=None) -> int:
     from okd_scale.config import ConfigError, DeepSpeedArgs, load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", help="teacher model directory (default: the demo teacher)")
-    p.add_argument("--student", help="student model directory (default: the demo student)")
-    p.add_argument("--data", help="training data (default: the demo train split)")
-    p.add_argument("--demo-dir", default=str(ROOT / "demo_out"), help="where the demo pair is (made when missing)")
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="okd_scale's base run config")
+    pair_arguments(p)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)

@@ -10,8 +10,8 @@
    weights do not matter for speed): a 1B-class pair (a 24-block teacher, a 12-block student, hidden
    2048, vocabulary 32000) and a pair of the demo's size (SmolLM2-135M's shape, 30 blocks, and its
    6-block student, vocabulary 49152), each with a word-level tokenizer of the same vocabulary: step
-   time, tokens/s, peak memory, time per phase and MFU against PEAK_FLOPS (790 TFLOP/s for the H200, as
-   measured on this workplace's machines; perf.py's data-sheet peak is printed beside it);
+   time, tokens/s, peak memory, time per phase and MFU against okd_scale/perf.py's bf16 peak (790 TFLOP/s
+   for the H200, the rate measured on this workplace's machines);
 3. okd_scale.plan's memory plan of each run against its measured peak;
 4. the table, written to DIR/gpu_check.md (DIR: --out, else $OUT, else the work folder) with the raw
    numbers in gpu_check.json and the logs beside them, and printed last.
@@ -39,8 +39,6 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
-# bf16 matrix rate measured on this workplace's machines (an 8192^3 product on random data), matched by name
-PEAK_FLOPS = {"H200": 790e12}
 CARRIED = ("deepspeed", "pydantic", "hjson", "rouge_score", "nltk", "datasets")  # what .whl brings there
 
 
@@ -162,17 +160,14 @@ def environment(dry: bool) -> dict:
 
     accel = accelerator()
     device = perf.device_name()
-    measured = next((v for k, v in PEAK_FLOPS.items() if k in device.upper()), None)
-    sheet = perf.peak_flops(device)
+    peak = perf.peak_flops(device)
     memory = None
     if accel.device_name() != "cpu":
         memory = accel.total_memory() / 2**30
     return {"accelerator": accel.device_name(), "device": device, "device_name": accel.current_device_name(),
             "device_memory_gib": memory, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "dry_run": dry,
-            "peak_flops": measured or sheet, "peak_source": ("measured on this workplace's machines" if measured
-                                                             else "perf.py's data sheet" if sheet else None),
-            "datasheet_peak_flops": sheet}
+            "peak_flops": peak}
 
 
 def carried_packages() -> dict:
@@ -491,11 +486,10 @@ def _header(report: Report, clock: Clock) -> list[str]:
              f"{env.get('device')} ({env.get('device_name')}{memory}); torch {env.get('torch')}, deepspeed "
              f"{env.get('deepspeed')}, transformers {env.get('transformers')}, python {env.get('python')}; "
              f"{clock.used():.0f} s of a {clock.budget_s:.0f} s budget.", ""]
-    peak, sheet = env.get("peak_flops"), env.get("datasheet_peak_flops")
+    peak = env.get("peak_flops")
     if peak:
-        other = f"; perf.py's data-sheet peak for this device is {sheet / 1e12:.0f}" if sheet and sheet != peak else ""
         lines.append(f"MFU = FLOPs per step (okd_scale/perf.py) / (median step time x {peak / 1e12:.0f} TFLOP/s, "
-                     f"the bf16 peak {env.get('peak_source')}{other}).")
+                     f"the bf16 peak of okd_scale/perf.py's PEAK_BF16_FLOPS).")
     else:
         lines.append("MFU: no peak FLOP/s known for this device (okd_scale/perf.py PEAK_BF16_FLOPS).")
     bad = {k: v for k, v in report.carried.items() if str(v).startswith("error")}
