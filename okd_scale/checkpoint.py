@@ -21,7 +21,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -163,6 +163,7 @@ class TrainerState:
     batches_in_epoch: int  # batches each rank has taken from that epoch
     world_size: int
     method: str
+    method_state: dict = field(default_factory=dict)  # the method's own state across steps (e.g. TAID's t)
 
 
 def _barrier() -> None:

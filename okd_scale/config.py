@@ -16,8 +16,8 @@ from typing import Any, Optional
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("okd", "kd", "sft", "seqkd", "sgo")
-TEACHER_METHODS = ("okd", "kd", "sgo", "seqkd")  # need model.teacher (seqkd: to generate its training data)
+METHODS = ("okd", "kd", "sft", "seqkd", "sgo", "taid")
+TEACHER_METHODS = ("okd", "kd", "sgo", "seqkd", "taid")  # need model.teacher (seqkd: to generate its training data)
 _ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -107,6 +107,18 @@ class SGOArgs:
 
 
 @dataclass
+class TAIDArgs:
+    """Temporally Adaptive Interpolated Distillation (method taid, Shing et al., ICLR 2025): the student learns
+    KL(p_t || q_S) with p_t = softmax((1 - t) sg[z_S] + t z_T), t rising from t_start to t_end."""
+
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4  # the adaptive step: t += alpha * sigmoid(momentum of the loss's relative fall) * (1 - t)
+    beta: float = 0.99  # the momentum's decay
+    adaptive: bool = True  # false: t follows the linear floor t_start + (t_end - t_start) * step / max_steps
+
+
+@dataclass
 class SeqKDArgs:
     """Sequence-level KD (method seqkd): the teacher's responses to the training prompts, generated once
     before training and cached as jsonl; the student is then fine-tuned on them."""
@@ -145,6 +157,7 @@ class RunConfig:
     loss: LossArgs = field(default_factory=LossArgs)
     online: OnlineArgs = field(default_factory=OnlineArgs)
     sgo: SGOArgs = field(default_factory=SGOArgs)
+    taid: TAIDArgs = field(default_factory=TAIDArgs)
     seqkd: SeqKDArgs = field(default_factory=SeqKDArgs)
     deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
 
@@ -334,6 +347,13 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
         _check(0.0 < v <= 1.0, origin, key, "in (0, 1]", v)
     _check(sq.generate_with in ("auto", "copy", "engine"), origin, "seqkd.generate_with", "auto, copy or engine",
            sq.generate_with)
+    ta = cfg.taid
+    _check(0.0 <= ta.t_start <= 1.0, origin, "taid.t_start", "in [0, 1]", ta.t_start)
+    _check(ta.t_start <= ta.t_end <= 1.0, origin, "taid.t_end", f"in [taid.t_start, 1] = [{ta.t_start}, 1]", ta.t_end)
+    _check(0.0 <= ta.alpha <= 1.0, origin, "taid.alpha", "in [0, 1]", ta.alpha)
+    _check(0.0 <= ta.beta < 1.0, origin, "taid.beta", "in [0, 1)", ta.beta)
+    _check(cfg.method != "taid" or lo.vocab_shards == 1, origin, "loss.vocab_shards",
+           "1 for method taid (its interpolated target is not vocab-sharded yet)", lo.vocab_shards)
     _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
     _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
     _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)

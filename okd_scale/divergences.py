@@ -459,11 +459,20 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
 
 @dataclass(frozen=True)
 class Mix:
-    """A loss as weights on two terms: div_weight * sum D + ce_weight * sum CE, D the divergence ``name``."""
+    """A loss as weights on two terms: div_weight * sum D + ce_weight * sum CE, D the divergence ``name``.
+    For the student's loss, ``target_t`` < 1 makes D's target p_t = softmax((1 - t) sg[zS] + t zT) (TAID)."""
 
     name: str
     div_weight: float
     ce_weight: float
+    target_t: float = 1.0
+
+
+def interpolated_target(zt: Tensor, zs: Tensor, t: float) -> Tensor:
+    """TAID's target logits (1 - t) sg[zs] + t zt, in float32 at least; zt itself (bitwise) when t = 1."""
+    if t == 1:
+        return zt
+    return (1 - t) * _upcast(zs.detach()) + t * _upcast(zt)
 
 
 class _KnownGrad(torch.autograd.Function):
@@ -491,7 +500,8 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
         LT = online.ce_weight * sum CE(zT, y) + online.div_weight * sum D_T(pS || pT)     (pS a constant)
 
     with zT = t_hidden @ t_weight.T, zS = s_hidden @ s_weight.T ([V, H] lm_head rows), D = student.name,
-    D_T = online.name, the temperature on D and D_T only. Returns (LS, LT or None without ``online``, the
+    D_T = online.name, the temperature on D and D_T only; with student.target_t = t < 1, LS's pT is TAID's
+    p_t = softmax((1 - t) sg[zS] + t zT) (no online loss then). Returns (LS, LT or None without ``online``, the
     detached sums [D, CE_S, D_T, CE_T]); without a teacher (t_hidden None) LS is its CE term alone.
 
     LS's gradient reaches s_hidden and s_weight, LT's t_hidden and t_weight (those that require grad). Logits
@@ -505,6 +515,8 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
         _check_name(online.name)
         if not teacher:
             raise ValueError("an online loss needs the teacher's hidden states")
+        if student.target_t != 1:
+            raise ValueError("an online loss with an interpolated target (student.target_t < 1) is not defined")
     _check_params(temperature, beta, alpha, mu)
     _check_chunk_size(chunk_size)
     if teacher:
@@ -523,13 +535,14 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
 
     def fn(hs: Tensor, y: Tensor, *rest: Tensor) -> Tensor:
         ht, ws, wt = rest if teacher else (None, rest[0], None)
-        logq, ce_s = log_probs_and_ce(hs @ ws.t(), y)
+        zs = hs @ ws.t()
+        logq, ce_s = log_probs_and_ce(zs, y)
         zero = ce_s.new_zeros(())
         kd = kd_t = ce_t = zero
         ls, lt = student.ce_weight * ce_s, zero
         if teacher:
             zt = ht @ wt.t()
-            logp = _log_probs(zt, temperature)
+            logp = _log_probs(interpolated_target(zt, zs, student.target_t), temperature)
             kd = _per_token(student.name, logp.detach(), logq, **kw).sum()
             ls = ls + student.div_weight * kd
             if online is not None:

@@ -233,11 +233,17 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     batch with the free memory of every rank (the same numbers on every rank)."""
     from deepspeed.accelerator import get_accelerator
 
-    from .models import weight_bytes
+    from .models import ModelError, weight_bytes
+
+    def shape(path: str) -> plan.ModelShape:
+        try:
+            return plan.read_shape(path)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load a causal LM from {path}: {e}") from None
 
     t = cfg.train
     budget, nodes, per_node = _memory_budget(cfg.deepspeed.nvme_path)
-    teacher = plan.read_shape(cfg.model.teacher)
+    teacher = shape(cfg.model.teacher)
     stored = weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
     if stored is not None:
         teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
@@ -251,7 +257,7 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
         activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
         flash_attention=get_accelerator().device_name() != "cpu")
     try:
-        return plan.teacher_placement(teacher, plan.read_shape(cfg.model.student), settings, budget)
+        return plan.teacher_placement(teacher, shape(cfg.model.student), settings, budget)
     except plan.PlacementError as e:
         raise ConfigError(f'"deepspeed.teacher_config" is auto, but {e}') from None
 

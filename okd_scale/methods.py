@@ -7,6 +7,7 @@ and lm_head rows, vocab-sharded or not, or logits) is the scorer's business (sco
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -30,6 +31,7 @@ class StepContext:
     update_online: bool = False
     on_policy: bool = False  # sgo: this step's responses were sampled from the student (the loss is D alone)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    state: object = None  # the method's state across steps (METHOD_STATE), e.g. TAID's t
     inject_nan: bool = False  # test hook: make this rank's student outputs NaN (faults.py, "nan_batch")
 
 
@@ -162,6 +164,72 @@ def okd_step(batch: dict, ctx: StepContext) -> dict:
     return _logs(ctx, losses, _backward(ctx, parts))
 
 
+@dataclass
+class TAIDSchedule:
+    """TAID's interpolation parameter t (Shing et al., ICLR 2025). After each step with distillation loss L:
+
+        m <- beta * m + (1 - beta) * (L_prev - L) / (L_prev + 1e-15)
+        t <- min(t_end, max(t_start + (t_end - t_start) * step / max_steps, t + alpha * sigmoid(m) * (1 - t)))
+
+    (only the linear floor when not adaptive); the first step only records L."""
+
+    t_start: float
+    t_end: float
+    alpha: float
+    beta: float
+    adaptive: bool
+    max_steps: int
+    t: Optional[float] = None  # t_start until the first update
+    momentum: float = 0.0
+    prev_loss: Optional[float] = None
+
+    def __post_init__(self):
+        self.t = self.t_start if self.t is None else self.t
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "TAIDSchedule":
+        ta = cfg.taid
+        return cls(ta.t_start, ta.t_end, ta.alpha, ta.beta, ta.adaptive, cfg.train.max_steps)
+
+    def update(self, loss: float, step: int) -> None:
+        if self.prev_loss is None:
+            self.prev_loss = loss
+            return
+        change = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
+        self.momentum = self.beta * self.momentum + (1 - self.beta) * change
+        floor = self.t_start + (self.t_end - self.t_start) * step / self.max_steps
+        grown = self.t + self.alpha / (1 + math.exp(-self.momentum)) * (1 - self.t)
+        self.t = min(self.t_end, max(floor, grown) if self.adaptive else floor)
+        self.prev_loss = loss
+
+    def after_step(self, row: dict, step: int) -> None:
+        """Log the step's t, then move it on the step's global mean distillation loss (not on a skipped step)."""
+        row["taid/t"] = self.t
+        if not row["skipped"]:
+            self.update(row["student/kd"], step)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "momentum": self.momentum, "prev_loss": self.prev_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.momentum, self.prev_loss = state["t"], state["momentum"], state["prev_loss"]
+
+
+def taid_step(batch: dict, ctx: StepContext) -> dict:
+    """Frozen teacher; LS = kd_ratio * KL(p_t || pS) + (1 - kd_ratio) * CE, p_t = softmax((1 - t) sg[zS] + t zT)
+    with t from the run's TAIDSchedule."""
+    zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
+    ratio = ctx.cfg.loss.kd_ratio
+    with ctx.timer.phase("loss"):
+        ls, _, terms = ctx.scorer.losses(zt, zs, y, Mix("fkl", ratio, 1.0 - ratio, target_t=ctx.state.t),
+                                         timer=ctx.timer)
+    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
+    return _logs(ctx, {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}, bad)
+
+
 # seqkd is sft on the teacher's cached responses; sgo is kd on batches the trainer may first resample
 METHODS: dict[str, Callable[[dict, StepContext], dict]] = {"sft": sft_step, "seqkd": sft_step, "kd": kd_step,
-                                                           "sgo": kd_step, "okd": okd_step}
+                                                           "sgo": kd_step, "okd": okd_step, "taid": taid_step}
+# methods with state across steps: a factory from the run config; the state has after_step(row, step),
+# state_dict() and load_state_dict(), and is saved in checkpoints
+METHOD_STATE: dict[str, Callable[[RunConfig], object]] = {"taid": TAIDSchedule.from_config}

@@ -27,7 +27,7 @@ import torch
 from . import engines, models, sharded
 from .config import ConfigError, RunConfig
 from .data import IGNORE_INDEX
-from .divergences import Mix, ce_sum, distill_from_hidden, divergence_sum
+from .divergences import Mix, ce_sum, distill_from_hidden, divergence_sum, interpolated_target
 
 log = logging.getLogger("okd_scale")
 
@@ -80,7 +80,9 @@ class LogitsScorer:
         chunk = kw["chunk_size"]
         zero = zs.new_zeros((), dtype=torch.float32)
         ce = ce_sum(zs, y, chunk_size=chunk)
-        kd = divergence_sum(student.name, zt.detach(), zs, **kw) if zt is not None else zero
+        kd = zero
+        if zt is not None:
+            kd = divergence_sum(student.name, interpolated_target(zt.detach(), zs, student.target_t), zs, **kw)
         kd_t = ce_t = zero
         if online is not None:
             kd_t = divergence_sum(online.name, zs.detach(), zt, **kw)
@@ -112,6 +114,8 @@ class ShardedScorer:
             rows = (zs, y) if zt is None else (zs, y, zt)
             zs, y, *rest = sharded.gather_rows(*rows, group=group, pad_values=(0, IGNORE_INDEX, 0))
         zt = rest[0] if rest else None
+        if student.target_t != 1:
+            raise ValueError("the vocab-sharded scorer has no interpolated (TAID) target")
         zero = zs.new_zeros((), dtype=torch.float32)
         if zt is None:
             ce = sharded.sharded_ce_from_hidden(zs, s_head, y, vocab_size=vocab, group=group, chunk_size=kw["chunk_size"])

@@ -19,13 +19,13 @@ import yaml
 from . import checkpoint, data, engines, faults, generation, models, perf, seqkd
 from .config import TEACHER_METHODS, RunConfig
 from .divergences import ce_sum
-from .methods import METHODS, StepContext, forward_counted, loss_normaliser, with_counted
+from .methods import METHOD_STATE, METHODS, StepContext, forward_counted, loss_normaliser, with_counted
 from .scorers import make_scorer
 from .stop import REQUEST
 from .watchdog import RESUME_HINT, RankFailure, Watchdog, collective_timeout
 
 log = logging.getLogger("okd_scale")
-TRAINING_TEACHER = ("okd", "kd", "sgo")  # methods with a teacher engine during training
+TRAINING_TEACHER = ("okd", "kd", "sgo", "taid")  # methods with a teacher engine during training
 
 
 @dataclass
@@ -242,13 +242,14 @@ def train(cfg: RunConfig) -> TrainResult:
         (out / "run_config.yaml").write_text(run_config)
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     online = teacher if cfg.method == "okd" else None  # the teacher's state that changes, hence is saved
-    pos, first_step = DataPosition(), 1
+    pos, first_step, method_state = DataPosition(), 1, {}
     history = out / "log_history.jsonl"  # one JSON row per optimizer step, appended as steps end
     past: list[dict] = []
     if resume_from is not None:
         clock = time.perf_counter()
         state = checkpoint.load_checkpoint(resume_from, student, online, world_size=world, method=cfg.method)
         pos, first_step = DataPosition(state.epoch, state.batches_in_epoch), state.step + 1
+        method_state = state.method_state
         if history.is_file():
             past = [r for r in map(json.loads, history.read_text().splitlines()) if r["step"] <= state.step]
         log.info("resumed from %s at step %d (%.1f s)", resume_from, state.step, time.perf_counter() - clock)
@@ -265,6 +266,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
     loop = _Loop(cfg, student, teacher, tokenizer, world, scorer, _batches(loader, pos))
+    if loop.state is not None and method_state:
+        loop.state.load_state_dict(method_state)
     evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
     bad_run = 0  # consecutive steps whose update was skipped
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
@@ -308,7 +311,8 @@ def train(cfg: RunConfig) -> TrainResult:
             if stopping or (scheduled and not bad_run):  # no scheduled save on a skipped step: keep the last good
                 clock = time.perf_counter()
                 state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
-                                                world_size=world, method=cfg.method)
+                                                world_size=world, method=cfg.method,
+                                                method_state=loop.state.state_dict() if loop.state else {})
                 path = checkpoint.save_checkpoint(out, state, student, online, tokenizer=tokenizer,
                                                   run_config=run_config, keep_last=t.keep_last)
                 log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)
@@ -394,6 +398,7 @@ class _Loop:
         self.batches, self.vocab = batches, len(tokenizer)
         self.rank = torch.distributed.get_rank()
         self.step_fn = METHODS[cfg.method]
+        self.state = METHOD_STATE[cfg.method](cfg) if cfg.method in METHOD_STATE else None
         self.timer = perf.PhaseTimer(enabled=cfg.train.profile_phases)
         self.sampler = _sgo_sampler(cfg, student, tokenizer, world)
         self.sampled_tokens = 0.0
@@ -419,6 +424,7 @@ class _Loop:
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
                           num_tokens=loss_normaliser(tokens[0].float(), self.world, gas), vocab_size=self.vocab,
                           scorer=self.scorer, update_online=update_online, on_policy=on_policy, timer=timer,
+                          state=self.state,
                           inject_nan=faults.armed("nan_batch", step, self.rank))
         sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros((), device=device)
@@ -453,6 +459,8 @@ class _Loop:
             self.sampled_tokens += seen
         if cfg.method == "okd":
             row["lr/online"] = teacher.get_lr()[0]
+        if self.state is not None:
+            self.state.after_step(row, step)
         return row
 
 

@@ -1,5 +1,5 @@
-"""The paper's main comparison, on one shared budget: sft, kd (forward KL), kd (reverse KL), sgo and okd
-(the config's settings, reverse KL for demo.yaml, and forward KL as okd_fkl).
+"""The paper's main comparison, on one shared budget: sft, kd (forward, reverse and skew KL), taid, sgo and
+okd (the config's settings, reverse KL for demo.yaml, and forward KL as okd_fkl).
 
     python tools/reproduce.py --preset cpu-small                 # the demo pair on this machine
     python tools/reproduce.py --preset gpu-paper --teacher T --student S --train-data dolly_train.jsonl
@@ -40,6 +40,8 @@ METHODS = {
     "sft": ["method=sft"],
     "kd_fkl": ["method=kd", "loss.divergence=fkl"],
     "kd_rkl": ["method=kd", "loss.divergence=rkl"],
+    "kd_skl": ["method=kd", "loss.divergence=skl"],  # DistiLLM's skew KL
+    "taid": ["method=taid"],  # TAID: its target moves from the student towards the teacher
     "sgo": ["method=sgo", "loss.divergence=fkl"],  # forward KL, whatever the config says
     "okd_fkl": ["method=okd", "loss.divergence=fkl"],  # OKD against kd_fkl at the same divergence
     "okd": ["method=okd"],  # the config's own settings (demo.yaml: reverse KL, as kd_rkl)
