@@ -164,6 +164,7 @@ class TrainerState:
     world_size: int
     method: str
     method_state: dict = field(default_factory=dict)  # the method's own state across steps (e.g. TAID's t)
+    best: dict = field(default_factory=dict)  # train.keep_best: {"step", "eval/student_ce"} of the best tag so far
 
 
 def _barrier() -> None:
@@ -218,8 +219,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, tokenizer=None,
                     run_config: str = "", keep_last: int = 0) -> Path:
     """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
-    teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all).
-    Every rank calls this."""
+    teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all), never
+    the best one of `state.best`. Every rank calls this."""
     root = Path(out_dir) / CHECKPOINTS
     tag = f"global_step{state.step}"
     final, tmp = root / tag, root / f".{tag}.tmp"
@@ -275,8 +276,10 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
     if keep_last:
         tags = sorted((p for p in root.glob("global_step*") if p.is_dir()),
                       key=lambda p: int(p.name[len("global_step"):]))
+        best = f"global_step{state.best['step']}" if state.best else None
         for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:

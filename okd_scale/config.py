@@ -62,6 +62,7 @@ class TrainArgs:
     eval_every: int = 0  # evaluate on data.eval_file every N steps (0: only at the end)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
     keep_last: int = 2  # checkpoints kept (0: all)
+    keep_best: bool = False  # also keep the checkpoint with the lowest validation loss (eval/student_ce)
     max_bad_steps: int = 10  # stop after more than N consecutive steps skipped for non-finite loss or gradients
     ddp_timeout: int = 1800  # seconds a rank may wait for the others before the one that died or hangs is named
 
@@ -327,6 +328,12 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                    ("train.eval_every", t.eval_every), ("data.eval_rouge_examples", cfg.data.eval_rouge_examples)]:
         _check(v >= 0, origin, key, "an integer >= 0", v)
     _check(t.ddp_timeout >= 1, origin, "train.ddp_timeout", "an integer >= 1 (seconds)", t.ddp_timeout)
+    if t.keep_best:
+        _check(bool(cfg.data.eval_file), origin, "data.eval_file", "a validation file when train.keep_best is true",
+               cfg.data.eval_file)
+        _check(t.eval_every > 0 and t.save_every > 0 and t.eval_every % t.save_every == 0, origin, "train.eval_every",
+               "a positive multiple of train.save_every when train.keep_best is true (every evaluated step saved)",
+               t.eval_every)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
     for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),
                    ("loss.temperature", lo.temperature)]:

@@ -188,6 +188,35 @@ def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,),
             "seconds": round(time.time() - t0, 2)}
 
 
+def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_size: int = 8) -> float:
+    """Mean cross-entropy per response token of ``model`` over a training-format data file (okd_scale.data:
+    the loss mask the trainer uses), on the model's device."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import build_dataloader, load_dataset
+    from .generation import model_device
+    from .methods import targets
+
+    examples, _ = load_dataset(data_file, tokenizer, max_length)
+    loader = build_dataloader(examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, rank=0,
+                              world_size=1, seed=0, shuffle=False, drop_last=False)
+    device, was_training = model_device(model), model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels, mask = targets(batch)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
+                count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 def format_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per label (a result of :func:`evaluate_model`), one column per set + average.
     Cells are ROUGE-L mean, with "± std" when a set was scored over more than one seed."""

@@ -242,14 +242,14 @@ def train(cfg: RunConfig) -> TrainResult:
         (out / "run_config.yaml").write_text(run_config)
     tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     online = teacher if cfg.method == "okd" else None  # the teacher's state that changes, hence is saved
-    pos, first_step, method_state = DataPosition(), 1, {}
+    pos, first_step, method_state, best = DataPosition(), 1, {}, {}
     history = out / "log_history.jsonl"  # one JSON row per optimizer step, appended as steps end
     past: list[dict] = []
     if resume_from is not None:
         clock = time.perf_counter()
         state = checkpoint.load_checkpoint(resume_from, student, online, world_size=world, method=cfg.method)
         pos, first_step = DataPosition(state.epoch, state.batches_in_epoch), state.step + 1
-        method_state = state.method_state
+        method_state, best = state.method_state, state.best
         if history.is_file():
             past = [r for r in map(json.loads, history.read_text().splitlines()) if r["step"] <= state.step]
         log.info("resumed from %s at step %d (%.1f s)", resume_from, state.step, time.perf_counter() - clock)
@@ -290,6 +290,8 @@ def train(cfg: RunConfig) -> TrainResult:
                     for k, v in scores.items():
                         writer.add_scalar(k, v, step)
                 log.info("step %d eval: %s", step, {k: round(v, 4) for k, v in scores.items()})
+                if t.keep_best and (not best or scores["eval/student_ce"] < best["eval/student_ce"]):
+                    best = {"step": step, "eval/student_ce": scores["eval/student_ce"]}
             bar.set_postfix({k.split("/")[-1] if k.startswith("student/") else k: f"{v:.4g}"
                              for k, v in row.items() if k in ("student/loss", "teacher/loss")})
             bar.update(1)
@@ -312,7 +314,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 clock = time.perf_counter()
                 state = checkpoint.TrainerState(step=step, epoch=pos.epoch, batches_in_epoch=pos.batches,
                                                 world_size=world, method=cfg.method,
-                                                method_state=loop.state.state_dict() if loop.state else {})
+                                                method_state=loop.state.state_dict() if loop.state else {},
+                                                best=best)
                 path = checkpoint.save_checkpoint(out, state, student, online, tokenizer=tokenizer,
                                                   run_config=run_config, keep_last=t.keep_last)
                 log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)

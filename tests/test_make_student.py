@@ -148,3 +148,27 @@ def test_failed_save_leaves_nothing(teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         ms.make_student(teacher_dir, out, verbose=False)
     assert not out.exists() and not (tmp_path / "s.tmp").exists()
+
+
+def test_healing_keeps_the_best_checkpoint(pair, tmp_path):
+    """--heal-train/--heal-eval: the pruned student is trained (kd, forward KL), the checkpoint with the lowest
+    validation loss becomes OUT_DIR, and its validation loss is below the pruned student's."""
+    from okd_scale.evaluate import load_model, validation_ce
+
+    out = tmp_path / "student_init"
+    adam = '{"optimizer": {"params": {"torch_adam": true}}}'
+    code = ms.main([str(pair / "teacher"), str(out), "--keep-layers", "0,2", "--heal-train", str(pair / "train.jsonl"),
+                    "--heal-eval", str(pair / "eval.jsonl"), "--heal-steps", "6", "--heal-eval-every", "2",
+                    "--heal-set", "train.learning_rate=5e-3", "--heal-set", "data.max_length=64",
+                    "--heal-set", f"deepspeed.student_overrides={adam}",
+                    "--heal-set", f"deepspeed.teacher_overrides={adam}"])
+    assert code == 0
+    report = json.loads((out / "heal_report.json").read_text())
+    ces = {int(k): v for k, v in report["validation_ce"].items()}
+    assert sorted(ces) == [2, 4, 6] and report["best_step"] == min(ces, key=ces.get)
+    assert ces[report["best_step"]] < report["pruned_validation_ce"] and report["teacher_validation_ce"] > 0
+    model, tokenizer = load_model(out, device="cpu")
+    assert validation_ce(model, tokenizer, pair / "eval.jsonl", max_length=64) == pytest.approx(
+        ces[report["best_step"]], rel=1e-4)
+    assert (tmp_path / "student_init.pruned" / "config.json").is_file()
+    assert not (tmp_path / "student_init.heal" / "checkpoints").exists()  # only the chosen weights are kept

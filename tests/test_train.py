@@ -476,3 +476,25 @@ def test_evaluation_during_training(tmp_path, pair):
     events = EventAccumulator(str(Path(cfg.output_dir) / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/student_rougeL")] == [2, 4, 6]
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_checkpoint(tmp_path, pair):
+    """train.keep_best with keep_last=1: the newest tag and the one of the evaluated step with the lowest
+    eval/student_ce survive; keep_best without a validation file or with unsaved evaluations is refused."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import ConfigError, load_config
+
+    common = ["train.eval_every=2", "train.save_every=2", "train.keep_last=1", "data.eval_rouge_examples=0"]
+    history = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"),
+                                       ["train.keep_best=true", *common]))["history"]
+    ces = {r["step"]: r["eval/student_ce"] for r in history if "eval/student_ce" in r}
+    assert sorted(ces) == [2, 4]
+    best = min(ces, key=ces.get)
+    tags = sorted(p.name for p in (tmp_path / "out-sft" / "checkpoints").glob("global_step*"))
+    assert tags == sorted({f"global_step{best}", "global_step6"})
+    state = json.loads((tmp_path / "out-sft" / "checkpoints" / "global_step6" / "trainer_state.json").read_text())
+    assert state["best"] == {"step": best, "eval/student_ce": ces[best]}
+    for bad, key in ((["data.eval_file=null"], "data.eval_file"), (["train.save_every=3"], "train.eval_every")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(write_config(tmp_path / "bad.yaml", pair, "sft"), ["train.keep_best=true", *common, *bad])

@@ -19,12 +19,26 @@ the initialisation.
 
 Both modes save the teacher's tokenizer (with its chat template), a generation_config and
 safetensors weights in the teacher's dtype. Llama-family models (model.model.layers) are supported.
+
+Healing (--heal-train FILE --heal-eval FILE): a pruned student is random text until trained, so the
+student built above is then trained with okd_scale itself (`kd` with forward KL from the teacher, or
+`sft`: --heal-method) on FILE for --heal-steps steps, its validation loss measured on --heal-eval every
+--heal-eval-every steps (every evaluation a checkpoint, `train.keep_best`), and the checkpoint with the
+lowest validation loss becomes OUT_DIR (the unhealed student is kept as OUT_DIR.pruned). OUT_DIR/heal_report.json
+holds the validation cross-entropy of the pruned student, of every evaluated step and of the teacher, the
+best step and the wall time. Use training data the later comparison does not use. Extra trainer settings:
+--heal-set key=value (repeatable), e.g. --heal-set train.bf16=true.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from okd_scale.checkpoint import OutputDirError, check_output_dir, staged_dir
@@ -182,6 +196,65 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
     return kept
 
 
+ROOT = Path(__file__).resolve().parents[1]
+HEAL_METHODS = {"kd": ["method=kd", "loss.divergence=fkl"], "sft": ["method=sft"]}
+
+
+def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Path, train_file: str | Path,
+         eval_file: str | Path, method: str = "kd", steps: int = 240, eval_every: int = 40, nproc: int = 1,
+         config: str | Path = ROOT / "configs" / "demo.yaml", overrides: list[str] = (),
+         work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Train the student at ``student_dir`` with okd_scale (``method``: kd with forward KL, or sft) and write
+    the checkpoint with the lowest validation loss on ``eval_file`` to ``out_dir`` (a Hugging Face directory);
+    returns the report also written to out_dir/heal_report.json."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from convert_to_hf import convert
+
+    from okd_scale.evaluate import load_model, validation_ce
+
+    if method not in HEAL_METHODS:
+        raise MakeStudentError(f"--heal-method must be one of {', '.join(HEAL_METHODS)}, got {method!r}")
+    if eval_every < 1 or steps < eval_every:
+        raise MakeStudentError(f"--heal-eval-every must be in [1, --heal-steps], got {eval_every} for {steps} steps")
+    for flag, path in (("--heal-train", train_file), ("--heal-eval", eval_file)):
+        if not Path(path).is_file():
+            raise MakeStudentError(f"{flag}: file not found: {path}")
+    try:
+        check_output_dir(out_dir, overwrite)
+    except OutputDirError as e:
+        raise MakeStudentError(str(e)) from None
+    work = Path(work_dir or f"{out_dir}.heal")
+    clock = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "okd_scale" / "train.py"), "--config", str(config), *HEAL_METHODS[method],
+           f"model.teacher={teacher_dir}", f"model.student={student_dir}", f"data.train_file={train_file}",
+           f"data.eval_file={eval_file}", "data.eval_rouge_examples=0", f"output_dir={work}",
+           f"train.max_steps={steps}", f"train.eval_every={eval_every}", f"train.save_every={eval_every}",
+           "train.keep_best=true", "train.keep_last=1", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+        raise MakeStudentError(f"healing failed: the training run in {work} exited non-zero (its log is above)")
+    rows = [json.loads(line) for line in (work / "log_history.jsonl").read_text().splitlines()]
+    metrics = json.loads((work / "metrics.json").read_text())
+    evaluated = {r["step"]: r["eval/student_ce"] for r in rows if "eval/student_ce" in r}
+    evaluated[steps] = metrics["eval/student_ce"]
+    best = min(evaluated, key=lambda s: (evaluated[s], s))
+    convert(work / "checkpoints", out_dir, tag=f"global_step{best}", dtype="fp32", overwrite=overwrite)
+    import yaml
+
+    max_length = yaml.safe_load((work / "run_config.yaml").read_text())["data"]["max_length"]
+    model, tokenizer = load_model(student_dir)
+    pruned_ce = validation_ce(model, tokenizer, eval_file, max_length=max_length)
+    del model
+    report = {"method": method, "steps": steps, "best_step": best, "validation_ce": evaluated,
+              "pruned_validation_ce": pruned_ce, "teacher_validation_ce": metrics.get("eval/teacher_ce"),
+              "seconds": time.perf_counter() - clock, "train_file": str(train_file), "eval_file": str(eval_file),
+              "command": cmd}
+    (Path(out_dir) / "heal_report.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return report
+
+
 def _int_list(s: str) -> list[int]:
     try:
         return [int(x) for x in s.replace(" ", "").split(",") if x != ""]
@@ -205,16 +278,35 @@ def main(argv=None) -> int:
     ap.add_argument("--num-kv-heads", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
+    h = ap.add_argument_group("healing (train the built student before use; see above)")
+    h.add_argument("--heal-train", help="training data for healing (not the comparison's)")
+    h.add_argument("--heal-eval", help="validation data: the best checkpoint by its loss is kept")
+    h.add_argument("--heal-method", choices=tuple(HEAL_METHODS), default="kd")
+    h.add_argument("--heal-steps", type=int, default=240)
+    h.add_argument("--heal-eval-every", type=int, default=40)
+    h.add_argument("--heal-nproc", type=int, default=1)
+    h.add_argument("--heal-set", action="append", default=[], metavar="KEY=VALUE", help="a trainer setting")
     args = ap.parse_args(argv)
+    if bool(args.heal_train) != bool(args.heal_eval):
+        ap.error("--heal-train and --heal-eval go together")
     sizes = {k: getattr(args, k) for k in FRESH_KEYS}
     if not args.fresh and any(v is not None for v in sizes.values()):
         ap.error("--num-layers/--hidden-size/--intermediate-size/--num-heads/--num-kv-heads need --fresh")
     if args.fresh and args.keep_layers is not None:
         ap.error("--fresh and --keep-layers are exclusive")
+    built = f"{args.out_dir}.pruned" if args.heal_train else args.out_dir
     try:
-        make_student(args.teacher_dir, args.out_dir, keep_layers=args.keep_layers, keep_every=args.keep_every,
+        make_student(args.teacher_dir, built, keep_layers=args.keep_layers, keep_every=args.keep_every,
                      fresh={k: v for k, v in sizes.items() if v is not None} if args.fresh else None,
                      seed=args.seed, overwrite=args.overwrite)
+        if args.heal_train:
+            report = heal(built, args.out_dir, teacher_dir=args.teacher_dir, train_file=args.heal_train,
+                          eval_file=args.heal_eval, method=args.heal_method, steps=args.heal_steps,
+                          eval_every=args.heal_eval_every, nproc=args.heal_nproc, overrides=args.heal_set,
+                          overwrite=args.overwrite)
+            print(f"make_student: healed: validation CE {report['pruned_validation_ce']:.3f} (pruned) -> "
+                  f"{report['validation_ce'][report['best_step']]:.3f} at step {report['best_step']} (teacher "
+                  f"{report['teacher_validation_ce'] or float('nan'):.3f}); {args.out_dir}")
     except (MakeStudentError, OutputDirError) as e:
         print(f"make_student: error: {e}", file=sys.stderr)
         return 2
