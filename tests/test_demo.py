@@ -1,5 +1,5 @@
-"""The README's demo pipeline end to end at a tiny size: real teacher, pruned student, chatterbot data,
-OKD on 2 processes through the deepspeed launcher, evaluation table, exported student."""
+"""The README's demo pipeline end to end at a tiny size: real teacher, pruned student, chatterbot data, the
+student healed, OKD on 2 processes through the deepspeed launcher, evaluation table, exported student."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +22,23 @@ def test_demo_pipeline_tiny(tmp_path):
     env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
     out = tmp_path / "demo"
     cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(out), "--eval-examples", "3",
-           "--max-new-tokens", "6", "train.max_steps=2", "data.max_length=64", "train.warmup_steps=0"]
+           "--max-new-tokens", "6", "--heal-steps", "2", "train.max_steps=2", "data.max_length=64", "train.warmup_steps=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| teacher |" in proc.stdout and "| student after (OKD) |" in proc.stdout
+    assert "reproduce.py --preset gpu-proof" in proc.stdout  # what this budget buys, and what gives more
     results = json.loads((out / "demo_results.json").read_text())["results"]
-    assert set(results) == {"teacher", "student before", "student after (OKD)"}
+    assert list(results) == ["teacher", "student pruned", "student healed", "student after (OKD)"]
     for r in results.values():
         s = r["sets"]["chatterbot-eval"]
         assert s["n"] == 3 and 0.0 <= s["rougeL"] <= 100.0 and len(s["samples"]) == 3
+    ce = {label: r["validation_ce"] for label, r in results.items()}
+    heal = json.loads((out / "student_healed" / "heal_report.json").read_text())
+    assert heal["steps"] == 2 and heal["method"] == "sft" and list(heal["validation_ce"]) == ["2"]
+    assert heal["pruned_validation_ce"] == pytest.approx(ce["student pruned"], rel=1e-4)
+    assert ce["teacher"] < ce["student healed"] < ce["student pruned"]  # two steps at lr 5e-4 already heal
+    if any(r["average"] >= results["teacher"]["average"] for r in results.values()):
+        assert "reward short answers" in proc.stdout  # never shown as beating the teacher without the caveat
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["eval/teacher_ce"] < metrics["eval/student_ce"]
 

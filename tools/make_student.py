@@ -27,7 +27,8 @@ student built above is then trained with okd_scale itself (`kd` with forward KL 
 lowest validation loss becomes OUT_DIR (the unhealed student is kept as OUT_DIR.pruned). OUT_DIR/heal_report.json
 holds the validation cross-entropy of the pruned student, of every evaluated step and of the teacher, the
 best step and the wall time. Use training data the later comparison does not use. Extra trainer settings:
---heal-set key=value (repeatable), e.g. --heal-set train.bf16=true.
+--heal-set key=value (repeatable), e.g. --heal-set train.bf16=true; the method, paths, steps and checkpoint
+settings of the healing are its own and a --heal-set of those keys is overridden.
 """
 from __future__ import annotations
 
@@ -226,11 +227,11 @@ def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Pat
     work = Path(work_dir or f"{out_dir}.heal")
     clock = time.perf_counter()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "okd_scale" / "train.py"), "--config", str(config), *HEAL_METHODS[method],
+           str(ROOT / "okd_scale" / "train.py"), "--config", str(config), *overrides, *HEAL_METHODS[method],
            f"model.teacher={teacher_dir}", f"model.student={student_dir}", f"data.train_file={train_file}",
            f"data.eval_file={eval_file}", "data.eval_rouge_examples=0", f"output_dir={work}",
            f"train.max_steps={steps}", f"train.eval_every={eval_every}", f"train.save_every={eval_every}",
-           "train.keep_best=true", "train.keep_last=1", *overrides]
+           "train.keep_best=true", "train.keep_last=1"]  # the healing's own settings win over ``overrides``
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
         raise MakeStudentError(f"healing failed: the training run in {work} exited non-zero (its log is above)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,12 @@ METHODS = {
     "okd": ["method=okd"],  # the config's own settings (demo.yaml: reverse KL, as kd_rkl)
 }
 
+# tools/prepare_data.py settings of the proof presets' data: ShareGPT's first turns in the teacher's chat
+# format, English, bounded lengths, never an evaluation prompt; a validation split (model selection) and a
+# heal split (the init student) that the method comparison never trains on
+SHAREGPT = {"source": "sharegpt", "english": True, "max_prompt_chars": 1000, "max_output_chars": 1500,
+            "num_eval": 300, "num_heal": 3000, "seed": 0}
+
 PRESETS = {
     # the demo pair; about an hour for the whole sweep on 2 cores
     "cpu-small": {
@@ -56,7 +63,44 @@ PRESETS = {
                   "sgo.lambda=0.5", "sgo.max_new_tokens=64", "data.eval_file=null"],
         "eval": {"max_examples": 40, "seeds": [1, 2, 3], "max_new_tokens": 48, "do_sample": True,
                  "temperature": 1.0, "top_p": 1.0, "max_prompt_tokens": 192, "batch_size": 8},
-        "shared_sets": ["dolly", "selfinst"], "demo_eval": True,
+        "shared_sets": ["dolly", "selfinst"], "demo_eval": True, "train_seeds": [42],
+    },
+    # the proving ground on this 2-core machine: ShareGPT data, the demo student healed first (about an hour),
+    # every method from the healed student, greedy ROUGE-L on all of Dolly and Self-Instruct; about 3 hours
+    "cpu-proof": {
+        "config": "configs/demo.yaml", "nproc": 2, "prompt_format": "chat",
+        "data": SHAREGPT,
+        # sft heals faster per second than kd here (docs/results.md, "Healing"); about 55 minutes
+        "heal": {"method": "sft", "steps": 1500, "eval_every": 100,
+                 "set": ["train.bf16=true", "train.learning_rate=5e-4", "train.per_device_train_batch_size=4",
+                         "data.max_length=192", "train.warmup_steps=10"]},
+        "train": ["train.max_steps=80", "train.per_device_train_batch_size=4", "data.max_length=192",
+                  "train.learning_rate=2e-4", "train.lr_scheduler_type=cosine", "train.warmup_steps=8",
+                  "train.bf16=true", "sgo.lambda=0.5", "sgo.max_new_tokens=64", "data.eval_rouge_examples=0"],
+        "eval": {"max_examples": None, "seeds": [0], "max_new_tokens": 64, "do_sample": False,
+                 "max_prompt_tokens": 256, "batch_size": 16},
+        "validation_rows": 100,
+        "shared_sets": ["dolly", "selfinst"], "demo_eval": False,
+        "train_seeds": [42, 43], "one_seed": ["sft", "sgo"],
+        "methods": ["sft", "kd_fkl", "kd_rkl", "kd_skl", "taid", "sgo", "okd"],
+    },
+    # the same ground at a scale where methods separate, for one H200 (bf16; README "On a GPU")
+    "gpu-proof": {
+        "config": "configs/demo.yaml", "nproc": 1, "prompt_format": "chat",
+        "data": SHAREGPT,
+        "heal": {"method": "sft", "steps": 2000, "eval_every": 250,
+                 "set": ["train.bf16=true", "train.learning_rate=5e-4", "train.per_device_train_batch_size=64",
+                         "data.max_length=512", "train.warmup_steps=50"]},
+        "train": ["train.max_steps=1000", "train.per_device_train_batch_size=64", "data.max_length=512",
+                  "train.learning_rate=2e-4", "train.lr_scheduler_type=cosine", "train.warmup_steps=50",
+                  "train.bf16=true", "train.save_every=250", "sgo.lambda=0.5", "sgo.max_new_tokens=128",
+                  "data.eval_rouge_examples=0"],
+        "eval": {"max_examples": None, "seeds": [1, 2, 3], "max_new_tokens": 256, "do_sample": True,
+                 "temperature": 1.0, "top_p": 1.0, "max_prompt_tokens": 512, "batch_size": 128},
+        "greedy": True, "validation_rows": 300,
+        "shared_sets": ["dolly", "selfinst"], "demo_eval": False,
+        "train_seeds": [42, 43], "one_seed": [],
+        "methods": ["sft", "kd_fkl", "kd_rkl", "kd_skl", "taid", "sgo", "okd"],
     },
     # the paper's protocol: Dolly training set, sampling at temperature 1, 5 seeds, max length 512
     "gpu-paper": {
@@ -67,7 +111,7 @@ PRESETS = {
                   "train.save_every=500"],
         "eval": {"max_examples": None, "seeds": [10, 20, 30, 40, 50], "max_new_tokens": 256, "do_sample": True,
                  "temperature": 1.0, "top_p": 1.0, "max_prompt_tokens": 512, "batch_size": 32},
-        "shared_sets": ["dolly", "selfinst"], "demo_eval": False,
+        "shared_sets": ["dolly", "selfinst"], "demo_eval": False, "train_seeds": [42],
     },
 }
 
@@ -114,25 +158,72 @@ def _formatted(sets: dict[str, Path], args, out: Path) -> dict[str, Path]:
     return sets
 
 
-def train_cell(name: str, args, preset: dict, out: Path) -> float:
+def proof_data(args, preset: dict) -> dict[str, Path]:
+    """The preset's training, validation and heal splits (tools/prepare_data.py, written once per machine)."""
+    from prepare_data import PrepareDataError, prepare_data
+
+    spec = dict(preset["data"])
+    where = Path(args.data_dir or Path(args.demo_dir) / spec["source"])
+    files = {split: where / f"{split}.jsonl" for split in ("train", "eval", "heal")}
+    if not all(f.is_file() for f in files.values()):
+        excluded = [SHARED_EVAL / f"{name}.jsonl" for name in preset["shared_sets"]
+                    if (SHARED_EVAL / f"{name}.jsonl").is_file()]
+        try:
+            prepare_data(where, chat_template_from=args.teacher, exclude_prompts_from=excluded, **spec)
+        except PrepareDataError as e:
+            raise SystemExit(f"reproduce: preparing the {args.preset} data in {where}: {e}")
+    return files
+
+
+def validation_set(src: Path, dst: Path, rows: int) -> Path:
+    """The first ``rows`` rows of the validation split, as an evaluation set (ROUGE-L for model selection)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:rows]))
+    return dst
+
+
+def init_cell(args, preset: dict, data: dict[str, Path], out: Path) -> dict:
+    """Heal the demo's pruned student once (tools/make_student.py --heal-*) into OUT/student_init; its report."""
+    heal, student = preset["heal"], out / "student_init"
+    if not (student / "heal_report.json").is_file():
+        steps = args.heal_steps or heal["steps"]
+        cmd = [sys.executable, str(ROOT / "tools" / "make_student.py"), args.teacher, str(student), "--overwrite",
+               "--heal-train", str(data["heal"]), "--heal-eval", str(data["eval"]), "--heal-method", heal["method"],
+               "--heal-steps", str(steps), "--heal-eval-every", str(min(heal["eval_every"], steps)),
+               "--heal-nproc", str(args.nproc), *[x for kv in heal["set"] + [f"seed={args.train_seeds[0]}"]
+                                                  + args.overrides for x in ("--heal-set", kv)]]
+        with open(out / "logs" / "init.log", "a") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"reproduce: healing the student failed (exit {proc.returncode}); see {out / 'logs' / 'init.log'}")
+    return json.loads((student / "heal_report.json").read_text())
+
+
+def _child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def train_cell(name: str, method: str, seed: int, args, preset: dict, out: Path) -> float:
     """Train one method into OUT/runs/<name> (resuming a half-finished run); wall seconds of this call."""
     run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            str(ROOT / "okd_scale" / "train.py"), "--config", str(ROOT / preset["config"]),
            f"model.teacher={args.teacher}", f"model.student={args.student}", f"data.train_file={args.train_data}",
-           f"output_dir={run_dir}", f"seed={args.seed}", *preset["train"], *METHODS[name], *args.overrides]
+           f"output_dir={run_dir}", f"seed={seed}", *preset["train"], *METHODS[method], *args.overrides]
+    if args.validation:
+        cmd.append(f"data.eval_file={args.validation}")
     if args.steps:
         cmd.append(f"train.max_steps={args.steps}")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     clock = time.perf_counter()
     with open(out / "logs" / f"{name}.log", "a") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"reproduce: training {name} failed (exit {proc.returncode}); see {out / 'logs' / (name + '.log')}")
     return time.perf_counter() - clock
 
 
 def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
+    """The preset's evaluation of one model: {"eval": ROUGE-L by its protocol[, "greedy": the same greedily]}."""
     from okd_scale.evaluate import evaluate_model, load_model
 
     kw = dict(preset["eval"])
@@ -140,74 +231,163 @@ def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
         kw["max_examples"] = args.eval_examples
     if args.gen_seeds:
         kw["seeds"] = args.gen_seeds
+    protocols = {"eval": kw}
+    if preset.get("greedy") and kw.get("do_sample"):
+        protocols["greedy"] = {**kw, "do_sample": False, "seeds": [0]}
     model, tokenizer = load_model(model_dir)
-    result = evaluate_model(model, tokenizer, sets, **kw)
-    for s in result["sets"].values():
-        s.pop("samples", None)
-    return result
+    cell = {}
+    for key, settings in protocols.items():
+        result = evaluate_model(model, tokenizer, sets, **settings)
+        for s in result["sets"].values():
+            s.pop("samples", None)
+        cell[key] = result
+    return cell
 
 
-def table(cells: dict, sets: list[str]) -> tuple[str, dict]:
-    """Markdown table and its JSON: ROUGE-L mean ± spread per set, average, wall time."""
-    sgo_time = cells.get("sgo", {}).get("train_s")
-    head = ["model", *sets, "average", "train wall s", "x sgo's time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def table(cells: dict, sets: list[str], selection: str | None = None) -> tuple[str, dict]:
+    """Markdown table and its JSON, one row per model: ROUGE-L per set and its average over the sets (mean ±
+    population std over training seeds where a method has several, else over generation seeds), ROUGE-L on
+    the validation rows, validation cross-entropy, training wall time and its fraction of sgo's."""
+    groups: dict[str, list[dict]] = {}
+    for cell in cells.values():
+        groups.setdefault(cell.get("method", cell["name"]), []).append(cell)
     data = {}
-    for name, cell in cells.items():
-        ev = cell["eval"]
-        row = {s: {"mean": ev["sets"][s]["rougeL"], "std": ev["sets"][s]["std"], "n": ev["sets"][s]["n"]}
-               for s in sets}
-        row["average"] = ev["average"]
-        row["train_s"] = cell.get("train_s")
+    for name, group in groups.items():
+        evs = [c["eval"] for c in group]
+        row = {}
+        for s in sets:
+            if len(group) > 1:
+                mean, std = _mean_std([e["sets"][s]["rougeL"] for e in evs])
+            else:
+                mean, std = evs[0]["sets"][s]["rougeL"], evs[0]["sets"][s]["std"]
+            row[s] = {"mean": mean, "std": std, "n": evs[0]["sets"][s]["n"]}
+        per_seed = [statistics.fmean(e["sets"][s]["rougeL"] for s in sets) for e in evs]
+        row["average"], row["average_std"] = _mean_std(per_seed)
+        row["per_seed_average"] = per_seed
+        row["seeds"] = [c.get("seed") for c in group]
+        if selection:
+            row["validation_rougeL"] = statistics.fmean(e["sets"][selection]["rougeL"] for e in evs)
+        ces = [c["validation_ce"] for c in group if c.get("validation_ce") is not None]
+        row["validation_ce"] = statistics.fmean(ces) if ces else None
+        times = [c["train_s"] for c in group if c.get("train_s")]
+        row["train_s"] = statistics.fmean(times) if times else None
         data[name] = row
-        t = cell.get("train_s")
+    sgo_time = data.get("sgo", {}).get("train_s")
+    head = ["model", *sets, "average", *(["validation ROUGE-L"] if selection else []), "validation CE",
+            "train wall s", "x sgo's time", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in data.items():
+        t, ce = row["train_s"], row["validation_ce"]
         lines.append("| " + " | ".join([
-            name, *[f"{row[s]['mean']:.2f} ± {row[s]['std']:.2f}" for s in sets], f"{row['average']:.2f}",
-            f"{t:.0f}" if t else "-", f"{t / sgo_time:.2f}" if t and sgo_time else "-"]) + " |")
+            name, *[f"{row[s]['mean']:.2f} ± {row[s]['std']:.2f}" for s in sets],
+            f"{row['average']:.2f}" + (f" ± {row['average_std']:.2f}" if len(row["seeds"]) > 1 else ""),
+            *([f"{row['validation_rougeL']:.2f}"] if selection else []), f"{ce:.3f}" if ce is not None else "-",
+            f"{t:.0f}" if t else "-", f"{t / sgo_time:.2f}" if t and sgo_time else "-",
+            str(len(row["seeds"])) if row["seeds"][0] is not None else "-"]) + " |")
     return "\n".join(lines), data
+
+
+def verdict(data: dict) -> list[str]:
+    """The proof's two questions in words: do the methods separate (best - worst > 3 x the largest training-seed
+    std), and what fraction of the teacher's average ROUGE-L the best student reaches."""
+    methods = {k: v for k, v in data.items() if k in METHODS}
+    if not methods:
+        return []
+    best = max(methods, key=lambda k: methods[k]["average"])
+    worst = min(methods, key=lambda k: methods[k]["average"])
+    spread = methods[best]["average"] - methods[worst]["average"]
+    seeded = [v["average_std"] for v in methods.values() if len(v["seeds"]) > 1]
+    lines = [f"- best method: {best} ({methods[best]['average']:.2f}); worst: {worst} ({methods[worst]['average']:.2f}); "
+             f"spread {spread:.2f}"]
+    if seeded:
+        lines.append(f"- largest training-seed std {max(seeded):.2f}: the methods "
+                     f"{'separate' if spread > 3 * max(seeded) else 'do not separate'} (spread {'>' if spread > 3 * max(seeded) else '<='} 3 x {max(seeded):.2f})")
+    if "teacher" in data:
+        lines.append(f"- best student / teacher: {methods[best]['average'] / data['teacher']['average']:.0%} of the "
+                     f"teacher's {data['teacher']['average']:.2f}")
+    return lines
+
+
+def cell_plan(args, preset: dict, methods: list[str]) -> list[tuple[str, str, int]]:
+    """(cell name, method, training seed) in running order: every method at the first seed, then the others."""
+    plan = []
+    for i, seed in enumerate(args.train_seeds):
+        for m in methods:
+            if i and m in preset.get("one_seed", ()) and not args.all_seeds:
+                continue
+            plan.append((m if len(args.train_seeds) == 1 else f"{m}-seed{seed}", m, seed))
+    return plan
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=tuple(PRESETS), default="cpu-small")
-    p.add_argument("--teacher", help="teacher directory (cpu-small: the demo teacher)")
-    p.add_argument("--student", help="initial student directory (cpu-small: the demo student)")
-    p.add_argument("--train-data", help="training data (cpu-small: the demo train split)")
+    p.add_argument("--teacher", help="teacher directory (default: the demo teacher)")
+    p.add_argument("--student", help="initial student directory (cpu-small: the demo student; the proof presets: "
+                                     "the healed student, made when missing)")
+    p.add_argument("--train-data", help="training data (cpu-small: the demo train split; proof presets: ShareGPT's)")
+    p.add_argument("--data-dir", help="proof presets: where their ShareGPT splits are written (default DEMO_DIR/sharegpt)")
     p.add_argument("--eval-sets", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated evaluation files, instead of the preset's")
     p.add_argument("--prompt-format", choices=("chat", "as-is"), help="default: the preset's")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--methods", help=f"subset of {','.join(METHODS)} (default: the preset's, else all)")
     p.add_argument("--no-teacher-eval", action="store_true", help="skip the teacher's own row")
     p.add_argument("--nproc", type=int, help="default: the preset's")
     p.add_argument("--steps", type=int, help="override the preset's train.max_steps")
+    p.add_argument("--heal-steps", type=int, help="override the proof preset's healing steps")
     p.add_argument("--eval-examples", type=int, help="override the preset's examples per set")
     p.add_argument("--gen-seeds", type=lambda s: [int(x) for x in s.split(",")], help="generation seeds, e.g. 1,2,3")
-    p.add_argument("--seed", type=int, default=42, help="training seed, shared by every method")
+    p.add_argument("--train-seeds", type=lambda s: [int(x) for x in s.split(",")],
+                   help="training seeds, e.g. 42,43 (default: the preset's; one cell per method and seed)")
+    p.add_argument("--all-seeds", action="store_true", help="every training seed for every method (the preset "
+                                                             "runs sft and sgo at the first only)")
+    p.add_argument("--seed", type=int, help="one training seed (the same as --train-seeds SEED)")
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--out", help="default: results (cpu-small, gpu-paper) or sweeps/<preset> (proof presets, "
+                                 "whose cells/*.json are committed)")
     p.add_argument("overrides", nargs="*", help="more trainer key=value for every method")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else preset.get("methods", list(METHODS))
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"--methods: unknown {unknown}; expected a subset of {','.join(METHODS)}")
     args.nproc = args.nproc or preset["nproc"]
     args.prompt_format = args.prompt_format or preset["prompt_format"]
-    if not (args.teacher and args.student and args.train_data):
-        if args.preset != "cpu-small":
+    args.train_seeds = [args.seed] if args.seed is not None else args.train_seeds or preset["train_seeds"]
+    proof = "heal" in preset
+    if not args.teacher or not (proof or (args.student and args.train_data)):
+        if args.preset == "gpu-paper":
             p.error("--teacher, --student and --train-data are required for gpu-paper")
         from demo import prepare_assets
 
         demo = Path(args.demo_dir)
         prepare_assets(demo)
         args.teacher = args.teacher or str(demo / "teacher")
-        args.student = args.student or str(demo / "student_init")
-        args.train_data = args.train_data or str(demo / "data" / "train.jsonl")
-    out = Path(args.out)
+        if not proof:
+            args.student = args.student or str(demo / "student_init")
+            args.train_data = args.train_data or str(demo / "data" / "train.jsonl")
+    out = Path(args.out or (ROOT / "sweeps" / args.preset if proof else ROOT / "results"))
     for sub in ("cells", "runs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     sets = eval_sets(args, preset, out)
-    names = (["teacher"] if not args.no_teacher_eval else []) + methods
+    selection, args.validation = None, None
+    report = None  # the healed student's report, once it exists
+    if proof:
+        if args.student:
+            p.error(f"--student: the {args.preset} preset heals its own student from the teacher")
+        args.student = str(out / "student_init")
+        data = proof_data(args, preset)
+        args.train_data = args.train_data or str(data["train"])
+        args.validation = str(data["eval"])
+        selection = "validation"
+        sets[selection] = validation_set(data["eval"], out / "eval_sets" / "validation.jsonl", preset["validation_rows"])
+    plan = cell_plan(args, preset, methods)
+    names = (["teacher"] if not args.no_teacher_eval else []) + (["init"] if proof else []) + [c[0] for c in plan]
+    spec = {c[0]: c[1:] for c in plan}
     clock = time.perf_counter()
     cells = {}
     for i, name in enumerate(names, 1):
@@ -218,27 +398,62 @@ def main(argv=None) -> int:
             continue
         start = time.perf_counter()
         cell = {"name": name, "preset": args.preset}
+        if name != "teacher" and proof and report is None:
+            report = init_cell(args, preset, data, out)
+            healed = report["validation_ce"][str(report["best_step"])]
+            before = cells.get("init", {}).get("validation_ce")  # a committed init cell, healed on another machine
+            print(f"healed student {args.student}: validation CE {report['pruned_validation_ce']:.3f} (pruned) -> "
+                  f"{healed:.3f} at step {report['best_step']}" + (f"; the committed init cell had {before:.3f}"
+                                                                   if before is not None else ""), flush=True)
         if name == "teacher":
             model_dir = Path(args.teacher)
+        elif name == "init":
+            cell["heal"] = report
+            cell["validation_ce"] = report["validation_ce"][str(report["best_step"])]
+            model_dir = Path(args.student)
         else:
-            cell["train_s"] = train_cell(name, args, preset, out)
-            model_dir = out / "runs" / name / "student"
-        cell["eval"] = eval_cell(model_dir, sets, preset, args)
+            cell["method"], cell["seed"] = spec[name]
+            cell["train_s"] = train_cell(name, *spec[name], args, preset, out)
+            run_dir = out / "runs" / name
+            model_dir = run_dir / "student"
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            cell["validation_ce"] = metrics.get("eval/student_ce")
+            cell["steps"] = metrics.get("step")
+        cell.update(eval_cell(model_dir, sets, preset, args))
+        if name == "teacher" and args.validation:
+            cell["validation_ce"] = _validation_ce(model_dir, args.validation, preset["train"] + args.overrides)
         cell_file.write_text(json.dumps(cell, indent=1))
+        if name in spec:  # the exported student stays; the training state is not needed once the cell is written
+            shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
         cells[name] = cell
         trained = f", trained in {cell['train_s']:.0f} s" if "train_s" in cell else ""
         print(f"[{i}/{len(names)}] {name}: ROUGE-L average {cell['eval']['average']:.2f}{trained}"
               f" ({time.perf_counter() - start:.0f} s for the cell, {time.perf_counter() - clock:.0f} s so far)",
               flush=True)
-    text, data = table(cells, list(sets))
-    header = (f"# {args.preset}: ROUGE-L (F x100; mean ± population std over generation seeds "
-              f"{preset['eval']['seeds'] if not args.gen_seeds else args.gen_seeds})\n\n"
+    test_sets = [s for s in sets if s != selection]
+    text, rows = table(cells, test_sets, selection)
+    findings = verdict(rows)
+    seeds = preset["eval"]["seeds"] if not args.gen_seeds else args.gen_seeds
+    protocol = ("greedy" if not preset["eval"].get("do_sample")
+                else f"sampled at temperature {preset['eval'].get('temperature', 1.0)}, generation seeds {seeds}")
+    header = (f"# {args.preset}: ROUGE-L (F x100, {protocol}; ± is the population std over training seeds where "
+              f"a method has several, else over generation seeds)\n\n"
               f"teacher {args.teacher}, student {args.student}, data {args.train_data}, {args.nproc} processes, "
-              f"trainer overrides {' '.join(preset['train'] + args.overrides)}\n\n")
-    (out / "TABLE.md").write_text(header + text + "\n")
-    (out / "table.json").write_text(json.dumps({"preset": args.preset, "sets": list(sets), "rows": data}, indent=1))
-    print("\n" + text)
+              f"training seeds {args.train_seeds}, trainer overrides {' '.join(preset['train'] + args.overrides)}\n\n")
+    (out / "TABLE.md").write_text(header + text + "\n" + ("\n" + "\n".join(findings) + "\n" if findings else ""))
+    (out / "table.json").write_text(json.dumps({"preset": args.preset, "sets": test_sets, "selection": selection,
+                                                "rows": rows, "findings": findings}, indent=1))
+    print("\n" + text + ("\n\n" + "\n".join(findings) if findings else ""))
     return 0
+
+
+def _validation_ce(model_dir: Path, data_file: str, overrides: list[str]) -> float:
+    """The validation cross-entropy of a model the trainer does not evaluate (the teacher), at the cells' length."""
+    from okd_scale.evaluate import load_model, validation_ce
+
+    max_length = int([x for x in overrides if x.startswith("data.max_length=")][-1].split("=")[1])
+    model, tokenizer = load_model(model_dir)
+    return validation_ce(model, tokenizer, data_file, max_length=max_length)
 
 
 if __name__ == "__main__":
