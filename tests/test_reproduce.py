@@ -113,3 +113,33 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
     assert "the committed init cell had" in third.stdout and third.stdout.count("done before, skipped") == 4
     assert (out / "cells" / "kd_fkl-seed2.json").is_file()
+
+
+def test_table_pools_seeds_and_gives_the_verdict():
+    """Hand-made cells: per-seed averages pooled (mean, population std), greedy and validation columns, and
+    the verdict's spread against 3 x the largest seed std and the best student's share of the teacher."""
+    reproduce = tiny.load_tool("reproduce")
+
+    def cell(name, method, seed, a, b, greedy=None):
+        c = {"name": name, "eval": {"sets": {"x": {"rougeL": a, "std": 0.0, "n": 2}, "y": {"rougeL": b, "std": 0.0, "n": 2},
+                                              "validation": {"rougeL": a, "std": 0.0, "n": 1}}},
+             "validation_ce": 2.0 + a / 100, "train_s": 10.0 if method else None}
+        if method:
+            c.update(method=method, seed=seed)
+        if greedy is not None:
+            c["greedy"] = {"sets": {"x": {"rougeL": greedy}, "y": {"rougeL": greedy}}}
+        return c
+
+    cells = {"teacher": cell("teacher", None, None, 20, 10, greedy=15),
+             "kd_rkl-seed1": cell("kd_rkl-seed1", "kd_rkl", 1, 10, 6, greedy=8),
+             "kd_rkl-seed2": cell("kd_rkl-seed2", "kd_rkl", 2, 12, 6, greedy=10),
+             "sft-seed1": cell("sft-seed1", "sft", 1, 4, 2, greedy=3)}
+    text, rows = reproduce.table(cells, ["x", "y"], "validation")
+    kd = rows["kd_rkl"]
+    assert kd["per_seed_average"] == [8.0, 9.0] and kd["average"] == 8.5 and kd["average_std"] == 0.5
+    assert kd["x"] == {"mean": 11.0, "std": 1.0, "n": 2} and kd["greedy_average"] == 9.0
+    assert kd["validation_rougeL"] == 11.0 and kd["validation_ce"] == pytest.approx(2.11)
+    assert "| kd_rkl | 11.00 ± 1.00 | 6.00 ± 0.00 | 8.50 ± 0.50 | 9.00 | 11.00 | 2.110 | 10 | - | 2 |" in text
+    lines = reproduce.verdict(rows)
+    assert lines[0].startswith("- best method: kd_rkl (8.50); worst: sft (3.00); spread 5.50")
+    assert "separate (spread > 3 x 0.50)" in lines[1] and "57% of the teacher's 15.00" in lines[2]

@@ -40,6 +40,7 @@ WHEELS = {
     "nltk": "3.10.4",  # rouge-score
     "defusedxml": "0.7.1",  # nltk
     "trl": "1.16.0",  # tools/bench_peers.py (the `bench` extra) and its test
+    "gguf": "0.19.0",  # tools/import_gguf.py: the gpu-proof teacher (the `gguf` extra)
 }
 BUILT = {"deepspeed", "rouge-score"}  # source distributions only: built here as pure-Python wheels
 

@@ -21,8 +21,8 @@ Both modes save the teacher's tokenizer (with its chat template), a generation_c
 safetensors weights in the teacher's dtype. Llama-family models (model.model.layers) are supported.
 
 Healing (--heal-train FILE --heal-eval FILE): a pruned student is random text until trained, so the
-student built above is then trained with okd_scale itself (`kd` with forward KL from the teacher, or
-`sft`: --heal-method) on FILE for --heal-steps steps, its validation loss measured on --heal-eval every
+student built above is then trained with okd_scale itself (`sft`, or `kd` with forward KL from the teacher:
+--heal-method) on FILE for --heal-steps steps, its validation loss measured on --heal-eval every
 --heal-eval-every steps (every evaluation a checkpoint, `train.keep_best`), and the checkpoint with the
 lowest validation loss becomes OUT_DIR (the unhealed student is kept as OUT_DIR.pruned). OUT_DIR/heal_report.json
 holds the validation cross-entropy of the pruned student, of every evaluated step and of the teacher, the
@@ -202,7 +202,7 @@ HEAL_METHODS = {"kd": ["method=kd", "loss.divergence=fkl"], "sft": ["method=sft"
 
 
 def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Path, train_file: str | Path,
-         eval_file: str | Path, method: str = "kd", steps: int = 240, eval_every: int = 40, nproc: int = 1,
+         eval_file: str | Path, method: str = "sft", steps: int = 240, eval_every: int = 40, nproc: int = 1,
          config: str | Path = ROOT / "configs" / "demo.yaml", overrides: list[str] = (),
          work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
     """Train the student at ``student_dir`` with okd_scale (``method``: kd with forward KL, or sft) and write
@@ -246,9 +246,13 @@ def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Pat
     max_length = yaml.safe_load((work / "run_config.yaml").read_text())["data"]["max_length"]
     model, tokenizer = load_model(student_dir)
     pruned_ce = validation_ce(model, tokenizer, eval_file, max_length=max_length)
+    teacher_ce = metrics.get("eval/teacher_ce")
+    if teacher_ce is None:  # sft never loads the teacher
+        model, tokenizer = load_model(teacher_dir)
+        teacher_ce = validation_ce(model, tokenizer, eval_file, max_length=max_length)
     del model
     report = {"method": method, "steps": steps, "best_step": best, "validation_ce": evaluated,
-              "pruned_validation_ce": pruned_ce, "teacher_validation_ce": metrics.get("eval/teacher_ce"),
+              "pruned_validation_ce": pruned_ce, "teacher_validation_ce": teacher_ce,
               "seconds": time.perf_counter() - clock, "train_file": str(train_file), "eval_file": str(eval_file),
               "command": cmd}
     (Path(out_dir) / "heal_report.json").write_text(json.dumps(report, indent=1))
@@ -282,7 +286,8 @@ def main(argv=None) -> int:
     h = ap.add_argument_group("healing (train the built student before use; see above)")
     h.add_argument("--heal-train", help="training data for healing (not the comparison's)")
     h.add_argument("--heal-eval", help="validation data: the best checkpoint by its loss is kept")
-    h.add_argument("--heal-method", choices=tuple(HEAL_METHODS), default="kd")
+    h.add_argument("--heal-method", choices=tuple(HEAL_METHODS), default="sft",
+                   help="sft (default: faster per second on the demo pair, docs/results.md) or kd (forward KL)")
     h.add_argument("--heal-steps", type=int, default=240)
     h.add_argument("--heal-eval-every", type=int, default=40)
     h.add_argument("--heal-nproc", type=int, default=1)
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
                           overwrite=args.overwrite)
             print(f"make_student: healed: validation CE {report['pruned_validation_ce']:.3f} (pruned) -> "
                   f"{report['validation_ce'][report['best_step']]:.3f} at step {report['best_step']} (teacher "
-                  f"{report['teacher_validation_ce'] or float('nan'):.3f}); {args.out_dir}")
+                  f"{report['teacher_validation_ce']:.3f}); {args.out_dir}")
     except (MakeStudentError, OutputDirError) as e:
         print(f"make_student: error: {e}", file=sys.stderr)
         return 2

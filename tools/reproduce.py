@@ -251,7 +251,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def table(cells: dict, sets: list[str], selection: str | None = None) -> tuple[str, dict]:
     """Markdown table and its JSON, one row per model: ROUGE-L per set and its average over the sets (mean ±
     population std over training seeds where a method has several, else over generation seeds), ROUGE-L on
-    the validation rows, validation cross-entropy, training wall time and its fraction of sgo's."""
+    the validation rows, validation cross-entropy, training wall time and its fraction of sgo's (and the average
+    of greedy answers where the protocol samples and the preset asks for both)."""
     groups: dict[str, list[dict]] = {}
     for cell in cells.values():
         groups.setdefault(cell.get("method", cell["name"]), []).append(cell)
@@ -271,13 +272,18 @@ def table(cells: dict, sets: list[str], selection: str | None = None) -> tuple[s
         row["seeds"] = [c.get("seed") for c in group]
         if selection:
             row["validation_rougeL"] = statistics.fmean(e["sets"][selection]["rougeL"] for e in evs)
+        if all("greedy" in c for c in group):
+            row["greedy_average"] = statistics.fmean(statistics.fmean(c["greedy"]["sets"][s]["rougeL"] for s in sets)
+                                                     for c in group)
         ces = [c["validation_ce"] for c in group if c.get("validation_ce") is not None]
         row["validation_ce"] = statistics.fmean(ces) if ces else None
         times = [c["train_s"] for c in group if c.get("train_s")]
         row["train_s"] = statistics.fmean(times) if times else None
         data[name] = row
     sgo_time = data.get("sgo", {}).get("train_s")
-    head = ["model", *sets, "average", *(["validation ROUGE-L"] if selection else []), "validation CE",
+    greedy = all("greedy_average" in row for row in data.values())
+    head = ["model", *sets, "average", *(["greedy average"] if greedy else []),
+            *(["validation ROUGE-L"] if selection else []), "validation CE",
             "train wall s", "x sgo's time", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in data.items():
@@ -285,6 +291,7 @@ def table(cells: dict, sets: list[str], selection: str | None = None) -> tuple[s
         lines.append("| " + " | ".join([
             name, *[f"{row[s]['mean']:.2f} ± {row[s]['std']:.2f}" for s in sets],
             f"{row['average']:.2f}" + (f" ± {row['average_std']:.2f}" if len(row["seeds"]) > 1 else ""),
+            *([f"{row['greedy_average']:.2f}"] if greedy else []),
             *([f"{row['validation_rougeL']:.2f}"] if selection else []), f"{ce:.3f}" if ce is not None else "-",
             f"{t:.0f}" if t else "-", f"{t / sgo_time:.2f}" if t and sgo_time else "-",
             str(len(row["seeds"])) if row["seeds"][0] is not None else "-"]) + " |")
@@ -306,7 +313,7 @@ def verdict(data: dict) -> list[str]:
     if seeded:
         lines.append(f"- largest training-seed std {max(seeded):.2f}: the methods "
                      f"{'separate' if spread > 3 * max(seeded) else 'do not separate'} (spread {'>' if spread > 3 * max(seeded) else '<='} 3 x {max(seeded):.2f})")
-    if "teacher" in data:
+    if data.get("teacher", {}).get("average"):
         lines.append(f"- best student / teacher: {methods[best]['average'] / data['teacher']['average']:.0%} of the "
                      f"teacher's {data['teacher']['average']:.2f}")
     return lines
@@ -349,6 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
     p.add_argument("--out", help="default: results (cpu-small, gpu-paper) or sweeps/<preset> (proof presets, "
                                  "whose cells/*.json are committed)")
+    p.add_argument("--mirror", help="also copy each finished cell and the table into this folder (a device call's $OUT)")
     p.add_argument("overrides", nargs="*", help="more trainer key=value for every method")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -423,6 +431,7 @@ def main(argv=None) -> int:
         if name == "teacher" and args.validation:
             cell["validation_ce"] = _validation_ce(model_dir, args.validation, preset["train"] + args.overrides)
         cell_file.write_text(json.dumps(cell, indent=1))
+        _mirror(args, cell_file, "cells")
         if name in spec:  # the exported student stays; the training state is not needed once the cell is written
             shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
         cells[name] = cell
@@ -443,8 +452,16 @@ def main(argv=None) -> int:
     (out / "TABLE.md").write_text(header + text + "\n" + ("\n" + "\n".join(findings) + "\n" if findings else ""))
     (out / "table.json").write_text(json.dumps({"preset": args.preset, "sets": test_sets, "selection": selection,
                                                 "rows": rows, "findings": findings}, indent=1))
+    for name in ("TABLE.md", "table.json"):
+        _mirror(args, out / name)
     print("\n" + text + ("\n\n" + "\n".join(findings) if findings else ""))
     return 0
+
+
+def _mirror(args, path: Path, sub: str = "") -> None:
+    if args.mirror:
+        (Path(args.mirror) / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, Path(args.mirror) / sub / path.name)
 
 
 def _validation_ce(model_dir: Path, data_file: str, overrides: list[str]) -> float:
