@@ -113,8 +113,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=128, do_sam
              top_p=1.0, batch_size=8, seed=0, top_k=0, max_prompt_tokens=None) -> list[str]:
     """Continuations of ``prompts`` (prompt tokens excluded, special tokens skipped, stripped).
 
-    Left-padded batches (``generation.generate_ids``); ``transformers.set_seed(seed)`` once before the
-    first batch; stops at eos. ``max_prompt_tokens`` keeps only the last N prompt tokens (None: all)."""
+    Left-padded batches of prompts of similar length (``generation.generate_ids`` on the prompts sorted by
+    length, the answers returned in the given order); ``transformers.set_seed(seed)`` once before the first
+    batch; stops at eos. ``max_prompt_tokens`` keeps only the last N prompt tokens (None: all)."""
     from transformers import set_seed
 
     try:
@@ -122,12 +123,17 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens=128, do_sam
         ids = [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
         if max_prompt_tokens:
             ids = [x[-max_prompt_tokens:] for x in ids]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # stable: equal lengths keep their order
         set_seed(seed)
-        rows = generate_ids(model, ids, eos=eos, pad_id=pad, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size)
+        rows = generate_ids(model, [ids[i] for i in order], eos=eos, pad_id=pad, max_new_tokens=max_new_tokens,
+                            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                            batch_size=batch_size)
     except GenerationError as e:
         raise EvaluateError(str(e)) from None
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    answers = [""] * len(ids)
+    for i, row in zip(order, rows):
+        answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return answers
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -37,7 +37,7 @@ def test_demo_pipeline_tiny(tmp_path):
     assert heal["steps"] == 2 and heal["method"] == "sft" and list(heal["validation_ce"]) == ["2"]
     assert heal["pruned_validation_ce"] == pytest.approx(ce["student pruned"], rel=1e-4)
     assert ce["teacher"] < ce["student healed"] < ce["student pruned"]  # two steps at lr 5e-4 already heal
-    if any(r["average"] >= results["teacher"]["average"] for r in results.values()):
+    if any(r["average"] >= results["teacher"]["average"] for label, r in results.items() if label != "teacher"):
         assert "reward short answers" in proc.stdout  # never shown as beating the teacher without the caveat
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["eval/teacher_ce"] < metrics["eval/student_ce"]

@@ -111,6 +111,19 @@ def test_left_padding_matches_unbatched(tiny_model, tokenizer):
     assert tokenizer.padding_side == "right"  # tokenizer left untouched
 
 
+def test_batches_by_prompt_length_answers_in_order(tiny_model, tokenizer, monkeypatch):
+    """Prompts are batched by length (each batch's width no larger than the next one's) and every answer comes
+    back at its prompt's place: batched greedy answers equal each prompt generated alone."""
+    _, model = tiny_model
+    prompts = [r["prompt"] for r in tiny.make_rows(7, seed=5)]
+    assert len({len(p) for p in prompts}) > 3  # mixed lengths, not already sorted
+    alone = [ev.generate(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    widths, real = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: widths.append(k["input_ids"].shape[1]) or real(*a, **k))
+    assert ev.generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3) == alone
+    assert widths == sorted(widths) and len(widths) == 3
+
+
 def test_decoding_head_equals_the_plain_head(tiny_model, device):
     """generation.decoding_head: the lm_head's values for few rows and many, as (W x^T)^T, against float64;
     the module is its plain self afterwards."""
