@@ -67,7 +67,7 @@ def test_presets_resolve(preset):
 @pytest.mark.slow
 def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     """cpu-proof at tiny size: the student is healed once (validation CE below the pruned one's), each method
-    trains from it at two seeds (sft at one), the table pools the seeds and gives validation scores, the
+    trains from it at two seeds (both are among the best 3), the table pools the seeds and gives validation scores, the
     training state is dropped once a cell is written, and a new machine (no healed student) re-heals only
     for the cells it still has to train."""
     data = tmp_path / "data"
@@ -84,7 +84,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     first = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     cells = sorted(p.stem for p in (out / "cells").glob("*.json"))
-    assert cells == ["init", "kd_fkl-seed1", "kd_fkl-seed2", "sft-seed1", "teacher"]
+    assert cells == ["init", "kd_fkl-seed1", "kd_fkl-seed2", "sft-seed1", "sft-seed2", "teacher"]
     init = json.loads((out / "cells" / "init.json").read_text())
     heal = init["heal"]
     assert heal["validation_ce"][str(heal["best_step"])] < heal["pruned_validation_ce"]
@@ -93,7 +93,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     assert table["sets"] == ["eval"] and table["selection"] == "validation"
     rows = table["rows"]
     assert list(rows) == ["teacher", "init", "sft", "kd_fkl"]
-    assert rows["kd_fkl"]["seeds"] == [1, 2] and rows["sft"]["seeds"] == [1]
+    assert rows["kd_fkl"]["seeds"] == [1, 2] and rows["sft"]["seeds"] == [1, 2]
     seeds = rows["kd_fkl"]["per_seed_average"]
     assert rows["kd_fkl"]["average"] == pytest.approx(sum(seeds) / 2)
     assert rows["kd_fkl"]["average_std"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2)
@@ -104,14 +104,14 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     assert not list((out / "runs").glob("*/checkpoints")) and (out / "runs" / "sft-seed1" / "student").is_dir()
 
     again = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 5
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 6
     assert "healed student" not in again.stdout  # nothing left to train: no healing either
 
     shutil.rmtree(out / "student_init")  # a new machine: the committed cells, no weights
     (out / "cells" / "kd_fkl-seed2.json").unlink()
     third = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
-    assert "the committed init cell had" in third.stdout and third.stdout.count("done before, skipped") == 4
+    assert "the committed init cell had" in third.stdout and third.stdout.count("done before, skipped") == 5
     assert (out / "cells" / "kd_fkl-seed2.json").is_file()
 
 
@@ -143,3 +143,26 @@ def test_table_pools_seeds_and_gives_the_verdict():
     lines = reproduce.verdict(rows)
     assert lines[0].startswith("- best method: kd_rkl (8.50); worst: sft (3.00); spread 5.50")
     assert "separate (spread > 3 x 0.50)" in lines[1] and "57% of the teacher's 15.00" in lines[2]
+
+
+def test_later_seeds_for_the_best_by_validation():
+    """cpu-proof's plan: every method at the first seed; the second seed, once those cells are all in, only
+    for the 3 best by validation ROUGE-L (never by the evaluation sets); --all-seeds: every method."""
+    import argparse
+
+    reproduce = tiny.load_tool("reproduce")
+    preset = reproduce.PRESETS["cpu-proof"]
+    methods = ["sft", "kd_fkl", "kd_rkl", "taid", "okd"]
+    args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False)
+    first = [(f"{m}-seed42", m, 42) for m in methods]
+    assert reproduce.cell_plan(args, preset, methods, {}) == first
+    score = {"sft": 1.0, "kd_fkl": 4.0, "kd_rkl": 3.0, "taid": 5.0, "okd": 2.0}
+    test = {"sft": 9.0, "kd_fkl": 0.0, "kd_rkl": 0.0, "taid": 0.0, "okd": 9.0}  # must not matter
+    cells = {f"{m}-seed42": {"eval": {"sets": {"validation": {"rougeL": score[m]}, "dolly": {"rougeL": test[m]}}}}
+             for m in methods}
+    partial = {k: v for k, v in cells.items() if not k.startswith("okd")}
+    assert reproduce.cell_plan(args, preset, methods, partial) == first
+    assert reproduce.cell_plan(args, preset, methods, cells) == first + [
+        ("taid-seed43", "taid", 43), ("kd_fkl-seed43", "kd_fkl", 43), ("kd_rkl-seed43", "kd_rkl", 43)]
+    args.all_seeds = True
+    assert reproduce.cell_plan(args, preset, methods, {}) == first + [(f"{m}-seed43", m, 43) for m in methods]

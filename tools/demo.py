@@ -6,7 +6,7 @@ MiniLLM starts from an SFT student), distils it with OKD on 2 processes through 
 and prints a table of the teacher and each student: validation cross-entropy on the held-out split and
 ROUGE-L of greedy answers to its prompts.
 
-    python tools/demo.py [--out demo_out] [--nproc 2] [--eval-examples 24] [--heal-steps 120] [key=value ...]
+    python tools/demo.py [--out demo_out] [--nproc 2] [--eval-examples 24] [--heal-steps 80] [key=value ...]
 
 Extra key=value arguments go to the trainer (e.g. train.max_steps=300).
 """
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--eval-examples", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--heal-steps", type=int, default=120, help="steps of the pruned student's healing (sft)")
+    p.add_argument("--heal-steps", type=int, default=80, help="steps of the pruned student's healing (sft)")
     p.add_argument("--student-layers", default=None, help="comma-separated teacher blocks to keep (default every 5th)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)

@@ -81,7 +81,7 @@ PRESETS = {
                  "max_prompt_tokens": 256, "batch_size": 16},
         "validation_rows": 100,
         "shared_sets": ["dolly", "selfinst"], "demo_eval": False,
-        "train_seeds": [42, 43], "one_seed": ["sft", "sgo"],
+        "train_seeds": [42, 43], "reseed_top": 3,  # the second seed for the 3 best by validation ROUGE-L
         "methods": ["sft", "kd_fkl", "kd_rkl", "kd_skl", "taid", "sgo", "okd"],
     },
     # the same ground at a scale where methods separate, for one H200 (bf16; README "On a GPU")
@@ -99,7 +99,7 @@ PRESETS = {
                  "temperature": 1.0, "top_p": 1.0, "max_prompt_tokens": 512, "batch_size": 128},
         "greedy": True, "validation_rows": 300,
         "shared_sets": ["dolly", "selfinst"], "demo_eval": False,
-        "train_seeds": [42, 43], "one_seed": [],
+        "train_seeds": [42, 43],
         "methods": ["sft", "kd_fkl", "kd_rkl", "kd_skl", "taid", "sgo", "okd"],
     },
     # the paper's protocol: Dolly training set, sampling at temperature 1, 5 seeds, max length 512
@@ -319,15 +319,19 @@ def verdict(data: dict) -> list[str]:
     return lines
 
 
-def cell_plan(args, preset: dict, methods: list[str]) -> list[tuple[str, str, int]]:
-    """(cell name, method, training seed) in running order: every method at the first seed, then the others."""
-    plan = []
-    for i, seed in enumerate(args.train_seeds):
-        for m in methods:
-            if i and m in preset.get("one_seed", ()) and not args.all_seeds:
-                continue
-            plan.append((m if len(args.train_seeds) == 1 else f"{m}-seed{seed}", m, seed))
-    return plan
+def cell_plan(args, preset: dict, methods: list[str], cells: dict) -> list[tuple[str, str, int]]:
+    """(cell name, method, training seed) in running order: every method at the first seed, then the other
+    seeds, for every method or (the preset's ``reseed_top`` k) for the k methods whose first-seed cells score
+    best on the validation rows, once those cells are all finished (they decide the ranking)."""
+    name = (lambda m, seed: m) if len(args.train_seeds) == 1 else (lambda m, seed: f"{m}-seed{seed}")
+    plan = [(name(m, args.train_seeds[0]), m, args.train_seeds[0]) for m in methods]
+    top = preset.get("reseed_top")
+    if top and not args.all_seeds:
+        first = [cells.get(c[0]) for c in plan]
+        if any(c is None or "validation" not in c["eval"]["sets"] for c in first):
+            return plan
+        methods = sorted(methods, key=lambda m: -cells[name(m, args.train_seeds[0])]["eval"]["sets"]["validation"]["rougeL"])[:top]
+    return plan + [(name(m, seed), m, seed) for seed in args.train_seeds[1:] for m in methods]
 
 
 def main(argv=None) -> int:
@@ -350,8 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-seeds", type=lambda s: [int(x) for x in s.split(",")], help="generation seeds, e.g. 1,2,3")
     p.add_argument("--train-seeds", type=lambda s: [int(x) for x in s.split(",")],
                    help="training seeds, e.g. 42,43 (default: the preset's; one cell per method and seed)")
-    p.add_argument("--all-seeds", action="store_true", help="every training seed for every method (the preset "
-                                                             "runs sft and sgo at the first only)")
+    p.add_argument("--all-seeds", action="store_true", help="every training seed for every method (cpu-proof runs "
+                                                             "the later seeds for its best 3 by validation only)")
     p.add_argument("--seed", type=int, help="one training seed (the same as --train-seeds SEED)")
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
     p.add_argument("--out", help="default: results (cpu-small, gpu-paper) or sweeps/<preset> (proof presets, "
@@ -393,52 +397,57 @@ def main(argv=None) -> int:
         args.validation = str(data["eval"])
         selection = "validation"
         sets[selection] = validation_set(data["eval"], out / "eval_sets" / "validation.jsonl", preset["validation_rows"])
-    plan = cell_plan(args, preset, methods)
-    names = (["teacher"] if not args.no_teacher_eval else []) + (["init"] if proof else []) + [c[0] for c in plan]
-    spec = {c[0]: c[1:] for c in plan}
-    clock = time.perf_counter()
-    cells = {}
-    for i, name in enumerate(names, 1):
-        cell_file = out / "cells" / f"{name}.json"
-        if cell_file.is_file():
-            cells[name] = json.loads(cell_file.read_text())
-            print(f"[{i}/{len(names)}] {name}: done before, skipped", flush=True)
-            continue
-        start = time.perf_counter()
-        cell = {"name": name, "preset": args.preset}
-        if name != "teacher" and proof and report is None:
-            report = init_cell(args, preset, data, out)
-            healed = report["validation_ce"][str(report["best_step"])]
-            before = cells.get("init", {}).get("validation_ce")  # a committed init cell, healed on another machine
-            print(f"healed student {args.student}: validation CE {report['pruned_validation_ce']:.3f} (pruned) -> "
-                  f"{healed:.3f} at step {report['best_step']}" + (f"; the committed init cell had {before:.3f}"
-                                                                   if before is not None else ""), flush=True)
-        if name == "teacher":
-            model_dir = Path(args.teacher)
-        elif name == "init":
-            cell["heal"] = report
-            cell["validation_ce"] = report["validation_ce"][str(report["best_step"])]
-            model_dir = Path(args.student)
-        else:
-            cell["method"], cell["seed"] = spec[name]
-            cell["train_s"] = train_cell(name, *spec[name], args, preset, out)
-            run_dir = out / "runs" / name
-            model_dir = run_dir / "student"
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            cell["validation_ce"] = metrics.get("eval/student_ce")
-            cell["steps"] = metrics.get("step")
-        cell.update(eval_cell(model_dir, sets, preset, args))
-        if name == "teacher" and args.validation:
-            cell["validation_ce"] = _validation_ce(model_dir, args.validation, preset["train"] + args.overrides)
-        cell_file.write_text(json.dumps(cell, indent=1))
-        _mirror(args, cell_file, "cells")
-        if name in spec:  # the exported student stays; the training state is not needed once the cell is written
-            shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
-        cells[name] = cell
-        trained = f", trained in {cell['train_s']:.0f} s" if "train_s" in cell else ""
-        print(f"[{i}/{len(names)}] {name}: ROUGE-L average {cell['eval']['average']:.2f}{trained}"
-              f" ({time.perf_counter() - start:.0f} s for the cell, {time.perf_counter() - clock:.0f} s so far)",
-              flush=True)
+    clock, cells = time.perf_counter(), {}
+    while True:  # a second pass when the plan grows (the later seeds, once the first seed's cells are in)
+        plan = cell_plan(args, preset, methods, cells)
+        names = (["teacher"] if not args.no_teacher_eval else []) + (["init"] if proof else []) + [c[0] for c in plan]
+        if all(n in cells for n in names):
+            break
+        spec = {c[0]: c[1:] for c in plan}
+        for i, name in enumerate(names, 1):
+            if name in cells:
+                continue
+            cell_file = out / "cells" / f"{name}.json"
+            if cell_file.is_file():
+                cells[name] = json.loads(cell_file.read_text())
+                print(f"[{i}/{len(names)}] {name}: done before, skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            cell = {"name": name, "preset": args.preset}
+            if name != "teacher" and proof and report is None:
+                report = init_cell(args, preset, data, out)
+                healed = report["validation_ce"][str(report["best_step"])]
+                before = cells.get("init", {}).get("validation_ce")  # a committed init cell, healed elsewhere
+                print(f"healed student {args.student}: validation CE {report['pruned_validation_ce']:.3f} (pruned) "
+                      f"-> {healed:.3f} at step {report['best_step']}"
+                      + (f"; the committed init cell had {before:.3f}" if before is not None else ""), flush=True)
+            if name == "teacher":
+                model_dir = Path(args.teacher)
+            elif name == "init":
+                cell["heal"] = report
+                cell["validation_ce"] = report["validation_ce"][str(report["best_step"])]
+                model_dir = Path(args.student)
+            else:
+                cell["method"], cell["seed"] = spec[name]
+                cell["train_s"] = train_cell(name, *spec[name], args, preset, out)
+                run_dir = out / "runs" / name
+                model_dir = run_dir / "student"
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                cell["validation_ce"] = metrics.get("eval/student_ce")
+                cell["steps"] = metrics.get("step")
+            cell.update(eval_cell(model_dir, sets, preset, args))
+            if name == "teacher" and args.validation:
+                cell["validation_ce"] = _validation_ce(model_dir, args.validation, preset["train"] + args.overrides)
+            cell_file.write_text(json.dumps(cell, indent=1))
+            _mirror(args, cell_file, "cells")
+            if name in spec:  # the exported student stays; its training state is not needed once the cell is in
+                shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
+            cells[name] = cell
+            trained = f", trained in {cell['train_s']:.0f} s" if "train_s" in cell else ""
+            print(f"[{i}/{len(names)}] {name}: ROUGE-L average {cell['eval']['average']:.2f}{trained}"
+                  f" ({time.perf_counter() - start:.0f} s for the cell, {time.perf_counter() - clock:.0f} s so far)",
+                  flush=True)
+    cells = {n: cells[n] for n in names}
     test_sets = [s for s in sets if s != selection]
     text, rows = table(cells, test_sets, selection)
     findings = verdict(rows)
