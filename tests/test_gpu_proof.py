@@ -53,3 +53,38 @@ def test_missing_part_is_named(tmp_path):
 def test_pack_needs_the_wheels(tmp_path):
     with pytest.raises(gp.GpuProofError, match="make gpu-wheels"):
         gp.pack(tmp_path / "pack", tmp_path / "demo", tmp_path / "nowheels")
+
+
+@pytest.mark.slow
+def test_run_drives_the_sweep_and_mirrors_cells(tmp_path, pair, monkeypatch):
+    """`gpu_proof.py run` (what `make gpu-proof` calls) on a demo dir whose teacher is already imported: the
+    gpu-proof sweep at tiny size, each finished cell and the table copied to the mirror folder."""
+    from test_train import clean_env
+
+    src, demo = tmp_path / "pack", tmp_path / "demo"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / f"{gp.GGUF_NAME}.0").write_bytes(b"x")
+    (src / "b" / f"{gp.GGUF_NAME}.1").write_bytes(b"y")
+    (src / "b" / "manifest.json").write_text(json.dumps({"gguf": "t.gguf", "parts": [1, 1], "sha256": "-",
+                                                         "data": {}}))
+    (demo / "sharegpt").mkdir(parents=True)
+    for name, rows in (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("heal", "train.jsonl")):
+        (demo / "sharegpt" / f"{name}.jsonl").write_text((pair / rows).read_text())
+    import shutil
+
+    shutil.copytree(pair / "teacher", demo / "teacher")
+    mirror = tmp_path / "OUT"
+    for k, v in clean_env().items():
+        monkeypatch.setenv(k, v)
+    adam = '{"optimizer": {"params": {"torch_adam": true}}}'
+    code = gp.main(["run", "--src", str(src), "--demo-dir", str(demo), "--eval-sets", str(pair / "eval.jsonl"),
+                    "--prompt-format", "as-is", "--methods", "sft", "--train-seeds", "1", "--steps", "2",
+                    "--heal-steps", "2", "--eval-examples", "2", "--gen-seeds", "1", "--out", str(tmp_path / "sweep"),
+                    "--mirror", str(mirror), "data.max_length=64", "train.bf16=false",
+                    f"deepspeed.teacher_overrides={adam}", f"deepspeed.student_overrides={adam}"])
+    assert code == 0
+    assert sorted(p.name for p in (mirror / "cells").iterdir()) == ["init.json", "sft.json", "teacher.json"]
+    table = json.loads((mirror / "table.json").read_text())
+    assert table["preset"] == "gpu-proof" and "greedy_average" in table["rows"]["sft"]
+    assert (mirror / "TABLE.md").read_text() == (tmp_path / "sweep" / "TABLE.md").read_text()

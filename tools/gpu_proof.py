@@ -135,8 +135,9 @@ def main(argv=None) -> int:
     rn = sub.add_parser("run", help="there: join, import, sweep")
     rn.add_argument("--src", default=str(ROOT / ".gpu_proof"))
     rn.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
-    rn.add_argument("rest", nargs=argparse.REMAINDER, help="tools/reproduce.py arguments, e.g. --mirror $OUT")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)  # run: the rest goes to tools/reproduce.py, e.g. --mirror $OUT
+    if rest and args.cmd == "pack":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "pack":
             pack(Path(args.dest), Path(args.demo_dir), Path(args.wheels))
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         return 2
     import reproduce
 
-    return reproduce.main(["--preset", "gpu-proof", "--demo-dir", args.demo_dir, *args.rest])
+    return reproduce.main(["--preset", "gpu-proof", "--demo-dir", args.demo_dir, *rest])
 
 
 if __name__ == "__main__":
