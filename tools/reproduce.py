@@ -224,7 +224,8 @@ def train_cell(name: str, method: str, seed: int, args, preset: dict, out: Path)
 
 
 def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
-    """The preset's evaluation of one model: {"eval": ROUGE-L by its protocol[, "greedy": the same greedily]}."""
+    """The preset's evaluation of one model: {"eval": ROUGE-L by its protocol[, "greedy": the same greedily]},
+    with the first three answers of each set."""
     from okd_scale.evaluate import evaluate_model, load_model
 
     kw = dict(preset["eval"])
@@ -239,8 +240,8 @@ def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
     cell = {}
     for key, settings in protocols.items():
         result = evaluate_model(model, tokenizer, sets, **settings)
-        for s in result["sets"].values():
-            s.pop("samples", None)
+        for s in result["sets"].values():  # the first answers of each set, to read (the prompts are in the set)
+            s["samples"] = [{"generation": x["generation"][:400], "rougeL": x["rougeL"]} for x in s["samples"]]
         cell[key] = result
     return cell
 
