@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -89,7 +89,8 @@ class OnlineArgs:
     lora_dropout: float = 0.0
     num_blocks: Optional[int] = None  # k; default a quarter of the teacher's blocks, at least 1
     target_modules: list = field(default_factory=lambda: list(LLAMA_TARGETS))
-    learning_rate: float = 1e-4
+    learning_rate: Union[float, str] = 1e-4  # or "ratio:R": R x train.learning_rate (PESF-KD's teacher lr is 0.2x)
+    warmup_steps: Optional[int] = None  # the module's warm-up steps (null: train.warmup_steps)
     weight_decay: float = 0.0
     update_every: int = 1  # update the online module every N optimizer steps
     divergence: str = "fkl"  # D_T in LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT)
@@ -195,7 +196,13 @@ def _coerce(value: Any, hint, key: str, origin: str) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        members = [a for a in args if a is not type(None)]
+        for member in members[:-1]:  # the first member the value is, else the last one's error
+            try:
+                return _coerce(value, member, key, origin)
+            except ConfigError:
+                pass
+        hint = members[-1]
     want = typing.get_origin(hint) or hint
     ok = False
     if want is bool:
@@ -309,6 +316,21 @@ def _check(cond: bool, origin: str, key: str, expected: str, value: Any) -> None
         raise ConfigError(f'{origin}: "{key}" must be {expected}, got {value!r}')
 
 
+def _online_lr(value, student_lr: float) -> Optional[float]:
+    """online.learning_rate as a number, or None when it is neither a number > 0 nor "ratio:R" with R > 0."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*ratio\s*:\s*(.+)", value)
+        if not m or not _FLOAT_RE.match(m.group(1).strip()):
+            return None
+        value = float(m.group(1)) * student_lr
+    return float(value) if value > 0 else None
+
+
+def online_learning_rate(cfg: RunConfig) -> float:
+    """The online module's peak learning rate (online.learning_rate, resolved against train.learning_rate)."""
+    return _online_lr(cfg.online.learning_rate, cfg.train.learning_rate)
+
+
 def validate(cfg: RunConfig, origin: str = "config") -> None:
     """Ranges, choices and paths; raises ConfigError naming the key."""
     from .divergences import DIVERGENCES
@@ -335,9 +357,12 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                "a positive multiple of train.save_every when train.keep_best is true (every evaluated step saved)",
                t.eval_every)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
-    for key, v in [("train.learning_rate", t.learning_rate), ("online.learning_rate", on.learning_rate),
-                   ("loss.temperature", lo.temperature)]:
+    for key, v in [("train.learning_rate", t.learning_rate), ("loss.temperature", lo.temperature)]:
         _check(v > 0, origin, key, "a number > 0", v)
+    _check(_online_lr(on.learning_rate, t.learning_rate) is not None, origin, "online.learning_rate",
+           "a number > 0, or ratio:R with R > 0 (R x train.learning_rate)", on.learning_rate)
+    _check(on.warmup_steps is None or on.warmup_steps >= 0, origin, "online.warmup_steps", "null or an integer >= 0",
+           on.warmup_steps)
     for key, v in [("train.weight_decay", t.weight_decay), ("online.weight_decay", on.weight_decay),
                    ("train.max_grad_norm", t.max_grad_norm), ("online.divergence_weight", on.divergence_weight),
                    ("online.lora_alpha", on.lora_alpha)]:

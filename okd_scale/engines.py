@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import plan
-from .config import TEACHER_METHODS, ConfigError, RunConfig, resolve_path
+from .config import TEACHER_METHODS, ConfigError, RunConfig, online_learning_rate, resolve_path
 
 log = logging.getLogger("okd_scale")
 
@@ -280,7 +280,7 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
             log.info("%s", choice.summary())
             path = choice.placement.ds_config
         teacher = build_ds_config(path, cfg.deepspeed.teacher_overrides,
-                                  learning_rate=cfg.online.learning_rate, weight_decay=cfg.online.weight_decay,
+                                  learning_rate=online_learning_rate(cfg), weight_decay=cfg.online.weight_decay,
                                   with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",
                                   **common)
     return teacher, student

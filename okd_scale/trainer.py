@@ -81,7 +81,8 @@ def _load_teacher(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
     if online:
         tmodel = models.add_online_module(tmodel, cfg.online)
         every = cfg.online.update_every
-        sched = engines.make_scheduler(t.lr_scheduler_type, t.warmup_steps // every,
+        warmup = t.warmup_steps if cfg.online.warmup_steps is None else cfg.online.warmup_steps
+        sched = engines.make_scheduler(t.lr_scheduler_type, warmup // every,
                                        max(1, math.ceil(t.max_steps / every)))
         teacher = engines.init_engine(tmodel, ds_teacher, models.trainable_parameters(tmodel), sched)
     else:

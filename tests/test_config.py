@@ -66,6 +66,10 @@ def test_valid_config_and_overrides(tmp_path, assets):
      '"loss.vocab_shards" must be 1 when loss.from_hidden is false'),
     (lambda c: None, ['online.target_modules=["q_proj", "lm_head"]'],
      '"online.target_modules" must be modules of the teacher\'s blocks (the lm_head stays frozen)'),
+    (lambda c: None, ["online.learning_rate=ratio:-1"], '"online.learning_rate" must be a number > 0, or ratio:R'),
+    (lambda c: None, ["online.learning_rate=half"], '"online.learning_rate" must be a number > 0, or ratio:R'),
+    (lambda c: None, ["online.learning_rate=0"], '"online.learning_rate" must be a number > 0, or ratio:R'),
+    (lambda c: None, ["online.warmup_steps=-1"], '"online.warmup_steps" must be null or an integer >= 0'),
 ])
 def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):
     cfg = base(assets)
@@ -73,6 +77,17 @@ def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, cfg), overrides)
     assert message in str(e.value)
+
+
+def test_online_learning_rate_as_a_ratio(tmp_path, assets):
+    """online.learning_rate: a number, or ratio:R of train.learning_rate, in the teacher's DeepSpeed optimizer."""
+    from okd_scale.config import online_learning_rate
+
+    cfg = load_config(write(tmp_path, base(assets)), ["train.learning_rate=5e-4", "online.learning_rate=ratio:0.2"])
+    assert cfg.online.learning_rate == "ratio:0.2" and online_learning_rate(cfg) == pytest.approx(1e-4)
+    teacher, _ = ds_configs_for(cfg, world_size=1)
+    assert teacher["optimizer"]["params"]["lr"] == pytest.approx(1e-4)
+    assert online_learning_rate(load_config(write(tmp_path, base(assets)), ["online.learning_rate=3e-5"])) == 3e-5
 
 
 def test_sft_needs_no_teacher(tmp_path, assets):

@@ -498,3 +498,18 @@ def test_keep_best_keeps_the_lowest_validation_loss_checkpoint(tmp_path, pair):
     for bad, key in ((["data.eval_file=null"], "data.eval_file"), (["train.save_every=3"], "train.eval_every")):
         with pytest.raises(ConfigError, match=key):
             load_config(write_config(tmp_path / "bad.yaml", pair, "sft"), ["train.keep_best=true", *common, *bad])
+
+
+def test_online_learning_rate_ratio_and_own_warmup(tmp_path, pair):
+    """online.learning_rate ratio:R is R x the student's peak rate, and online.warmup_steps is the module's own
+    warm-up: with none, its rate is at its peak from the first step while the student's still warms up."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
+                      ["train.max_steps=3", "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=4",
+                       "train.learning_rate=1e-3", "online.learning_rate=ratio:0.5", "online.warmup_steps=0"])
+    history = run_and_dump(cfg)["history"]
+    assert [r["lr/online"] for r in history] == pytest.approx([5e-4] * 3)
+    assert [r["lr/student"] for r in history] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3)])  # after each step
