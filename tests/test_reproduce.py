@@ -49,17 +49,19 @@ def test_sweep_table_and_resume(tmp_path, pair):
 
 
 @pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "gpu-proof", "gpu-paper"])
-def test_presets_resolve(preset):
+def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
     make_student, reproduce = tiny.load_tool("make_student"), tiny.load_tool("reproduce")
     from okd_scale.config import load_config
 
     spec = reproduce.PRESETS[preset]
+    paths = [f"model.teacher={pair / 'teacher'}", f"model.student={pair / 'student'}",
+             f"data.train_file={pair / 'train.jsonl'}", f"data.eval_file={pair / 'eval.jsonl'}"]
     for method, extra in reproduce.METHODS.items():
-        cfg = load_config(ROOT / spec["config"], [*spec["train"], *extra])
+        cfg = load_config(ROOT / spec["config"], [*paths, *spec["train"], *extra])
         assert cfg.method == method.split("_")[0]
     if "heal" in spec:
-        cfg = load_config(ROOT / spec["config"], [*make_student.HEAL_METHODS[spec["heal"]["method"]],
+        cfg = load_config(ROOT / spec["config"], [*paths, *make_student.HEAL_METHODS[spec["heal"]["method"]],
                                                   *spec["heal"]["set"]])
         assert spec["heal"]["steps"] % spec["heal"]["eval_every"] == 0
 
