@@ -224,9 +224,10 @@ def train_cell(name: str, method: str, seed: int, args, preset: dict, out: Path)
     return time.perf_counter() - clock
 
 
-def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
+def eval_cell(model_dir: Path, sets: dict, preset: dict, args, validation_length: int | None = None) -> dict:
     """The preset's evaluation of one model: {"eval": ROUGE-L by its protocol[, "greedy": the same greedily]},
-    with the first three answers of each set."""
+    with the first three answers of each set; with ``validation_length``, also "validation_ce" on args.validation
+    at that length (for a model the trainer does not evaluate: the teacher)."""
     from okd_scale.evaluate import evaluate_model, load_model
 
     kw = dict(preset["eval"])
@@ -244,6 +245,10 @@ def eval_cell(model_dir: Path, sets: dict, preset: dict, args) -> dict:
         for s in result["sets"].values():  # the first answers of each set, to read (the prompts are in the set)
             s["samples"] = [{"generation": x["generation"][:400], "rougeL": x["rougeL"]} for x in s["samples"]]
         cell[key] = result
+    if validation_length:
+        from okd_scale.evaluate import validation_ce
+
+        cell["validation_ce"] = validation_ce(model, tokenizer, args.validation, max_length=validation_length)
     return cell
 
 
@@ -314,8 +319,10 @@ def verdict(data: dict) -> list[str]:
     lines = [f"- best method: {best} ({methods[best]['average']:.2f}); worst: {worst} ({methods[worst]['average']:.2f}); "
              f"spread {spread:.2f}"]
     if seeded:
-        lines.append(f"- largest training-seed std {max(seeded):.2f}: the methods "
-                     f"{'separate' if spread > 3 * max(seeded) else 'do not separate'} (spread {'>' if spread > 3 * max(seeded) else '<='} 3 x {max(seeded):.2f})")
+        std = max(seeded)
+        apart = spread > 3 * std
+        lines.append(f"- largest training-seed std {std:.2f}: the methods {'separate' if apart else 'do not separate'} "
+                     f"(spread {'>' if apart else '<='} 3 x {std:.2f})")
     if data.get("teacher", {}).get("average"):
         lines.append(f"- best student / teacher: {methods[best]['average'] / data['teacher']['average']:.0%} of the "
                      f"teacher's {data['teacher']['average']:.2f}")
@@ -438,9 +445,8 @@ def main(argv=None) -> int:
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 cell["validation_ce"] = metrics.get("eval/student_ce")
                 cell["steps"] = metrics.get("step")
-            cell.update(eval_cell(model_dir, sets, preset, args))
-            if name == "teacher" and args.validation:
-                cell["validation_ce"] = _validation_ce(model_dir, args.validation, preset["train"] + args.overrides)
+            length = _max_length(preset["train"] + args.overrides) if name == "teacher" and args.validation else None
+            cell.update(eval_cell(model_dir, sets, preset, args, validation_length=length))
             cell_file.write_text(json.dumps(cell, indent=1))
             _mirror(args, cell_file, "cells")
             if name in spec:  # the exported student stays; its training state is not needed once the cell is in
@@ -476,13 +482,9 @@ def _mirror(args, path: Path, sub: str = "") -> None:
         shutil.copy2(path, Path(args.mirror) / sub / path.name)
 
 
-def _validation_ce(model_dir: Path, data_file: str, overrides: list[str]) -> float:
-    """The validation cross-entropy of a model the trainer does not evaluate (the teacher), at the cells' length."""
-    from okd_scale.evaluate import load_model, validation_ce
-
-    max_length = int([x for x in overrides if x.startswith("data.max_length=")][-1].split("=")[1])
-    model, tokenizer = load_model(model_dir)
-    return validation_ce(model, tokenizer, data_file, max_length=max_length)
+def _max_length(overrides: list[str]) -> int:
+    """The cells' data.max_length: the last such override."""
+    return int([x for x in overrides if x.startswith("data.max_length=")][-1].split("=")[1])
 
 
 if __name__ == "__main__":
