@@ -7,7 +7,8 @@ Checkpoint layout (DeepSpeed's: one directory of tags and a `latest` file naming
     output_dir/checkpoints/global_step{N}/student/     student.save_checkpoint: weights, optimizer, scheduler
     output_dir/checkpoints/global_step{N}/teacher/     okd: the online module and its optimizer (frozen base left out)
     output_dir/checkpoints/global_step{N}/hf_student/  the student's config, generation config and tokenizer
-    output_dir/checkpoints/global_step{N}/hf_teacher/  okd: the online module's adapter_config.json
+    output_dir/checkpoints/global_step{N}/hf_teacher/  okd: the online module's adapter_config.json (online_config.json
+                                                       for a learned temperature)
     output_dir/checkpoints/global_step{N}/trainer_state.json   step, data position, world size, method
     output_dir/checkpoints/global_step{N}/rng_state_{rank}.pth python, numpy, torch and accelerator RNG states
 
@@ -27,6 +28,7 @@ from typing import Iterator, Optional
 
 import deepspeed
 import torch
+from safetensors.torch import save_file
 
 from . import faults
 from .engines import zero_stage
@@ -108,13 +110,33 @@ def online_state_dict(engine) -> dict | None:
         return {n: p.detach().cpu().clone() for n, p in named} if _is_rank0() else None
 
 
+ONLINE_CONFIG = "online_config.json"  # a module that is not a PEFT adapter (online.placement=temperature)
+
+
+def save_online_config(model, out_dir: Path) -> None:
+    """What the online module is: PEFT's adapter_config.json for a LoRA, else ONLINE_CONFIG."""
+    if hasattr(model, "peft_config"):
+        model.peft_config["default"].save_pretrained(str(out_dir))
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / ONLINE_CONFIG, json.dumps({"placement": "temperature"}))
+
+
 def export_online_module(engine, out_dir: str | Path) -> Path:
-    """Write the teacher's online module as a PEFT adapter directory (adapter_config.json + safetensors)."""
+    """Write the teacher's online module: a PEFT adapter directory (adapter_config.json + safetensors) for a
+    LoRA; for the learned temperature, online_config.json (with its value) and online_module.safetensors."""
     out_dir = Path(out_dir)
     state = online_state_dict(engine)
     if _is_rank0():
         with staged_dir(out_dir) as tmp:
-            engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if hasattr(engine.module, "peft_config"):
+                engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True,
+                                              save_embedding_layers=False)
+            else:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "online_module.safetensors"))
+                (log_t,) = state.values()
+                (tmp / ONLINE_CONFIG).write_text(json.dumps({"placement": "temperature",
+                                                             "temperature": float(log_t.float().exp())}))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out_dir
@@ -267,7 +289,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "hf_student"))
     if teacher is not None:
-        teacher.module.peft_config["default"].save_pretrained(str(tmp / "hf_teacher"))
+        save_online_config(teacher.module, tmp / "hf_teacher")
     _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
     if final.exists():  # the same step saved again (a resumed run that stopped at once)
         shutil.rmtree(final)

@@ -82,8 +82,22 @@ class LossArgs:
 
 @dataclass
 class OnlineArgs:
-    """The teacher's online module: a LoRA on its last `num_blocks` blocks, trained with LT."""
+    """The teacher's online module (method okd), zero-initialised so that step 0's teacher is the given one,
+    trained with LT while the rest of the teacher stays frozen.
 
+    placement (what the module is, and what its backward costs):
+      blocks       a LoRA (r, lora_alpha, target_modules) on the last num_blocks blocks; backward through them
+      head         a LoRA on the lm_head: zT = h (W + lora_alpha/r B A)^T; the blocks run without gradient,
+                   so OKD costs about what KD costs (one [V, H] product more per step)
+      temperature  one learnable temperature: zT = h W^T / T_online (T_online = exp(s), s = 0 at step 0)
+    objective (LT, over the counted tokens; pS = student, pT = adapted teacher, sg = no gradient):
+      decoupled    LT = ce_weight CE(zT, y) + divergence_weight D_T(sg[pS] || pT), D_T = online.divergence
+      joint        LT = ce_weight CE(zT, y) + divergence_weight kd_ratio D(pT || sg[pS]), D = loss.divergence:
+                   the student's own distillation loss also trains the module (PESF-KD's form)
+    """
+
+    placement: str = "blocks"  # blocks | head | temperature
+    objective: str = "decoupled"  # decoupled | joint
     r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -93,8 +107,10 @@ class OnlineArgs:
     warmup_steps: Optional[int] = None  # the module's warm-up steps (null: train.warmup_steps)
     weight_decay: float = 0.0
     update_every: int = 1  # update the online module every N optimizer steps
-    divergence: str = "fkl"  # D_T in LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT)
-    divergence_weight: float = 1.0  # lambda of design.md section 2
+    divergence: str = "fkl"  # D_T of the decoupled objective
+    divergence_weight: float = 1.0  # the weight on LT's divergence term
+    ce_weight: float = 1.0  # the weight on LT's CE(zT, y) term
+    drift_every: int = 10  # log teacher/drift = KL(original teacher || adapted teacher) every N steps (0: never)
 
 
 @dataclass
@@ -317,13 +333,13 @@ def _check(cond: bool, origin: str, key: str, expected: str, value: Any) -> None
 
 
 def _online_lr(value, student_lr: float) -> Optional[float]:
-    """online.learning_rate as a number, or None when it is neither a number > 0 nor "ratio:R" with R > 0."""
+    """online.learning_rate as a number, or None when it is neither a number >= 0 nor "ratio:R" with R >= 0."""
     if isinstance(value, str):
         m = re.fullmatch(r"\s*ratio\s*:\s*(.+)", value)
         if not m or not _FLOAT_RE.match(m.group(1).strip()):
             return None
         value = float(m.group(1)) * student_lr
-    return float(value) if value > 0 else None
+    return float(value) if value >= 0 else None
 
 
 def online_learning_rate(cfg: RunConfig) -> float:
@@ -334,6 +350,8 @@ def online_learning_rate(cfg: RunConfig) -> float:
 def validate(cfg: RunConfig, origin: str = "config") -> None:
     """Ranges, choices and paths; raises ConfigError naming the key."""
     from .divergences import DIVERGENCES
+    from .methods import ONLINE_OBJECTIVES
+    from .models import ONLINE_MODULES
 
     _check(cfg.method in METHODS, origin, "method", f"one of {', '.join(METHODS)}", cfg.method)
     t, lo, on = cfg.train, cfg.loss, cfg.online
@@ -360,12 +378,13 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     for key, v in [("train.learning_rate", t.learning_rate), ("loss.temperature", lo.temperature)]:
         _check(v > 0, origin, key, "a number > 0", v)
     _check(_online_lr(on.learning_rate, t.learning_rate) is not None, origin, "online.learning_rate",
-           "a number > 0, or ratio:R with R > 0 (R x train.learning_rate)", on.learning_rate)
+           "a number >= 0, or ratio:R with R >= 0 (R x train.learning_rate; 0: the module stays as it starts)",
+           on.learning_rate)
     _check(on.warmup_steps is None or on.warmup_steps >= 0, origin, "online.warmup_steps", "null or an integer >= 0",
            on.warmup_steps)
     for key, v in [("train.weight_decay", t.weight_decay), ("online.weight_decay", on.weight_decay),
                    ("train.max_grad_norm", t.max_grad_norm), ("online.divergence_weight", on.divergence_weight),
-                   ("online.lora_alpha", on.lora_alpha)]:
+                   ("online.ce_weight", on.ce_weight), ("online.lora_alpha", on.lora_alpha)]:
         _check(v >= 0, origin, key, "a number >= 0", v)
     _check(0.0 <= lo.kd_ratio <= 1.0, origin, "loss.kd_ratio", "in [0, 1]", lo.kd_ratio)
     sg, sq = cfg.sgo, cfg.seqkd
@@ -397,7 +416,11 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(lo.vocab_shards == 1 or lo.from_hidden, origin, "loss.vocab_shards",
            "1 when loss.from_hidden is false (sharding splits the lm_head)", lo.vocab_shards)
     _check("lm_head" not in on.target_modules, origin, "online.target_modules",
-           "modules of the teacher's blocks (the lm_head stays frozen)", on.target_modules)
+           "modules of the teacher's blocks (for a module on the lm_head use online.placement=head)",
+           on.target_modules)
+    _check(on.placement in ONLINE_MODULES, origin, "online.placement", " | ".join(ONLINE_MODULES), on.placement)
+    _check(on.objective in ONLINE_OBJECTIVES, origin, "online.objective", " | ".join(ONLINE_OBJECTIVES), on.objective)
+    _check(on.drift_every >= 0, origin, "online.drift_every", "an integer >= 0", on.drift_every)
     for key, v in [("loss.divergence", lo.divergence), ("online.divergence", on.divergence)]:
         _check(v in DIVERGENCES, origin, key, f"one of {', '.join(DIVERGENCES)}", v)
     _check(t.lr_scheduler_type in SCHEDULERS, origin, "train.lr_scheduler_type", f"one of {', '.join(SCHEDULERS)}",

@@ -460,12 +460,40 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
 @dataclass(frozen=True)
 class Mix:
     """A loss as weights on two terms: div_weight * sum D + ce_weight * sum CE, D the divergence ``name``.
-    For the student's loss, ``target_t`` < 1 makes D's target p_t = softmax((1 - t) sg[zS] + t zT) (TAID)."""
+    For the student's loss, ``target_t`` < 1 makes D's target p_t = softmax((1 - t) sg[zS] + t zT) (TAID).
+    For the online loss, D is D(sg[pS] || pT), or with ``joint`` D(pT || sg[pS]) (the student's own divergence,
+    its gradient taken with respect to the teacher)."""
 
     name: str
     div_weight: float
     ce_weight: float
     target_t: float = 1.0
+    joint: bool = False
+
+
+# the detached sums the losses report, in this order: D, CE_S, D_T, CE_T, then the teacher's (D's target's)
+# and the student's entropies and the teacher's top-1 hits on the labels (zeros without a teacher)
+TERMS: tuple[str, ...] = ("kd", "ce", "kd_t", "ce_t", "entropy_t", "entropy_s", "top1_t")
+
+
+def online_divergence(online: Mix, logp: Tensor, logq: Tensor, **params) -> Tensor:
+    """The online loss's per-token divergence from teacher (logp, differentiable) and student (logq) log-probs."""
+    if online.joint:
+        return _per_token(online.name, logp, logq.detach(), **params)
+    return _per_token(online.name, logq.detach(), logp, **params)
+
+
+def entropy(logp: Tensor) -> Tensor:
+    """Per-token entropy H(p) = -sum p log p of log-probabilities [..., V] (0 log 0 = 0)."""
+    return -torch.where(logp > -math.inf, logp.exp() * logp, 0).sum(-1)
+
+
+def entropy_sum(logits: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
+    """Sum over the rows of [N, V] logits of H(softmax(logits / temperature)), ``chunk_size`` rows at a time;
+    no gradient."""
+    with torch.no_grad():
+        return sum((entropy(_log_probs(c, temperature)).sum() for c in logits.split(chunk_size)),
+                   logits.new_zeros((), dtype=_upcast(logits).dtype))
 
 
 def interpolated_target(zt: Tensor, zs: Tensor, t: float) -> Tensor:
@@ -500,9 +528,10 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
         LT = online.ce_weight * sum CE(zT, y) + online.div_weight * sum D_T(pS || pT)     (pS a constant)
 
     with zT = t_hidden @ t_weight.T, zS = s_hidden @ s_weight.T ([V, H] lm_head rows), D = student.name,
-    D_T = online.name, the temperature on D and D_T only; with student.target_t = t < 1, LS's pT is TAID's
-    p_t = softmax((1 - t) sg[zS] + t zT) (no online loss then). Returns (LS, LT or None without ``online``, the
-    detached sums [D, CE_S, D_T, CE_T]); without a teacher (t_hidden None) LS is its CE term alone.
+    D_T = online.name (with online.joint, D_T(pT || pS), pS a constant), the temperature on D and D_T only;
+    with student.target_t = t < 1, LS's pT is TAID's p_t = softmax((1 - t) sg[zS] + t zT) (no online loss then).
+    Returns (LS, LT or None without ``online``, the detached sums named by TERMS); without a teacher (t_hidden
+    None) LS is its CE term alone.
 
     LS's gradient reaches s_hidden and s_weight, LT's t_hidden and t_weight (those that require grad). Logits
     are formed ``chunk_size`` rows at a time, and each chunk's gradients are computed in the same pass as its
@@ -538,7 +567,7 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
         zs = hs @ ws.t()
         logq, ce_s = log_probs_and_ce(zs, y)
         zero = ce_s.new_zeros(())
-        kd = kd_t = ce_t = zero
+        kd = kd_t = ce_t = ent_t = top1 = zero
         ls, lt = student.ce_weight * ce_s, zero
         if teacher:
             zt = ht @ wt.t()
@@ -546,17 +575,21 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
             kd = _per_token(student.name, logp.detach(), logq, **kw).sum()
             ls = ls + student.div_weight * kd
             if online is not None:
-                kd_t = _per_token(online.name, logq.detach(), logp, **kw).sum()
+                kd_t = online_divergence(online, logp, logq, **kw).sum()
                 ce_t = F.nll_loss(logp, y, reduction="sum") if temperature == 1 else _ce_rows(zt, y)
                 lt = online.ce_weight * ce_t + online.div_weight * kd_t
-        return torch.stack([ls, lt, kd, ce_s, kd_t, ce_t])
+            with torch.no_grad():
+                ent_t, top1 = entropy(logp).sum(), (zt.argmax(-1) == y).sum().to(zero.dtype)
+        with torch.no_grad():
+            ent_s = entropy(logq).sum()
+        return torch.stack([ls, lt, kd, ce_s, kd_t, ce_t, ent_t, ent_s, top1])
 
     tensors = [s_hidden, labels] + ([t_hidden, s_weight, t_weight] if teacher else [s_weight])
     on = online is not None
     needs = [s_hidden.requires_grad, False] + ([t_hidden.requires_grad and on, s_weight.requires_grad,
                                                 t_weight.requires_grad and on] if teacher else [s_weight.requires_grad])
     num_rows = 3 if teacher else 2
-    grad_out = torch.tensor([1.0, 1.0, 0, 0, 0, 0], device=s_hidden.device, dtype=_upcast(s_hidden).dtype)
+    grad_out = torch.tensor([1.0, 1.0] + [0.0] * len(TERMS), device=s_hidden.device, dtype=_upcast(s_hidden).dtype)
     index = torch.arange(s_hidden.shape[0], device=s_hidden.device)
     total, grads = _chunk_pass(fn, index, chunk_size, tensors, num_rows, needs, grad_out)
     if total is None:  # no rows: zeros of the right shape and dtype

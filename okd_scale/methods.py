@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import models
 from .config import RunConfig
 from .data import IGNORE_INDEX
 from .divergences import Mix
@@ -32,6 +33,7 @@ class StepContext:
     on_policy: bool = False  # sgo: this step's responses were sampled from the student (the loss is D alone)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     state: object = None  # the method's state across steps (METHOD_STATE), e.g. TAID's t
+    log_drift: bool = False  # okd: also log the adapted teacher's divergence from the original one
     inject_nan: bool = False  # test hook: make this rank's student outputs NaN (faults.py, "nan_batch")
 
 
@@ -121,6 +123,16 @@ def _logs(ctx: StepContext, values: dict, nonfinite: torch.Tensor) -> dict:
     return {**{k: v.detach() * ctx.scorer.log_scale for k, v in values.items()}, "nonfinite": nonfinite}
 
 
+# the distributions' statistics the scorers report (divergences.TERMS), under their log names
+STATS = {"entropy_t": "teacher/entropy", "entropy_s": "student/entropy", "top1_t": "teacher/top1"}
+
+
+def _student_logs(ls, terms: dict, *, teacher: bool = True) -> dict:
+    """LS, its terms and the statistics the scorer computed (the teacher's only when there is one)."""
+    logs = {"student/loss": ls, "student/ce": terms["ce"], **({"student/kd": terms["kd"]} if teacher else {})}
+    return {**logs, **{name: terms[k] for k, name in STATS.items() if k in terms and (teacher or k == "entropy_s")}}
+
+
 def _student_mix(ctx: StepContext) -> Mix:
     """LS's weights: kd_ratio on D, the rest on CE; D alone on an sgo step with sampled responses (GKD: no CE on
     the student's own samples)."""
@@ -135,7 +147,7 @@ def sft_step(batch: dict, ctx: StepContext) -> dict:
     with ctx.timer.phase("loss"):
         ls, _, terms = ctx.scorer.losses(None, zs, y, Mix(ctx.cfg.loss.divergence, 0.0, 1.0), timer=ctx.timer)
     bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, {"student/loss": ls, "student/ce": terms[1]}, bad)
+    return _logs(ctx, _student_logs(ls, terms, teacher=False), bad)
 
 
 def kd_step(batch: dict, ctx: StepContext) -> dict:
@@ -144,22 +156,41 @@ def kd_step(batch: dict, ctx: StepContext) -> dict:
     with ctx.timer.phase("loss"):
         ls, _, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), timer=ctx.timer)
     bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}, bad)
+    return _logs(ctx, _student_logs(ls, terms), bad)
+
+
+# online.objective: the online module's loss LT as a Mix (config.OnlineArgs gives the formulas)
+ONLINE_OBJECTIVES: dict[str, Callable[[RunConfig], Mix]] = {
+    "decoupled": lambda cfg: Mix(cfg.online.divergence, cfg.online.divergence_weight, cfg.online.ce_weight),
+    "joint": lambda cfg: Mix(cfg.loss.divergence, cfg.online.divergence_weight * cfg.loss.kd_ratio,
+                             cfg.online.ce_weight, joint=True),
+}
+
+
+def _original_teacher(ctx: StepContext, batch: dict, zt: torch.Tensor) -> torch.Tensor:
+    """The given teacher's outputs at the counted positions, without its online module (the adapted ``zt``
+    themselves when the module is on the output side and the scorer reads hidden states)."""
+    module = models.ONLINE_MODULES[ctx.cfg.online.placement]
+    if ctx.scorer.hidden and module.head_rows is not None:
+        return zt.detach()
+    with torch.no_grad(), module.disabled(ctx.teacher.module):
+        return forward_counted(ctx.teacher, batch, ctx.vocab_size, hidden=ctx.scorer.hidden)
 
 
 def okd_step(batch: dict, ctx: StepContext) -> dict:
-    """Online KD: the student step of `kd`, and on update steps, from the same logits in the same pass, the
-    online module's LT = CE(zT, y) + divergence_weight * D_T(pS.detach() || pT), backpropagated into the
-    teacher's LoRA only."""
+    """Online KD: the student step of `kd` from the adapted teacher, and on update steps, from the same outputs in
+    the same pass, the online module's LT (online.objective), backpropagated into the module only."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=ctx.update_online)
-    on = ctx.cfg.online
-    online = Mix(on.divergence, on.divergence_weight, 1.0) if ctx.update_online else None
+    online = ONLINE_OBJECTIVES[ctx.cfg.online.objective](ctx.cfg) if ctx.update_online else None
     with ctx.timer.phase("loss"):
         ls, lt, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), online, timer=ctx.timer)
-    losses = {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}
+    losses = _student_logs(ls, terms)
+    if ctx.log_drift:
+        with ctx.timer.phase("drift"):
+            losses["teacher/drift"] = ctx.scorer.drift(_original_teacher(ctx, batch, zt), zt.detach())
     parts = [(ctx.student, ls, "student_backward")]
     if online is not None:
-        losses.update({"teacher/loss": lt, "teacher/ce": terms[3], "teacher/kd": terms[2]})
+        losses.update({"teacher/loss": lt, "teacher/ce": terms["ce_t"], "teacher/kd": terms["kd_t"]})
         parts.append((ctx.teacher, lt, "online_backward"))
     return _logs(ctx, losses, _backward(ctx, parts))
 
@@ -224,7 +255,7 @@ def taid_step(batch: dict, ctx: StepContext) -> dict:
         ls, _, terms = ctx.scorer.losses(zt, zs, y, Mix("fkl", ratio, 1.0 - ratio, target_t=ctx.state.t),
                                          timer=ctx.timer)
     bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, {"student/loss": ls, "student/kd": terms[0], "student/ce": terms[1]}, bad)
+    return _logs(ctx, _student_logs(ls, terms), bad)
 
 
 # seqkd is sft on the teacher's cached responses; sgo is kd on batches the trainer may first resample

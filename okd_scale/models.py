@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -99,21 +101,108 @@ def online_block_ids(num_layers: int, num_blocks: Optional[int]) -> list[int]:
     return list(range(num_layers - k, num_layers))
 
 
-def add_online_module(teacher, args: OnlineArgs):
-    """Freeze the teacher and add a zero-initialised LoRA on its last k blocks; returns the PEFT model."""
+class OnlineTemperature(torch.nn.Module):
+    """One learnable teacher temperature T = exp(s), s = 0 at the start; called, it gives the factor 1 / T that
+    the teacher's logits are multiplied by (1 while ``enabled`` is false: the original teacher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_temperature = torch.nn.Parameter(torch.zeros(1))
+        self.enabled = True
+
+    def forward(self) -> torch.Tensor:
+        return torch.exp(-self.log_temperature) if self.enabled else torch.ones_like(self.log_temperature)
+
+
+def _lora(teacher, args: OnlineArgs, **where):
+    """The teacher as a PEFT model with a zero-initialised LoRA (r, alpha, dropout of ``args``) at ``where``,
+    its LoRA parameters the only trainable ones."""
     from peft import LoraConfig, get_peft_model
 
-    blocks = online_block_ids(teacher.config.num_hidden_layers, args.num_blocks)
-    lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=list(args.target_modules), layers_to_transform=blocks, layers_pattern="layers",
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", **where)
     try:
         model = get_peft_model(teacher, lora)
     except ValueError as e:
-        raise ModelError(f'"online.target_modules" {list(args.target_modules)} on blocks {blocks}: {e}') from None
+        raise ModelError(f"online module {where}: {e}") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+def _add_blocks(teacher, args: OnlineArgs):
+    blocks = online_block_ids(teacher.config.num_hidden_layers, args.num_blocks)
+    return _lora(teacher, args, target_modules=list(args.target_modules), layers_to_transform=blocks,
+                 layers_pattern="layers")
+
+
+def _output_name(teacher) -> str:
+    head = teacher.get_output_embeddings()
+    return next(name for name, m in teacher.named_modules() if m is head)
+
+
+def _add_head(teacher, args: OnlineArgs):
+    return _lora(teacher, args, target_modules=[_output_name(teacher)])
+
+
+def _head_rows(model, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """W + (alpha / r) B A, rows [start, end): computed by calling the LoRA's layers (so that ZeRO-3 gathers them)."""
+    layer = model.get_output_embeddings()
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    eye = torch.eye(a.in_features, device=rows.device, dtype=a.weight.dtype)
+    delta = b(a(eye))[:, start:end].t() * layer.scaling["default"]  # (B A)^T's columns = B A's rows
+    return rows + delta.to(rows.dtype)
+
+
+def _add_temperature(teacher, args: OnlineArgs):
+    freeze(teacher)
+    module = OnlineTemperature().to(teacher.get_output_embeddings().weight.dtype)
+    teacher.add_module("online_temperature", module)
+    teacher.get_output_embeddings().register_forward_hook(lambda m, a, out: out * module().to(out.dtype))
+    return teacher
+
+
+def _temperature_rows(model, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    return rows * model.get_submodule("online_temperature")().to(rows.dtype)
+
+
+@contextmanager
+def _peft_disabled(model):
+    with model.disable_adapter():
+        yield
+
+
+@contextmanager
+def _temperature_disabled(model):
+    module = model.get_submodule("online_temperature")
+    module.enabled = False
+    try:
+        yield
+    finally:
+        module.enabled = True
+
+
+@dataclass(frozen=True)
+class OnlineModule:
+    """One online.placement: ``add(teacher, args)`` gives the teacher with the module (all else frozen);
+    ``head_rows(model, W rows, start, end)`` the lm_head rows as the module changes them (None: the module is in
+    the blocks, the lm_head is W); ``disabled(model)`` a context in which the model is the original teacher."""
+
+    add: Callable
+    head_rows: Optional[Callable]
+    disabled: Callable
+
+
+ONLINE_MODULES: dict[str, OnlineModule] = {
+    "blocks": OnlineModule(_add_blocks, None, _peft_disabled),
+    "head": OnlineModule(_add_head, _head_rows, _peft_disabled),
+    "temperature": OnlineModule(_add_temperature, _temperature_rows, _temperature_disabled),
+}
+
+
+def add_online_module(teacher, args: OnlineArgs):
+    """The teacher, frozen, with its zero-initialised online module (online.placement) as the only trainable part."""
+    return ONLINE_MODULES[args.placement].add(teacher, args)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

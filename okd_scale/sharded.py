@@ -31,6 +31,7 @@ With world size 1 (or no process group) every function is the dense one from
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -412,6 +413,40 @@ def sharded_ce_from_hidden(hidden: Tensor, weight_shard: Tensor, labels: Tensor,
 
     return _row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight_shard], counted,
                     chunk_size)
+
+
+def sharded_entropy_top1(hidden: Tensor, weight_shard: Tensor, labels: Optional[Tensor] = None, *, vocab_size: int,
+                         group=None, temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Over the rows of [N, H] hidden states (every row counted, the same rows on every rank of the group) with a
+    vocab-sharded lm_head: (sum of H(softmax(z / temperature)), the rows whose label is a top-1 logit; 0 without
+    labels), z = hidden @ W.T. No gradient; the sums are the group's, on every rank."""
+    start, _ = _my_range(vocab_size, group, weight_shard.shape[0])
+    _, world = _rank_world(group)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    ent, hits = hidden.new_zeros((), dtype=dtype), hidden.new_zeros((), dtype=dtype)
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], chunk_size):
+            z = (hidden[i:i + chunk_size] @ weight_shard.t()).to(dtype)
+            zt = z / temperature
+            peak = _row_max(zt)  # the max of a row's shard, then of the row
+            if world > 1:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            e = torch.exp(zt - peak[:, None])
+            stats = torch.stack([e.sum(-1), (e * zt).sum(-1)])
+            if world > 1:
+                dist.all_reduce(stats, group=group)
+            lse = peak + stats[0].log()
+            ent += (lse - stats[1] / stats[0]).sum()
+            if labels is not None:
+                y = labels[i:i + chunk_size] - start
+                mine = (y >= 0) & (y < z.shape[-1])
+                label_logit = torch.where(mine, z.gather(-1, y.clamp(0, z.shape[-1] - 1)[:, None]).squeeze(-1),
+                                          -math.inf)
+                top = torch.stack([_row_max(z), label_logit])
+                if world > 1:
+                    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+                hits += (top[1] >= top[0]).sum()
+    return ent, hits
 
 
 # --------------------------------------------------------------------------- data-parallel rows

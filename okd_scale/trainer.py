@@ -209,7 +209,7 @@ def _cost(cfg: RunConfig, history: list, teacher, student, world: int, sampled_t
     n_student = perf.num_parameters(student.module)
     n_teacher = perf.num_parameters(teacher.module) if teacher is not None else 0
     n_online = 0
-    if cfg.method == "okd":
+    if cfg.method == "okd" and models.ONLINE_MODULES[cfg.online.placement].head_rows is None:  # a module in the blocks
         blocks = models.online_block_ids(teacher.module.config.num_hidden_layers, cfg.online.num_blocks)
         n_online = models.block_parameter_count(teacher.module, blocks)
     seen = sum(r["tokens/seen"] for r in history)
@@ -425,10 +425,11 @@ class _Loop:
             if self.world > 1:
                 torch.distributed.all_reduce(tokens)
         update_online = cfg.method == "okd" and (step - 1) % cfg.online.update_every == 0
+        drift = cfg.online.drift_every > 0 and (step - 1) % cfg.online.drift_every == 0
         ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
                           num_tokens=loss_normaliser(tokens[0].float(), self.world, gas), vocab_size=self.vocab,
                           scorer=self.scorer, update_online=update_online, on_policy=on_policy, timer=timer,
-                          state=self.state,
+                          state=self.state, log_drift=cfg.method == "okd" and drift,
                           inject_nan=faults.armed("nan_batch", step, self.rank))
         sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros((), device=device)

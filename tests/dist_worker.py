@@ -24,7 +24,7 @@ def run_and_dump(cfg) -> dict:
     report = {"history": result.history, "metrics": result.metrics, "stopped_by": result.stopped_by}
     if int(os.environ.get("RANK", "0")) == 0:
         if teacher_state is not None:
-            save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(out / "teacher_after.safetensors"))
+            save_file({k: v.clone() for k, v in teacher_state.items()}, str(out / "teacher_after.safetensors"))  # untied
         (out / "report.json").write_text(json.dumps(report))
     return report
 

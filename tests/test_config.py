@@ -65,10 +65,14 @@ def test_valid_config_and_overrides(tmp_path, assets):
     (lambda c: None, ["loss.vocab_shards=2", "loss.from_hidden=false"],
      '"loss.vocab_shards" must be 1 when loss.from_hidden is false'),
     (lambda c: None, ['online.target_modules=["q_proj", "lm_head"]'],
-     '"online.target_modules" must be modules of the teacher\'s blocks (the lm_head stays frozen)'),
-    (lambda c: None, ["online.learning_rate=ratio:-1"], '"online.learning_rate" must be a number > 0, or ratio:R'),
-    (lambda c: None, ["online.learning_rate=half"], '"online.learning_rate" must be a number > 0, or ratio:R'),
-    (lambda c: None, ["online.learning_rate=0"], '"online.learning_rate" must be a number > 0, or ratio:R'),
+     '"online.target_modules" must be modules of the teacher\'s blocks (for a module on the lm_head use online.placement=head)'),
+    (lambda c: None, ["online.placement=lm_head"], '"online.placement" must be blocks | head | temperature'),
+    (lambda c: None, ["online.objective=pesf"], '"online.objective" must be decoupled | joint'),
+    (lambda c: None, ["online.ce_weight=-1"], '"online.ce_weight" must be a number >= 0'),
+    (lambda c: None, ["online.drift_every=-1"], '"online.drift_every" must be an integer >= 0'),
+    (lambda c: None, ["online.learning_rate=ratio:-1"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
+    (lambda c: None, ["online.learning_rate=half"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
+    (lambda c: None, ["online.learning_rate=-1e-4"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
     (lambda c: None, ["online.warmup_steps=-1"], '"online.warmup_steps" must be null or an integer >= 0'),
 ])
 def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):

@@ -114,6 +114,33 @@ def test_teacher_merged_equals_teacher_with_adapter(runs, pair, tmp_path):
     torch.testing.assert_close(logits(adapter, adapter=adapter / "online_module"), want, rtol=0, atol=1e-6)
 
 
+def test_teacher_head_module_on_tied_embeddings(tmp_path, tokenizer):
+    """online.placement=head on a teacher whose lm_head is tied to its input embeddings: merged, the lm_head gets
+    its own weights and the embeddings stay the original ones; the logits equal the adapter's."""
+    from safetensors.torch import load_file
+
+    pair = tmp_path / "pair"
+    tiny.make_llama(pair / "teacher", tokenizer, num_layers=2, hidden=32, seed=6, tie=True)
+    tiny.make_llama(pair / "student", tokenizer, num_layers=1, hidden=32, seed=7)
+    tiny.write_jsonl(pair / "train.jsonl", tiny.make_rows(16, seed=3))
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / 'run'}", "train.max_steps=3",
+           "data.eval_file=null", "online.placement=head"]
+    proc = subprocess.run(cmd, env=tiny.subprocess_env(1), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = convert(tmp_path / "run", tmp_path / "merged", "--model", "teacher", "--dtype", "fp32",
+                   "--merge-online-module")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = logits(pair / "teacher", adapter=tmp_path / "run" / "online_module")
+    assert float((want - logits(pair / "teacher")).abs().max()) > 0
+    torch.testing.assert_close(logits(tmp_path / "merged"), want, rtol=0, atol=1e-4)
+    original = load_file(str(pair / "teacher" / "model.safetensors"))["model.embed_tokens.weight"]
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert torch.equal(merged["model.embed_tokens.weight"], original)
+    assert not torch.equal(merged["lm_head.weight"], original)
+
+
 def test_refusals(runs, tmp_path):
     run = runs["2proc-zero2"]
     broken = tmp_path / "broken"

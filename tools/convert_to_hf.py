@@ -132,10 +132,26 @@ def teacher_model(path: Path):
     if not (base_dir / "config.json").is_file():
         raise ConvertError(f"the run's teacher base {base_dir} (model.teacher in {path / 'run_config.yaml'}) is gone; "
                            "the checkpoint holds only the online module")
+    if not (path / "hf_teacher" / "adapter_config.json").is_file():
+        raise ConvertError(f"{path}: the online module is a learned temperature (online.placement=temperature), "
+                           "which changes no weights; the teacher is model.teacher as it was, and the run's "
+                           "online_module/online_config.json holds the temperature")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig.from_pretrained(str(path / "hf_teacher")))
     _load_into(model, consolidated(path, "teacher", exclude_frozen=True), str(path / "teacher"), only="lora_")
     return model.eval(), AutoTokenizer.from_pretrained(str(base_dir))
+
+
+def untied_head(model):
+    """The PEFT model, its lm_head given its own copy of the weights when they are tied to the input embeddings
+    and the online module is on the lm_head (online.placement=head): merging must not change the embeddings."""
+    import torch
+
+    base, head = model.get_base_model(), model.get_base_model().get_output_embeddings()
+    if getattr(base.config, "tie_word_embeddings", False) and hasattr(head, "base_layer"):
+        head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+    return model
 
 
 def probe_logits(model, vocab: int, dtype) -> "torch.Tensor":
@@ -179,7 +195,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
         vocab = reference.config.vocab_size
         want = probe_logits(reference, vocab, torch_dtype)
         if merge_online_module:
-            write_hf(reference.merge_and_unload(), tokenizer, out_dir, max_shard_size=max_shard_size)
+            write_hf(untied_head(reference).merge_and_unload(), tokenizer, out_dir, max_shard_size=max_shard_size)
             reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
             tolerance = MERGED_FP32_TOLERANCE if dtype == "fp32" else tolerance
         else:
