@@ -50,7 +50,7 @@ def test_sweep_table_and_resume(tmp_path, pair):
     assert json.loads((out / "table.json").read_text())["rows"].keys() == table["rows"].keys()
 
 
-@pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "gpu-proof", "gpu-paper"])
+@pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "cpu-okd-search", "gpu-proof", "gpu-paper"])
 def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
     make_student, reproduce = tiny.load_tool("make_student"), tiny.load_tool("reproduce")
@@ -62,6 +62,9 @@ def test_presets_resolve(preset, pair):
     for method, extra in reproduce.METHODS.items():
         cfg = load_config(ROOT / spec["config"], [*paths, *spec["train"], *extra])
         assert cfg.method == method.split("_")[0]
+    if preset == "cpu-okd-search":  # OKD variants only, chosen on the validation rows alone, from cpu-proof's init
+        assert spec["methods"] and all(reproduce.METHODS[m][0] == "method=okd" for m in spec["methods"])
+        assert spec["shared_sets"] == [] and spec["init_from"] == "cpu-proof"
     if "heal" in spec:
         cfg = load_config(ROOT / spec["config"], [*paths, *make_student.HEAL_METHODS[spec["heal"]["method"]],
                                                   *spec["heal"]["set"]])

@@ -46,7 +46,19 @@ METHODS = {
     "sgo": ["method=sgo", "loss.divergence=fkl"],  # forward KL, whatever the config says
     "okd_fkl": ["method=okd", "loss.divergence=fkl"],  # OKD against kd_fkl at the same divergence
     "okd": ["method=okd"],  # the config's own settings (demo.yaml: reverse KL, as kd_rkl)
+    # the online-module family (config.OnlineArgs), each at the config's divergence; searched on validation
+    "okd_blocks_lr02": ["method=okd", "online.learning_rate=ratio:0.2"],
+    "okd_blocks_joint": ["method=okd", "online.objective=joint", "online.learning_rate=ratio:0.2"],
+    "okd_head": ["method=okd", "online.placement=head", "online.learning_rate=ratio:0.2"],
+    "okd_head_joint": ["method=okd", "online.placement=head", "online.objective=joint",
+                       "online.learning_rate=ratio:0.2"],
+    "okd_head_joint_lr1": ["method=okd", "online.placement=head", "online.objective=joint",
+                           "online.learning_rate=ratio:1"],
+    "okd_temp": ["method=okd", "online.placement=temperature", "online.learning_rate=1e-2"],
+    "okd_temp_joint": ["method=okd", "online.placement=temperature", "online.objective=joint",
+                       "online.learning_rate=1e-2"],
 }
+OKD_VARIANTS = [m for m in METHODS if m.startswith("okd_") and m != "okd_fkl"]
 
 # tools/prepare_data.py settings of the proof presets' data: ShareGPT's first turns in the teacher's chat
 # format, English, bounded lengths, never an evaluation prompt; a validation split (model selection) and a
@@ -116,6 +128,11 @@ PRESETS = {
         "shared_sets": ["dolly", "selfinst"], "demo_eval": False, "train_seeds": [42],
     },
 }
+# the search among the OKD variants on the cpu-proof ground, from its healed student (sweeps/cpu-proof/student_init,
+# healed there when missing), one seed, scored on the validation rows only: the choice never sees Dolly or
+# Self-Instruct; about 6 minutes a variant
+PRESETS["cpu-okd-search"] = {**PRESETS["cpu-proof"], "shared_sets": [], "train_seeds": [42], "reseed_top": None,
+                             "methods": OKD_VARIANTS, "init_from": "cpu-proof"}
 
 
 def chat_eval_set(src: Path, dst: Path, tokenizer) -> Path:
@@ -145,7 +162,7 @@ def eval_sets(args, preset: dict, out: Path) -> dict[str, Path]:
             sets[name] = SHARED_EVAL / f"{name}.jsonl"
     if preset["demo_eval"] and (Path(args.demo_dir) / "data" / "eval.jsonl").is_file():
         sets["demo-heldout"] = Path(args.demo_dir) / "data" / "eval.jsonl"
-    if not sets:
+    if not sets and "heal" not in preset:  # the proof presets always score their validation rows
         raise SystemExit("reproduce: no evaluation set found; pass --eval-sets")
     return _formatted(sets, args, out)
 
@@ -185,8 +202,9 @@ def validation_set(src: Path, dst: Path, rows: int) -> Path:
 
 
 def init_cell(args, preset: dict, data: dict[str, Path], out: Path) -> dict:
-    """Heal the demo's pruned student once (tools/make_student.py --heal-*) into OUT/student_init; its report."""
-    heal, student = preset["heal"], out / "student_init"
+    """Heal the demo's pruned student once (tools/make_student.py --heal-*) into args.student (OUT/student_init, or
+    the init_from preset's); its report."""
+    heal, student = preset["heal"], Path(args.student)
     if not (student / "heal_report.json").is_file():
         steps = args.heal_steps or heal["steps"]
         cmd = [sys.executable, str(ROOT / "tools" / "make_student.py"), args.teacher, str(student), "--overwrite",
@@ -401,7 +419,8 @@ def main(argv=None) -> int:
     if proof:
         if args.student:
             p.error(f"--student: the {args.preset} preset heals its own student from the teacher")
-        args.student = str(out / "student_init")
+        init_dir = ROOT / "sweeps" / preset["init_from"] if preset.get("init_from") else out
+        args.student = str(init_dir / "student_init")
         data = proof_data(args, preset)
         args.train_data = args.train_data or str(data["train"])
         args.validation = str(data["eval"])
@@ -457,7 +476,7 @@ def main(argv=None) -> int:
                   f" ({time.perf_counter() - start:.0f} s for the cell, {time.perf_counter() - clock:.0f} s so far)",
                   flush=True)
     cells = {n: cells[n] for n in names}
-    test_sets = [s for s in sets if s != selection]
+    test_sets = [s for s in sets if s != selection] or [selection]  # cpu-okd-search: the validation rows alone
     text, rows = table(cells, test_sets, selection)
     findings = verdict(rows)
     seeds = preset["eval"]["seeds"] if not args.gen_seeds else args.gen_seeds
