@@ -187,6 +187,7 @@ class TrainerState:
     method: str
     method_state: dict = field(default_factory=dict)  # the method's own state across steps (e.g. TAID's t)
     best: dict = field(default_factory=dict)  # train.keep_best: {"step", "eval/student_ce"} of the best tag so far
+    written: int = 0  # the tag's place in the write order of its checkpoints directory (pruning keeps the newest)
 
 
 def _barrier() -> None:
@@ -290,18 +291,32 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         tokenizer.save_pretrained(str(tmp / "hf_student"))
     if teacher is not None:
         save_online_config(teacher.module, tmp / "hf_teacher")
+    tags = {p: _written(p) for p in root.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()}
+    state.written = max(tags.values(), default=0) + 1
     _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
-    if final.exists():  # the same step saved again (a resumed run that stopped at once)
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # the same step saved again (a resumed run that stopped at once): the old tag goes last
+        replaced = root / f".{tag}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(tmp, final)
     _write_atomic(root / LATEST, tag)
-    if keep_last:
-        tags = sorted((p for p in root.glob("global_step*") if p.is_dir()),
-                      key=lambda p: int(p.name[len("global_step"):]))
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    if keep_last:  # by write order (a rerun in an old directory may write lower steps), never latest or the best
         best = f"global_step{state.best['step']}" if state.best else None
-        for old in tags[:-keep_last]:
+        older = sorted((p for p in tags if p.name != tag), key=lambda p: (tags[p], int(p.name[len("global_step"):])))
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             if old.name != best:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _written(tag_dir: Path) -> int:
+    """A tag's place in the write order (tags from before the order was recorded: 0, by step among themselves)."""
+    try:
+        return int(json.loads((tag_dir / "trainer_state.json").read_text()).get("written", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:

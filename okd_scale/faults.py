@@ -27,3 +27,10 @@ def hang_point(name: str, step: int, rank: int = 0) -> None:
     if armed(name, step, rank):
         while True:
             time.sleep(3600)
+
+
+def signal_point(name: str, step: int, rank: int = 0) -> None:
+    """Send this process SIGUSR1 here (a scheduler's warning arriving in the middle of a step) when `name` is
+    armed."""
+    if armed(name, step, rank):
+        os.kill(os.getpid(), signal.SIGUSR1)

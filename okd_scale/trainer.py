@@ -21,7 +21,7 @@ from .config import TEACHER_METHODS, RunConfig
 from .divergences import ce_sum
 from .methods import METHOD_STATE, METHODS, StepContext, forward_counted, loss_normaliser, with_counted
 from .scorers import make_scorer
-from .stop import REQUEST
+from .stop import REQUEST, StopRequest
 from .watchdog import RESUME_HINT, RankFailure, Watchdog, collective_timeout
 
 log = logging.getLogger("okd_scale")
@@ -227,6 +227,20 @@ def _cost(cfg: RunConfig, history: list, teacher, student, world: int, sampled_t
     return out
 
 
+def _read_history(path: Path) -> list[dict]:
+    """The rows of log_history.jsonl; a line that does not parse (torn by a kill mid-write) is left out."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log.warning("%s line %d is not a complete JSON row (a write cut short); left out", path, number)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run `cfg` to `train.max_steps` optimizer steps, resuming from a checkpoint when `cfg.resume` finds
     one; checkpoint every `train.save_every` steps, at the end, and when a stop signal arrives (then
@@ -252,7 +266,7 @@ def train(cfg: RunConfig) -> TrainResult:
         pos, first_step = DataPosition(state.epoch, state.batches_in_epoch), state.step + 1
         method_state, best = state.method_state, state.best
         if history.is_file():
-            past = [r for r in map(json.loads, history.read_text().splitlines()) if r["step"] <= state.step]
+            past = [r for r in _read_history(history) if r["step"] <= state.step]
         log.info("resumed from %s at step %d (%.1f s)", resume_from, state.step, time.perf_counter() - clock)
     if rank == 0:
         history.write_text("".join(json.dumps(r) + "\n" for r in past))
@@ -279,7 +293,7 @@ def train(cfg: RunConfig) -> TrainResult:
             dog.progress(step)
             faults.crash_point("kill_rank", step, rank)
             faults.hang_point("hang_rank", step, rank)
-            row = loop.step(step, stop_requested=stop.signal is not None)
+            row = loop.step(step, stop)
             if writer is not None and (step % t.logging_steps == 0 or step == t.max_steps):
                 for k, v in row.items():
                     if k not in ("step", "stop"):
@@ -407,8 +421,9 @@ class _Loop:
         self.sampler = _sgo_sampler(cfg, student, tokenizer, world)
         self.sampled_tokens = 0.0
 
-    def step(self, step: int, stop_requested: bool = False) -> dict:
-        """Run optimizer step `step`; its row of scalars, with "stop" > 0 when any rank was asked to stop."""
+    def step(self, step: int, stop: Optional[StopRequest] = None) -> dict:
+        """Run optimizer step `step`; its row of scalars, with "stop" > 0 when any rank was asked to stop (``stop``
+        read at the step's end, so a signal during the step stops after it)."""
         cfg, student, teacher, timer = self.cfg, self.student, self.teacher, self.timer
         gas, device = cfg.train.gradient_accumulation_steps, student.device
         start = time.perf_counter()
@@ -444,6 +459,8 @@ class _Loop:
                     teacher.step()
         keys = sorted(sums)
         with timer.phase("comm"):  # the one host sync of the step; the stop flag rides along, so every rank stops
+            faults.signal_point("signal_in_step", step, self.rank)
+            stop_requested = stop is not None and stop.signal is not None
             flags = torch.stack([nonfinite.double(), torch.tensor(float(stop_requested), dtype=torch.float64,
                                                                   device=device)])
             values = torch.cat([torch.stack([sums[k].double() for k in keys]), flags])

@@ -41,10 +41,10 @@ def test_read_only_disk_fails_the_save_and_keeps_latest(small_disk, pair, monkey
                       [f"output_dir={out}", "train.max_steps=4", "train.save_every=2", "data.eval_file=null"])
     real_step = trainer._Loop.step
 
-    def step(self, n, stop_requested=False):
+    def step(self, n, stop=None):
         if n == 3:
             _remount(small_disk, "ro")
-        return real_step(self, n, stop_requested)
+        return real_step(self, n, stop)
 
     monkeypatch.setattr(trainer._Loop, "step", step)
     with pytest.raises(SaveError, match=r"cannot write checkpoint .*global_step4 \(the previous checkpoint "

@@ -101,8 +101,9 @@ def deterministic(device):
 
 
 def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch, deterministic):
-    """A stop at step 3, mid-epoch (a real SIGUSR1 to this process), then resume into the next epoch:
-    the same losses and weights as a straight run (on a GPU, with deterministic kernels)."""
+    """A SIGUSR1 to this process in the middle of step 3 (mid-epoch) checkpoints step 3 itself, not step 4; then,
+    with a torn last line in log_history.jsonl, resume into the next epoch: the same losses and weights as a
+    straight run (on a GPU, with deterministic kernels)."""
     from dist_worker import run_and_dump
 
     from okd_scale import trainer
@@ -112,23 +113,36 @@ def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch, deter
               "data.eval_file=null", "loss.divergence=js"]  # 20 batches: into the second epoch
     run_and_dump(load_config(write_config(tmp_path / "a.yaml", pair, "okd"), [f"output_dir={tmp_path / 'a'}", *common]))
 
-    real_step = trainer._Loop.step
-
-    def step_with_signal(self, step, stop_requested=False):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)  # arrives during the step, through the real handler
-            stop_requested = True
-        return real_step(self, step, stop_requested)
-
     cfg = load_config(write_config(tmp_path / "b.yaml", pair, "okd"), [f"output_dir={tmp_path / 'b'}", *common])
-    monkeypatch.setattr(trainer._Loop, "step", step_with_signal)
+    monkeypatch.setenv("OKD_SCALE_FAULT", "signal_in_step@3")  # arrives after step 3's backward, before its end
     result = trainer.train(cfg)
     assert result.stopped_by == "SIGUSR1" and len(result.history) == 3
     state = json.loads((tmp_path / "b" / "checkpoints" / "global_step3" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batches_in_epoch"]) == (0, 6)  # of 32 rows / 2 per batch = 16: mid-epoch
-    monkeypatch.setattr(trainer._Loop, "step", real_step)
+    monkeypatch.delenv("OKD_SCALE_FAULT")
+    with open(tmp_path / "b" / "log_history.jsonl", "a") as f:
+        f.write('{"step": 4, "student/lo')  # a row torn by a kill in the middle of its write
     run_and_dump(cfg)
     _assert_same(tmp_path / "a", tmp_path / "b")
+
+
+def test_pruning_follows_write_order(tmp_path, pair):
+    """A `resume: none` rerun in an old output directory with keep_last=1 keeps the tags it writes (the old run's
+    higher steps go), re-saving an existing step replaces it, and `latest` always names a tag that exists."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", "data.eval_file=null", "train.max_steps=4"]
+    run_and_dump(load_config(write_config(tmp_path / "a.yaml", pair, "kd"), [*common, "train.save_every=2"]))
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
+    run_and_dump(load_config(write_config(tmp_path / "b.yaml", pair, "kd"),
+                             [*common, "train.max_steps=2", "train.save_every=1", "train.keep_last=1", "resume=none"]))
+    tags = sorted(p.name for p in (out / "checkpoints").glob("*step*"))
+    assert tags == ["global_step2"] and (out / "checkpoints" / "latest").read_text() == "global_step2"
+    state = json.loads((out / "checkpoints" / "global_step2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["written"] == 4  # after the old run's 2 and 4 and the new run's 1
 
 
 def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, pair):
