@@ -267,7 +267,11 @@ def set_override(cfg: RunConfig, item: str) -> None:
         raise ConfigError(f"{origin}: expected key=value, e.g. train.max_steps=10")
     key, raw = item.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f'{origin}: the value of "{key}" is not valid YAML ({problem})') from None
     parts = [_ALIASES.get(p, p) for p in key.split(".")]
     obj = cfg
     for p in parts[:-1]:

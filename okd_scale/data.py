@@ -432,7 +432,7 @@ def build_dataloader(examples, *, batch_size: int, pad_token_id: int, rank: int,
     sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=drop_last)
     if drop_last and len(sampler) < batch_size:
-        raise ValueError(f"{len(examples)} examples on {world_size} ranks give {len(sampler)} per rank, "
+        raise DataError(f"{len(examples)} examples on {world_size} ranks give {len(sampler)} per rank, "
                          f"fewer than one batch of {batch_size} (drop_last=True)")
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=drop_last,
                       collate_fn=partial(collate, pad_token_id=pad_token_id))

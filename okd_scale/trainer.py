@@ -136,6 +136,11 @@ def build(cfg: RunConfig, rank: int, world: int):
                                         on_error=cfg.data.on_error)
     t = cfg.train
     done(f"data: {stats.summary()}")
+    if len(examples) // world < t.per_device_train_batch_size:
+        raise data.DataError(f"{cfg.data.train_file}: {len(examples)} usable examples on {world} ranks give "
+                             f"{len(examples) // world} per rank, fewer than one batch "
+                             f"(train.per_device_train_batch_size {t.per_device_train_batch_size}); add data or "
+                             f"lower the batch size")
     ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
     if cfg.method == "seqkd":
         examples, stats.seqkd = seqkd.teacher_examples(
@@ -144,9 +149,6 @@ def build(cfg: RunConfig, rank: int, world: int):
         done(f"seqkd: {len(examples)} teacher responses ({stats.seqkd['generated']} generated)")
     loader = data.build_dataloader(examples, batch_size=t.per_device_train_batch_size,
                                    pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world, seed=cfg.seed)
-    if len(loader) == 0:
-        raise data.DataError(f"{cfg.data.train_file}: {len(examples)} examples is fewer than one global batch "
-                             f"(per_device_train_batch_size {t.per_device_train_batch_size} x {world} ranks)")
     teacher = None
     if cfg.method in TRAINING_TEACHER:
         teacher = _load_teacher(cfg, ds_teacher, tokenizer, online=cfg.method == "okd")

@@ -66,6 +66,8 @@ def test_valid_config_and_overrides(tmp_path, assets):
      '"loss.vocab_shards" must be 1 when loss.from_hidden is false'),
     (lambda c: None, ['online.target_modules=["q_proj", "lm_head"]'],
      '"online.target_modules" must be modules of the teacher\'s blocks (for a module on the lm_head use online.placement=head)'),
+    (lambda c: None, ["online.target_modules=[q_proj, v_proj"],
+     'the value of "online.target_modules" is not valid YAML (expected \',\' or \']\''),
     (lambda c: None, ["online.placement=lm_head"], '"online.placement" must be blocks | head | temperature'),
     (lambda c: None, ["online.objective=pesf"], '"online.objective" must be decoupled | joint'),
     (lambda c: None, ["online.ce_weight=-1"], '"online.ce_weight" must be a number >= 0'),
@@ -152,6 +154,8 @@ def test_cli_bad_config_exits_2_before_any_engine(tmp_path, assets):
 @pytest.mark.parametrize("rows, message", [
     ([], "no rows (empty data file"),
     ([{"prompt": "please tell me", "output": "a cat"}, {"prompt": "name a dog"}], 'line 2'),
+    ([{"prompt": "please tell me", "output": "a cat"}] * 3,
+     "3 usable examples on 1 ranks give 3 per rank, fewer than one batch (train.per_device_train_batch_size 4)"),
 ])
 def test_cli_bad_data_exits_2(tmp_path, assets, rows, message):
     data = tiny.write_jsonl(tmp_path / "train.jsonl", rows)
@@ -160,7 +164,8 @@ def test_cli_bad_data_exits_2(tmp_path, assets, rows, message):
     cfg["output_dir"] = str(tmp_path / "out")
     proc = run_cli("--config", str(write(tmp_path, cfg)))
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: " in proc.stderr and "train.jsonl" in proc.stderr and message in proc.stderr.lower()
+    assert "error: " in proc.stderr and "train.jsonl" in proc.stderr and message.lower() in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_different_tokenizers_refused(tmp_path, assets):
@@ -174,6 +179,12 @@ def test_cli_different_tokenizers_refused(tmp_path, assets):
     proc = run_cli("--config", str(write(tmp_path, cfg)))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "different tokenizers" in proc.stderr and "teacher2" in proc.stderr and "student" in proc.stderr
+
+
+def test_cli_malformed_override_value_exits_2(tmp_path, assets):
+    proc = run_cli("--config", str(write(tmp_path, base(assets))), "online.target_modules=[q_proj, v_proj")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert 'the value of "online.target_modules" is not valid YAML' in proc.stderr
 
 
 def test_cli_help_and_unknown_flag_exit_statuses():
