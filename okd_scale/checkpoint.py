@@ -319,6 +319,49 @@ def _written(tag_dir: Path) -> int:
         return 0
 
 
+# run-config keys that an exact resume needs unchanged ("online." covers every online.* key); a run lists the ones
+# it changes on purpose in resume_ignore
+RESUME_KEYS = ("seed", "model.teacher", "model.student", "data.train_file", "data.max_length",
+               "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "online.")
+_PATH_KEYS = ("model.teacher", "model.student", "data.train_file")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in ("teacher_overrides", "student_overrides"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(path: Path, run_config: dict, ignore: list) -> None:
+    """Refuse to resume from tag ``path`` when this run's config (``run_config``, nested) differs from the saved one
+    in a key of RESUME_KEYS that ``ignore`` does not list; keys either config lacks (an older version's) pass."""
+    import yaml
+
+    saved_file = path / "run_config.yaml"
+    try:
+        saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    except FileNotFoundError:
+        return
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{saved_file}: unreadable ({e})") from None
+    now = _flat(run_config)
+
+    def norm(key, value):
+        return str(Path(value).expanduser().resolve()) if key in _PATH_KEYS and value else value
+
+    changed = [k for k in sorted(saved.keys() & now.keys())
+               if k.startswith(RESUME_KEYS) and k not in ignore and norm(k, saved[k]) != norm(k, now[k])]
+    if changed:
+        diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise CheckpointError(f"{path} was saved with another {', '.join(changed)} ({diff}); an exact resume needs "
+                              f"them unchanged. Use a new output_dir (or resume=none) to start afresh, or list the "
+                              f"keys in resume_ignore to resume anyway")
+
+
 def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
     """The tag directory to resume from: resume "auto" = `latest` in out_dir/checkpoints if there is one,
     "none" = start afresh, else a path to a tag directory or to a checkpoints directory with `latest`."""

@@ -169,6 +169,7 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "runs/okd"
     resume: str = "auto"  # auto: from output_dir/checkpoints/latest if any; none; or a checkpoint path
+    resume_ignore: list = field(default_factory=list)  # keys of checkpoint.RESUME_KEYS deliberately changed on resume
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -379,6 +380,8 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                "a positive multiple of train.save_every when train.keep_best is true (every evaluated step saved)",
                t.eval_every)
     _check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
+    unknown = [k for k in cfg.resume_ignore if k not in _all_keys(RunConfig)]
+    _check(not unknown, origin, "resume_ignore", "a list of run-config keys", unknown)
     for key, v in [("train.learning_rate", t.learning_rate), ("loss.temperature", lo.temperature)]:
         _check(v > 0, origin, key, "a number > 0", v)
     _check(_online_lr(on.learning_rate, t.learning_rate) is not None, origin, "online.learning_rate",

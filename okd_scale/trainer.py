@@ -253,6 +253,8 @@ def train(cfg: RunConfig) -> TrainResult:
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.find_checkpoint(out, cfg.resume)
+    if resume_from is not None:
+        checkpoint.check_resume_config(resume_from, cfg.to_dict(), cfg.resume_ignore)
     run_config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

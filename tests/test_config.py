@@ -68,6 +68,7 @@ def test_valid_config_and_overrides(tmp_path, assets):
      '"online.target_modules" must be modules of the teacher\'s blocks (for a module on the lm_head use online.placement=head)'),
     (lambda c: None, ["online.target_modules=[q_proj, v_proj"],
      'the value of "online.target_modules" is not valid YAML (expected \',\' or \']\''),
+    (lambda c: None, ['resume_ignore=["train.max_stepz"]'], '"resume_ignore" must be a list of run-config keys'),
     (lambda c: None, ["online.placement=lm_head"], '"online.placement" must be blocks | head | temperature'),
     (lambda c: None, ["online.objective=pesf"], '"online.objective" must be decoupled | joint'),
     (lambda c: None, ["online.ce_weight=-1"], '"online.ce_weight" must be a number >= 0'),

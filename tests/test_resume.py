@@ -170,7 +170,8 @@ def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, pair):
 
 
 def test_resume_refusals(tmp_path, pair):
-    """Another world size, another method, a path that is no checkpoint: errors that say what to do."""
+    """Another world size, another method, a path that is no checkpoint, a changed batch, data file or online
+    setting: errors that say what to do; resume_ignore resumes through a deliberate change."""
     from dist_worker import run_and_dump
 
     from okd_scale.checkpoint import CheckpointError
@@ -193,6 +194,15 @@ def test_resume_refusals(tmp_path, pair):
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"resume={tmp_path}"])
     with pytest.raises(CheckpointError, match='"resume": .* is not a checkpoint'):
         train(cfg)
+    changed = ["train.per_device_train_batch_size=2", "online.r=4", f"data.train_file={pair / 'eval.jsonl'}"]
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"output_dir={out}", *changed])
+    with pytest.raises(CheckpointError, match=r"saved with another data.train_file, online.r, "
+                                              r"train.per_device_train_batch_size \(.*online.r: 8 -> 4.*resume_ignore"):
+        train(cfg)
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
+                      [f"output_dir={out}", "train.max_steps=3", "data.eval_file=null", *changed[1:],
+                       'resume_ignore=["online.r", "data.train_file"]'])
+    assert [r["step"] for r in train(cfg).history] == [1, 2, 3]  # resumed at step 2, deliberately changed
 
 
 def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
