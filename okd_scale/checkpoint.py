@@ -294,6 +294,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
     tags = {p: _written(p) for p in root.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()}
     state.written = max(tags.values(), default=0) + 1
     _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
+    write_manifest(tmp)
     replaced = None
     if final.exists():  # the same step saved again (a resumed run that stopped at once): the old tag goes last
         replaced = root / f".{tag}.replaced"
@@ -377,6 +378,79 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
     return path
 
 
+def _deepspeed_globals() -> list:
+    """The classes besides tensors and containers that DeepSpeed's checkpoint files hold (ZeRO 0-3, fp32, bf16,
+    fp16): all a checkpoint may unpickle."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loads(what: str | Path) -> Iterator[None]:
+    """Within, every torch.load (DeepSpeed's too, which ask for weights_only=False) loads weights only, with
+    _deepspeed_globals allowed: a file that would unpickle anything else (code) is refused, naming ``what``,
+    with CheckpointError, and nothing of it runs."""
+    import pickle
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
+        raise CheckpointError(f"{what}: refused to load: a file holds objects that are not tensors or DeepSpeed's "
+                              f"checkpoint state ({reason}); a checkpoint from elsewhere may run code when "
+                              f"unpickled, so it is never loaded that way") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+MANIFEST = "manifest.json"  # {relative path: {"bytes", "sha256"}} of every file of a tag, written last
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> None:
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def verify_manifest(tag_dir: Path) -> None:
+    """Every file the tag's manifest lists is there with its size and sha256 (a tag without a manifest, from an
+    older version, passes); CheckpointError names the first file that is missing, truncated or altered."""
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{tag_dir / MANIFEST}: unreadable ({e})") from None
+    for name, want in manifest.items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint's manifest lists it)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {want['bytes']} (truncated or replaced)")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: its sha256 differs from the manifest's (the file was altered)")
+
+
 def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int, method: str) -> TrainerState:
     """Restore both engines, this rank's RNG states, and return where training stands."""
     path = Path(path)
@@ -397,9 +471,11 @@ def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int,
             raise CheckpointError(f"{path / part}: missing (an incomplete checkpoint)")
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file}: missing (an incomplete checkpoint)")
-    student.load_checkpoint(str(path), tag="student", load_optimizer_states=True, load_lr_scheduler_states=True)
-    if teacher is not None:
-        teacher.load_checkpoint(str(path), tag="teacher", load_module_strict=False, load_optimizer_states=True,
-                                load_lr_scheduler_states=True)
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    verify_manifest(path)
+    with safe_loads(path):
+        student.load_checkpoint(str(path), tag="student", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if teacher is not None:
+            teacher.load_checkpoint(str(path), tag="teacher", load_module_strict=False, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return state

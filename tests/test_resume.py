@@ -205,6 +205,51 @@ def test_resume_refusals(tmp_path, pair):
     assert [r["step"] for r in train(cfg).history] == [1, 2, 3]  # resumed at step 2, deliberately changed
 
 
+class _Payload:
+    """Unpickling this runs a shell command (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_untrusted_checkpoint_files_are_checked_and_never_unpickled(tmp_path, pair):
+    """Resume and conversion check the tag's manifest (a truncated or altered file is named), and a file whose
+    pickle would run code is refused with a clear message (exit 2 for the converter) and runs nothing."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.checkpoint import CheckpointError, write_manifest
+    from okd_scale.config import load_config
+    from okd_scale.trainer import train
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "train.max_steps=2", "data.eval_file=null"]
+    run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), overrides))
+    tag = out / "checkpoints" / "global_step2"
+    states = tag / "student" / "mp_rank_00_model_states.pt"
+    good = states.read_bytes()
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), [*overrides[:1], "train.max_steps=3"])
+    states.write_bytes(good[:-10])
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: \d+ bytes, the manifest says \d+"):
+        train(cfg)
+    states.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: its sha256 differs"):
+        train(cfg)
+
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(marker)}, states)
+    write_manifest(tag)  # a hostile checkpoint comes with a manifest that matches
+    with pytest.raises(CheckpointError, match=r"refused to load: .*(posix|os)\.system"):
+        train(cfg)
+    assert not marker.exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), str(out), str(tmp_path / "hf")],
+                          env=tiny.subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2 and "refused to load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not marker.exists()
+
+
 def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
     """A NaN injected into rank 1's batch (test hook): that step changes no weight on any rank and in
     neither engine, is counted and logged, and training goes on; more than train.max_bad_steps in a

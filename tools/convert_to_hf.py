@@ -85,7 +85,15 @@ def consolidated(path: Path, part: str, exclude_frozen: bool = False) -> dict:
     """fp32 state dict of `part` from its ZeRO shards (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=part, exclude_frozen_parameters=exclude_frozen)
+    from okd_scale.checkpoint import CheckpointError, safe_loads, verify_manifest
+
+    try:
+        verify_manifest(path)
+        with safe_loads(path / part):
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=part,
+                                                            exclude_frozen_parameters=exclude_frozen)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _load_into(model, state: dict, what: str, only: str | None = None) -> None:
