@@ -156,14 +156,17 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (read-only or full disk, ...); the previous one is kept."""
 
 
-def _agree(error: Optional[str], what: str) -> None:
-    """Raise SaveError on every rank when any rank has an error; the message names the ranks and reasons."""
+def _agree(error: Optional[str], what: str, partial: Optional[Path] = None) -> None:
+    """Raise SaveError on every rank when any rank has an error; the message names the ranks and reasons. Rank 0
+    removes ``partial`` (the unfinished tag) first, so a full disk gets its space back."""
     errors = [error]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         errors = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(errors, error)
     bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
     if bad:
+        if partial is not None and _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
         raise SaveError(f"cannot write {what}: {'; '.join(bad)}")
 
 
@@ -254,22 +257,27 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            need, free = (_tag_bytes(previous) if previous else 0), shutil.disk_usage(root).free
+            free = shutil.disk_usage(root).free
+            need = _tag_bytes(previous) if previous else estimated_bytes(student, teacher)
             if need > free:
-                error = f"{root}: {free} bytes free, the last checkpoint took {need}"
+                took = "the last checkpoint took" if previous else "a checkpoint of this run takes about"
+                error = f"{root}: {free} bytes free, {took} {need}"
         except OSError as e:
             error = f"{e.strerror or e}: {e.filename or root}"
-    _agree(error, f"checkpoint {final} ({kept})")
+    _agree(error, f"checkpoint {final} ({kept})", tmp)
     error = None
-    try:
-        student.save_checkpoint(str(tmp), tag="student", save_latest=False)
-        if teacher is not None:
-            teacher.save_checkpoint(str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
-        torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
-    except OSError as e:
-        error = f"{e.strerror or e}: {e.filename or tmp}"
+    failed = _guarded_save(student, str(tmp), tag="student", save_latest=False)
+    if teacher is not None and failed is None:
+        failed = _guarded_save(teacher, str(tmp), tag="teacher", save_latest=False, exclude_frozen_parameters=True)
+    if failed is None:
+        try:
+            torch.save(rng_state(), tmp / f"rng_state_{_rank()}.pth")
+        except (OSError, RuntimeError) as e:
+            failed = (e, tmp / f"rng_state_{_rank()}.pth")
+    if failed is not None:
+        error = _write_error(*failed, root)
     faults.crash_point("crash_in_save", state.step, _rank())
-    _agree(error, f"checkpoint {final} ({kept})")
+    _agree(error, f"checkpoint {final} ({kept})", tmp)
     if _rank() == 0:
         try:
             _finish_tag(tmp, final, root, tag, state, student, teacher, tokenizer, run_config, keep_last)
@@ -278,6 +286,66 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
             shutil.rmtree(tmp, ignore_errors=True)
     _agree(error, f"checkpoint {final} ({kept})")
     return final
+
+
+FULL_DISK_BYTES = 1 << 20  # a failed write with less than this free on the checkpoint disk: the disk is full
+
+
+class _GuardedWrites:
+    """An engine's checkpoint engine whose failed writes are recorded (``failed``: (error, path)) instead of raised,
+    later ones skipped: the rank goes on through DeepSpeed's collectives like the others, and the save reports the
+    failure once every rank is through."""
+
+    def __init__(self, inner):
+        self.inner, self.failed = inner, None
+
+    def _guard(self, write, path, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch reports a write cut short (a full disk) as RuntimeError
+                self.failed = (e, path)
+
+    def save(self, state_dict, path):
+        return self._guard(self.inner.save, path, state_dict, path)
+
+    def makedirs(self, path, exist_ok=False):
+        return self._guard(self.inner.makedirs, path, path, exist_ok=exist_ok)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _guarded_save(engine, save_dir: str, **kwargs) -> Optional[tuple]:
+    """engine.save_checkpoint with its writes guarded (_GuardedWrites; DeepSpeed's copy of its recovery scripts
+    too); the first failed write as (error, path), or None."""
+    guard, copy = _GuardedWrites(engine.checkpoint_engine), engine._copy_recovery_script
+    engine.checkpoint_engine = guard
+    engine._copy_recovery_script = lambda path: guard._guard(copy, path, path)
+    try:
+        engine.save_checkpoint(save_dir, **kwargs)
+    finally:
+        engine.checkpoint_engine = guard.inner
+        del engine._copy_recovery_script
+    return guard.failed
+
+
+def _write_error(e: Exception, path, root: Path) -> str:
+    """The reason a checkpoint write failed, in words: the OS error, or a full disk behind torch's RuntimeError."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {path}"
+    free = shutil.disk_usage(root).free
+    if free > FULL_DISK_BYTES:
+        return f"{str(e).splitlines()[0][:200]}: {path}"
+    return f"No space left on device ({free} bytes free): {path}"
+
+
+def estimated_bytes(student, teacher=None) -> int:
+    """About what one tag takes: 16 bytes per trainable parameter (the weights, and Adam's fp32 master copy and
+    two moments), for the student and the teacher's online module."""
+    count = sum(getattr(p, "ds_numel", p.numel()) for engine in (student, teacher) if engine is not None
+                for p in engine.module.parameters() if p.requires_grad)
+    return 16 * count
 
 
 def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerState, student, teacher, tokenizer,

@@ -88,6 +88,37 @@ def test_full_disk_fails_the_save_before_writing(small_disk, pair):
         not any((out / "checkpoints" / ".global_step2.tmp").iterdir())
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("when, words", [("before", "bytes free, a checkpoint of this run takes about"),
+                                         ("during", "No space left on device")])
+def test_first_save_on_a_full_disk(small_disk, pair, nproc, when, words):
+    """The first checkpoint on a disk without room: refused before writing when the estimate does not fit, and a
+    write that runs out of space midway (the estimate fits, the files do not) fails on every rank with the reason,
+    no hang in DeepSpeed's collectives; no tag, no `latest`, the partial tag removed."""
+    import math
+    import sys
+
+    from safetensors import safe_open
+
+    from test_train import ROOT
+
+    with safe_open(str(pair / "student" / "model.safetensors"), framework="pt") as f:  # 16 bytes a parameter
+        estimate = 16 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    free = __import__("shutil").disk_usage(small_disk).free
+    leave = estimate // 2 if when == "before" else estimate + 16384  # "during": the estimate fits, the tag does not
+    (small_disk / "filler").write_bytes(b"\0" * (free - leave))
+    out = small_disk.parent
+    cfg = write_config(out.parent / "cfg.yaml", pair, "kd")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg), f"output_dir={out}", "train.max_steps=2",
+           "train.save_every=1", "data.eval_file=null", "train.ddp_timeout=60"]
+    proc = subprocess.run(cmd, env=tiny.subprocess_env(nproc), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 1 " in proc.stderr, proc.stderr[-3000:]
+    assert "cannot write checkpoint" in proc.stderr and words in proc.stderr, proc.stderr[-3000:]
+    assert "hangs" not in proc.stderr and f'File "{ROOT / "okd_scale"}' not in proc.stderr  # no traceback of ours
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 # --------------------------------------------------------------------------- a rank that dies or hangs
 
 
