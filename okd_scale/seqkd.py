@@ -58,7 +58,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int, world: int,
                      build_teacher: Callable[[], object], batch_size: int) -> tuple[list[dict], dict]:
-    """(examples of prompt + teacher response, stats {"generated", "cached", "seconds"}). ``build_teacher`` returns
+    """(examples of prompt + teacher response, stats {"generated", "cached", "seconds"[, "kept_batches": batches per
+    rank kept from a stopped run]}); raises GenerationStopped on a stop signal. ``build_teacher`` returns
     the frozen teacher model and its device; it is only called when the cache cannot be used."""
     path, max_length = cache_path(cfg), cfg.data.max_length
     prompts = [prompt_ids(e["input_ids"], e["labels"]) for e in examples]
@@ -67,8 +68,8 @@ def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int,
     stats = {"generated": 0, "cached": len(prompts), "seconds": 0.0}
     if responses is None:
         clock = time.perf_counter()
-        responses = _generate(cfg, prompts, tokenizer, rank, world, build_teacher, batch_size, path, meta)
-        stats = {"generated": len(prompts), "cached": 0, "seconds": time.perf_counter() - clock}
+        responses, kept = _generate(cfg, prompts, tokenizer, rank, world, build_teacher, batch_size, path, meta)
+        stats = {"generated": len(prompts), "cached": 0, "seconds": time.perf_counter() - clock, "kept_batches": kept}
     else:
         log.info("seqkd: read %d cached teacher responses from %s (no generation)", len(responses), path)
     out = []
@@ -78,29 +79,91 @@ def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int,
     return out, stats
 
 
+class GenerationStopped(Exception):
+    """A stop signal arrived while the teacher generated; the responses so far are kept for the next run."""
+
+    def __init__(self, signal: str, done: int, total: int):
+        super().__init__(f"{signal} during seqkd generation: {done} of {total} batches kept")
+        self.signal = signal
+
+
+def _read_partial(partial: Path, header: dict) -> dict[int, dict]:
+    """{batch position: {prompt index: response ids}} from a part file written for the same ``header``."""
+    try:
+        lines = partial.read_text().splitlines()
+        if not lines or json.loads(lines[0]) != header:
+            return {}
+    except (OSError, ValueError):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:  # a line torn by a kill is dropped with what follows it
+            row = json.loads(line)
+        except ValueError:
+            break
+        done[row["batch"]] = {int(k): v for k, v in row["ids"].items()}
+    return done
+
+
+def _agreed(value: int, world: int, op) -> int:
+    if world == 1:
+        return value
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor([value], device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, world: int,
-              build_teacher: Callable[[], object], batch_size: int, path: Path, meta: dict) -> list[list[int]]:
-    """The teacher's responses, rank r generating prompts r, r + W, ...; rank 0 writes the cache."""
+              build_teacher: Callable[[], object], batch_size: int, path: Path, meta: dict) -> tuple[list, int]:
+    """(The teacher's responses, the batches per rank kept from a stopped run): rank r generating prompts r, r + W, ..., a batch at a time, each batch appended
+    to the rank's part file as it is made: a stop signal (SIGTERM, SIGUSR1) ends generation after the batch on
+    every rank (GenerationStopped) and the next run with the same fingerprint generates only what is missing.
+    Rank 0 writes the cache."""
     import gc
 
+    from . import faults
+    from .stop import REQUEST
+
     clock = time.perf_counter()
-    teacher, device = build_teacher()
     mine = list(range(rank, len(prompts), world))
-    synced = needs_synced_gpus(teacher, world)
-    if synced:  # every rank runs the same number of collective forwards
-        per_rank = -(-len(prompts) // world)
-        mine += [mine[-1] if mine else 0] * (per_rank - len(mine))
-    sq = cfg.seqkd
-    tok = tokenizer
-    eos, pad = eos_and_pad(teacher, tok)
-    outs = generate_ids(teacher, [prompts[i] for i in mine], eos=eos, pad_id=pad,
-                        max_new_tokens=sq.max_new_tokens, do_sample=sq.do_sample, temperature=sq.temperature,
-                        top_p=sq.top_p, batch_size=batch_size, device=device, synced_gpus=synced)
+    per_rank = -(-len(prompts) // world)
+    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # the same batches on every rank (ZeRO-3 is collective)
+    starts = list(range(0, len(mine), batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.rank{rank}")
-    part.write_text(json.dumps({str(i): o for i, o in zip(mine, outs)}))
-    del teacher, outs
+    partial = path.with_name(f".{path.name}.rank{rank}.partial.jsonl")
+    header = {"meta": meta, "world": world, "rank": rank, "batch_size": batch_size}
+    done = _read_partial(partial, header)
+    first = 0
+    while first in done:
+        first += 1
+    first = _agreed(first, world, dist.ReduceOp.MIN)  # where every rank has all batches before
+    partial.write_text("".join(json.dumps(x) + "\n" for x in
+                               [header] + [{"batch": b, "ids": done[b]} for b in range(first)]))
+    if first:
+        log.info("seqkd: %d of %d batches of teacher responses kept from a stopped run", first, len(starts))
+    sq, tok, teacher = cfg.seqkd, tokenizer, None
+    for b in range(first, len(starts)):
+        if teacher is None:
+            teacher, device = build_teacher()
+            synced = needs_synced_gpus(teacher, world)
+            eos, pad = eos_and_pad(teacher, tok)
+        chunk = mine[starts[b]:starts[b] + batch_size]
+        outs = generate_ids(teacher, [prompts[i] for i in chunk], eos=eos, pad_id=pad,
+                            max_new_tokens=sq.max_new_tokens, do_sample=sq.do_sample, temperature=sq.temperature,
+                            top_p=sq.top_p, batch_size=batch_size, device=device, synced_gpus=synced)
+        done[b] = dict(zip(chunk, outs))
+        with open(partial, "a") as f:
+            f.write(json.dumps({"batch": b, "ids": {str(i): o for i, o in done[b].items()}}) + "\n")
+        faults.signal_point("signal_in_generation", b + 1, rank)
+        if _agreed(int(REQUEST.signal is not None), world, dist.ReduceOp.MAX) and b + 1 < len(starts):
+            raise GenerationStopped(REQUEST.signal or "a signal on another rank", b + 1, len(starts))
+    del teacher
     gc.collect()
+    part = path.with_name(f".{path.name}.rank{rank}")
+    part.write_text(json.dumps({str(i): o for ids in done.values() for i, o in ids.items()}))
     if world > 1:
         dist.barrier()
     responses: dict[int, list[int]] = {}
@@ -115,6 +178,7 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
                                                 "prompt_ids": p, "output_ids": r}) + "\n"
                                     for p, r in zip(prompts, ordered)))
         _write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
+    partial.unlink()
     log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),
              time.perf_counter() - clock, path)
-    return ordered
+    return ordered, first

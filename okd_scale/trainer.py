@@ -259,7 +259,14 @@ def train(cfg: RunConfig) -> TrainResult:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(run_config)
-    tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
+    stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
+    try:
+        tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
+    except seqkd.GenerationStopped as e:  # before any step: nothing to checkpoint, the responses so far are kept
+        log.warning("stopped by %s; resume with the same command", e)
+        stop.uninstall()
+        stop.signal = None
+        return TrainResult(student=None, teacher=None, tokenizer=None, output_dir=out, stopped_by=e.signal)
     online = teacher if cfg.method == "okd" else None  # the teacher's state that changes, hence is saved
     pos, first_step, method_state, best = DataPosition(), 1, {}, {}
     history = out / "log_history.jsonl"  # one JSON row per optimizer step, appended as steps end
@@ -289,7 +296,6 @@ def train(cfg: RunConfig) -> TrainResult:
         loop.state.load_state_dict(method_state)
     evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
     bad_run = 0  # consecutive steps whose update was skipped
-    stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     dog = Watchdog(rank, world, t.ddp_timeout)
     dog.arm()
     try:

@@ -396,7 +396,7 @@ def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, mo
                           [f"output_dir={tmp_path / f'run{i}'}", f"seqkd.cache_file={cache}",
                            "seqkd.max_new_tokens=8", "data.eval_file=null"])
         reports.append(run_and_dump(cfg))
-        assert len(calls) == 1, calls  # generated in the first run only
+        assert sum(calls) == 32, calls  # generated in the first run only, a batch at a time
     first, second = (r["metrics"]["data"]["seqkd"] for r in reports)
     assert (first["generated"], first["cached"]) == (32, 0) and first["seconds"] > 0
     assert (second["generated"], second["cached"], second["seconds"]) == (0, 32, 0.0)
@@ -408,7 +408,37 @@ def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, mo
                       [f"output_dir={tmp_path / 'run2'}", f"seqkd.cache_file={cache}", "seqkd.max_new_tokens=5",
                        "data.eval_file=null", "train.max_steps=1"])
     run_and_dump(cfg)
-    assert len(calls) == 2
+    assert sum(calls) == 64
+
+
+def test_seqkd_stop_keeps_what_was_generated(tmp_path, pair, monkeypatch):
+    """A stop signal in the middle of seqkd's generation (after 2 of 4 batches) ends the run as a stop; the next
+    run generates only the 2 missing batches, and the cache equals an uninterrupted run's."""
+    from dist_worker import run_and_dump
+
+    from okd_scale import generation, seqkd, trainer
+    from okd_scale.config import load_config
+
+    calls = []
+    real = generation.generate_ids
+    monkeypatch.setattr(seqkd, "generate_ids", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    caches = {}
+    for name in ("straight", "stopped"):
+        caches[name] = tmp_path / name / "teacher.jsonl"
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", pair, "seqkd"),
+                          [f"output_dir={tmp_path / f'run_{name}'}", f"seqkd.cache_file={caches[name]}",
+                           "seqkd.max_new_tokens=6", "seqkd.batch_size=8", "data.eval_file=null", "train.max_steps=1"])
+        if name == "stopped":
+            monkeypatch.setenv("OKD_SCALE_FAULT", "signal_in_generation@2")
+            result = trainer.train(cfg)
+            assert result.stopped_by == "SIGUSR1" and not caches[name].exists()
+            assert sum(calls) == 32 + 16
+            monkeypatch.delenv("OKD_SCALE_FAULT")
+        report = run_and_dump(cfg)
+        assert report["metrics"]["data"]["seqkd"]["kept_batches"] == (2 if name == "stopped" else 0)
+    assert sum(calls) == 32 + 32  # the stopped run and its resumption generated each batch once
+    rows = {k: [json.loads(line)["output_ids"] for line in v.read_text().splitlines()] for k, v in caches.items()}
+    assert len(rows["straight"]) == 32 and rows["stopped"] == rows["straight"]
 
 
 def test_seqkd_copy_and_engine_generate_the_same_responses(tmp_path, pair):
