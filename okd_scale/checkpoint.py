@@ -519,6 +519,24 @@ def verify_manifest(tag_dir: Path) -> None:
             raise CheckpointError(f"{path}: its sha256 differs from the manifest's (the file was altered)")
 
 
+def _check_module_names(part: Path, engine) -> None:
+    """The trainable parameters saved in ``part`` (DeepSpeed's model states: ZeRO's param_shapes, else the module's
+    keys) are exactly the engine's: the teacher's state is saved without its frozen base, so DeepSpeed loads it
+    non-strictly, and this is the strict check."""
+    files = sorted(part.glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{part}: no model states file (an incomplete checkpoint)")
+    saved = torch.load(files[0], map_location="cpu", weights_only=True)
+    names = set().union(*saved["param_shapes"]) if saved.get("param_shapes") else set(saved.get("module") or {})
+    want = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    if names != want:
+        missing, unexpected = sorted(want - names), sorted(names - want)
+        raise CheckpointError(f"{part}: the saved online module does not match this run's: missing {missing[:3]}"
+                              f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                              f"{' ...' if len(unexpected) > 3 else ''} (another online.placement, num_blocks, "
+                              f"target_modules or r)")
+
+
 def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int, method: str) -> TrainerState:
     """Restore both engines, this rank's RNG states, and return where training stands."""
     path = Path(path)
@@ -541,6 +559,8 @@ def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int,
         raise CheckpointError(f"{rng_file}: missing (an incomplete checkpoint)")
     verify_manifest(path)
     with safe_loads(path):
+        if teacher is not None:
+            _check_module_names(path / "teacher", teacher)
         student.load_checkpoint(str(path), tag="student", load_optimizer_states=True, load_lr_scheduler_states=True)
         if teacher is not None:
             teacher.load_checkpoint(str(path), tag="teacher", load_module_strict=False, load_optimizer_states=True,

@@ -182,12 +182,12 @@ def test_resume_refusals(tmp_path, pair):
     run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
                              [f"output_dir={out}", "train.max_steps=2", "data.eval_file=null"]))
     state_file = out / "checkpoints" / "global_step2" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    original = state_file.read_text()
+    state_file.write_text(json.dumps({**json.loads(original), "world_size": 2}))
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"output_dir={out}", "train.max_steps=4"])
     with pytest.raises(CheckpointError, match="saved by 2 processes and this run has 1.*convert_to_hf"):
         train(cfg)
-    state_file.write_text(json.dumps(state))
+    state_file.write_text(original)  # as written: the manifest checks it
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), [f"output_dir={out}"])
     with pytest.raises(CheckpointError, match="is a kd checkpoint; this run's method is sft"):
         train(cfg)
@@ -203,6 +203,16 @@ def test_resume_refusals(tmp_path, pair):
                       [f"output_dir={out}", "train.max_steps=3", "data.eval_file=null", *changed[1:],
                        'resume_ignore=["online.r", "data.train_file"]'])
     assert [r["step"] for r in train(cfg).history] == [1, 2, 3]  # resumed at step 2, deliberately changed
+
+    okd = tmp_path / "okd"  # the teacher's module state is loaded strictly, even through resume_ignore
+    run_and_dump(load_config(write_config(tmp_path / "okd.yaml", pair, "okd"),
+                             [f"output_dir={okd}", "train.max_steps=2", "data.eval_file=null"]))
+    cfg = load_config(write_config(tmp_path / "okd.yaml", pair, "okd"),
+                      [f"output_dir={okd}", "train.max_steps=3", "online.num_blocks=1",
+                       'resume_ignore=["online.num_blocks"]'])
+    with pytest.raises(CheckpointError, match=r"the saved online module does not match this run's: missing \[\], "
+                                              r"unexpected \['base_model.model.model.layers.2"):
+        train(cfg)
 
 
 class _Payload:
