@@ -460,6 +460,7 @@ class _Loop:
         nonfinite = torch.zeros((), device=device)
         for b in micro:
             logs = self.step_fn(b, ctx)
+            faults.crash_point("kill_after_backward", step, self.rank)
             nonfinite = torch.maximum(nonfinite, logs.pop("nonfinite"))
             for k, v in logs.items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -467,6 +468,7 @@ class _Loop:
                 student.step()
                 if update_online:
                     teacher.step()
+            faults.crash_point("kill_after_optimizer", step, self.rank)
         keys = sorted(sums)
         with timer.phase("comm"):  # the one host sync of the step; the stop flag rides along, so every rank stops
             faults.signal_point("signal_in_step", step, self.rank)

@@ -295,3 +295,35 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
     assert (diverged / CHECKPOINTS / "latest").read_text() == "global_step2"
     resumed = run(diverged, "train.max_steps=6", "train.save_every=2")
     assert resumed.returncode == 0 and "at step 2" in resumed.stderr, resumed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_chaos_three_kills_then_the_same_weights(tmp_path, pair):
+    """okd on 2 processes, a rank killed (SIGKILL) three times at random moments (at a step's start, after its
+    backward, after its optimizer step, in the middle of writing a checkpoint), the same command run again after
+    each: the final student and online module equal an uninterrupted run's bitwise (fp32, CPU)."""
+    import random
+
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=12",
+              "train.save_every=2", "data.eval_file=null", "train.ddp_timeout=30"]
+    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common),
+                              env=tiny.subprocess_env(2), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    rng, out, step, faults = random.Random(19), tmp_path / "chaos", 0, []
+    for point in rng.sample(["kill_rank", "kill_after_backward", "kill_after_optimizer", "crash_in_save"], 3):
+        step += rng.randint(1, 3)
+        step += step % 2 if point == "crash_in_save" else 0  # a save step
+        faults.append(f"{point}@{step}@{rng.randint(0, 1)}")
+    print("faults:", faults)
+    for fault in faults:
+        proc = subprocess.run(_torchrun(cfg, f"output_dir={out}", *common), env=tiny.subprocess_env(
+            2, OKD_SCALE_FAULT=fault), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0, f"{fault} did not stop the run: {proc.stderr[-2000:]}"
+        assert not (out / "student").exists()
+    final = subprocess.run(_torchrun(cfg, f"output_dir={out}", *common), env=tiny.subprocess_env(2),
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same(tmp_path / "straight", out)
+    print(f"faults survived: {len(faults)}")
