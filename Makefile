@@ -37,7 +37,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
+.PHONY: demo test test-fast venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 
 venv: $(STAMP)
 
@@ -58,6 +58,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 gpu-wheels:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_wheels.py --dest .whl

@@ -119,7 +119,7 @@ def save_online_config(model, out_dir: Path) -> None:
         model.peft_config["default"].save_pretrained(str(out_dir))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / ONLINE_CONFIG, json.dumps({"placement": "temperature"}))
+        write_atomic(out_dir / ONLINE_CONFIG, json.dumps({"placement": "temperature"}))
 
 
 def export_online_module(engine, out_dir: str | Path) -> Path:
@@ -202,7 +202,9 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file and a rename: the old content or the new, never a
+    part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -361,7 +363,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         save_online_config(teacher.module, tmp / "hf_teacher")
     tags = {p: _written(p) for p in root.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()}
     state.written = max(tags.values(), default=0) + 1
-    _write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
+    write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
     write_manifest(tmp)
     replaced = None
     if final.exists():  # the same step saved again (a resumed run that stopped at once): the old tag goes last
@@ -369,7 +371,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
     os.rename(tmp, final)
-    _write_atomic(root / LATEST, tag)
+    write_atomic(root / LATEST, tag)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     if keep_last:  # by write order (a rerun in an old directory may write lower steps), never latest or the best
@@ -496,7 +498,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(tag_dir: Path) -> None:
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify_manifest(tag_dir: Path) -> None:

@@ -41,9 +41,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .divergences import IGNORE_INDEX  # noqa: F401 (re-exported: the label of an uncounted token)
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

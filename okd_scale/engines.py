@@ -19,7 +19,8 @@ from .config import TEACHER_METHODS, ConfigError, RunConfig, online_learning_rat
 log = logging.getLogger("okd_scale")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from .checkpoint import write_atomic
 from .config import RunConfig
 from .data import IGNORE_INDEX, truncate
 from .generation import eos_and_pad, generate_ids, needs_synced_gpus, prompt_ids
@@ -48,12 +49,6 @@ def _read_cache(path: Path, meta: dict) -> list[list[int]] | None:
     if len(rows) != meta["num_prompts"]:
         return None
     return [row["output_ids"] for row in rows]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int, world: int,
@@ -174,10 +169,10 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
         dist.barrier()  # every rank has read every part
     part.unlink()
     if rank == 0:
-        _write_atomic(path, "".join(json.dumps({"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True),
+        write_atomic(path, "".join(json.dumps({"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True),
                                                 "prompt_ids": p, "output_ids": r}) + "\n"
                                     for p, r in zip(prompts, ordered)))
-        _write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
+        write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
     partial.unlink()
     log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),
              time.perf_counter() - clock, path)

@@ -1,7 +1,6 @@
 """okd_scale.sharded on 2 real gloo processes equals okd_scale.divergences on one, values and gradients."""
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from okd_scale import sharded
+from okd_scale.engines import free_port
 from okd_scale.divergences import DIVERGENCES, ce_sum, chunked_divergence_from_hidden, divergence_sum
 from sharded_worker import DP_ROWS, PARAMS, SPLIT_WEIGHTS, case_inputs, run_case
 
@@ -63,19 +63,13 @@ def _case_id(case: dict) -> str:
                     if case.get(k) is not None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     """Runs every case once on 2 gloo ranks; returns [rank][case] result dicts."""
     import sharded_worker
 
     out = tmp_path_factory.mktemp("sharded")
-    mp.spawn(sharded_worker.main, args=(WORLD, _free_port(), str(out), CASES), nprocs=WORLD, join=True)
+    mp.spawn(sharded_worker.main, args=(WORLD, free_port(), str(out), CASES), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
