@@ -146,6 +146,20 @@ def export_online_module(engine, out_dir: str | Path) -> Path:
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+STOPPED = "stopped.json"  # output_dir/stopped.json: the run stopped on a signal (and where), until it runs again
+
+
+def record_stop(out_dir: str | Path, step: int, signal: str, checkpoint: Optional[Path]) -> None:
+    """Rank 0 notes a stop by signal in output_dir/STOPPED, for a job script whose launcher hides the trainer's
+    exit status 75 (torchrun and deepspeed exit 1); ``clear_stop`` removes it when the run starts again."""
+    if _rank() == 0:
+        write_atomic(Path(out_dir) / STOPPED, json.dumps({"signal": signal, "step": step, "exit_status": 75,
+                                                          "checkpoint": str(checkpoint) if checkpoint else None}))
+
+
+def clear_stop(out_dir: str | Path) -> None:
+    if _rank() == 0:
+        (Path(out_dir) / STOPPED).unlink(missing_ok=True)
 
 
 class CheckpointError(ValueError):

@@ -259,11 +259,13 @@ def train(cfg: RunConfig) -> TrainResult:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(run_config)
+    checkpoint.clear_stop(out)
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     try:
         tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     except seqkd.GenerationStopped as e:  # before any step: nothing to checkpoint, the responses so far are kept
         log.warning("stopped by %s; resume with the same command", e)
+        checkpoint.record_stop(out, 0, e.signal, None)
         stop.uninstall()
         stop.signal = None
         return TrainResult(student=None, teacher=None, tokenizer=None, output_dir=out, stopped_by=e.signal)
@@ -346,6 +348,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)
             if stopping and step < t.max_steps:
                 result.stopped_by = stop.signal or "a signal on another rank"
+                checkpoint.record_stop(out, step, result.stopped_by, path)
                 log.warning("stopped at step %d by %s; resume with the same command", step, result.stopped_by)
                 bar.close()
                 return result

@@ -327,3 +327,53 @@ def test_chaos_three_kills_then_the_same_weights(tmp_path, pair):
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same(tmp_path / "straight", out)
     print(f"faults survived: {len(faults)}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher(tmp_path, pair):
+    """A job runs the trainer under torchrun (told to forward USR1 too, with a long grace) or under the `deepspeed`
+    launcher, and maps the launcher's status to 75 when output_dir/stopped.json says the run stopped on a signal
+    (README). SIGTERM to torchrun, or to `deepspeed`'s launching process (deepspeed.launcher.launch; the outer
+    `deepspeed` process forwards nothing): the workers finish their step and checkpoint, the job exits 75, and the
+    same job run again ends bitwise where an uninterrupted run ends."""
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    common = ["train.per_device_train_batch_size=2", "train.max_steps=10", "data.eval_file=null"]
+    train_py = str(ROOT / "okd_scale" / "train.py")
+    env = tiny.subprocess_env(2, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+    def job(launcher: str, out: Path) -> list[str]:
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300"]
+        else:
+            cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(__import__("okd_scale.engines").engines.free_port())]
+        cmd += [train_py, "--config", str(cfg), f"output_dir={out}", *common]
+        script = (f"trap 'echo job: TERM' TERM\n{' '.join(cmd)}\nrc=$?\n"
+                  f"[ -f {out}/stopped.json ] && rc=75\nexit $rc\n")
+        return ["bash", "-c", script]
+
+    straight = subprocess.run(job("torchrun", tmp_path / "straight"), env=env, capture_output=True, text=True,
+                              timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for launcher in ("torchrun", "deepspeed"):
+        out = tmp_path / launcher
+        proc = subprocess.Popen(job(launcher, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and not ((out / "log_history.jsonl").is_file() and len(_rows(out)) >= 2):
+            time.sleep(0.1)
+        launcher_pid = _children(proc.pid)[0]  # torchrun; for deepspeed, its runner, whose child launches
+        if launcher == "deepspeed":
+            launcher_pid = _children(launcher_pid)[0]  # deepspeed.launcher.launch: the one that forwards
+        os.kill(launcher_pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 75, f"{launcher}: {proc.returncode}\n{err[-3000:]}"
+        stopped = json.loads((out / "stopped.json").read_text())
+        assert stopped["signal"] == "SIGTERM" and 2 <= stopped["step"] < 10
+        assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped['step']}"
+        again = subprocess.run(job(launcher, out), env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0 and not (out / "stopped.json").exists(), again.stderr[-3000:]
+        assert _comparable(_rows(tmp_path / "straight")) == _comparable(_rows(out))
+        for name in ("student/model.safetensors", "online_module/adapter_model.safetensors"):
+            wa, wb = load_file(str(tmp_path / "straight" / name)), load_file(str(out / name))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{launcher}: {name}"
