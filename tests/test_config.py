@@ -247,3 +247,23 @@ def test_cli_unusable_model_refused_before_training(tmp_path, assets, role, how,
     assert f"error: " in proc.stderr and message in proc.stderr and f"bad_{role}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "student").exists()
+
+
+def test_readme_key_table_lists_every_key():
+    """The README's table of config keys names every key of the run config (sgo.lambda as its config-file name)."""
+    import re
+
+    from okd_scale.config import RunConfig, _all_keys
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| section | keys (defaults) |")
+    listed = {}
+    for line in readme[start:readme.index("\n\n", start)].splitlines()[2:]:
+        cells = re.split(r"(?<!\\)\|", line)
+        listed[cells[1].strip().strip("`")] = set(re.findall(r"`([a-z_0-9]+)`", cells[2]))
+    missing = []
+    for key in _all_keys(RunConfig):
+        section, name = key.split(".", 1) if "." in key else ("top level", key)
+        if {"lmbda": "lambda"}.get(name, name) not in listed.get(section, set()):
+            missing.append(key)
+    assert missing == []
