@@ -297,20 +297,54 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
     assert resumed.returncode == 0 and "at step 2" in resumed.stderr, resumed.stderr[-3000:]
 
 
+# the slow stop tests below share one uninterrupted run (torchrun, okd/train.py itself) to compare with
+SLOW_RUN = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=12",
+            "train.save_every=2", "data.eval_file=null", "train.ddp_timeout=30"]
+
+
+def _train_py(launcher: str, cfg: Path, out: Path) -> list[str]:
+    """The trainer under torchrun (told to forward USR1 too, with a long grace) or the `deepspeed` launcher."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300"]
+    else:
+        from okd_scale.engines import free_port
+
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    return cmd + [str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg), f"output_dir={out}", *SLOW_RUN]
+
+
+def _launch_env(**extra) -> dict:
+    return tiny.subprocess_env(2, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
+
+
+@pytest.fixture(scope="module")
+def straight_okd(tmp_path_factory, pair):
+    """(config, output directory) of an uninterrupted 2-process okd run with SLOW_RUN's settings."""
+    base = tmp_path_factory.mktemp("straight_okd")
+    cfg = write_config(base / "cfg.yaml", pair, "okd")
+    proc = subprocess.run(_train_py("torchrun", cfg, base / "out"), env=_launch_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg, base / "out"
+
+
+def _assert_same_outputs(a: Path, b: Path, what: str = "") -> None:
+    """Bitwise: the same losses at every step, the same exported student and online module."""
+    assert _comparable(_rows(a)) == _comparable(_rows(b)), what
+    for name in ("student/model.safetensors", "online_module/adapter_model.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{what} {name}"
+
+
 @pytest.mark.slow
-def test_chaos_three_kills_then_the_same_weights(tmp_path, pair):
+def test_chaos_three_kills_then_the_same_weights(straight_okd, tmp_path):
     """okd on 2 processes, a rank killed (SIGKILL) three times at random moments (at a step's start, after its
     backward, after its optimizer step, in the middle of writing a checkpoint), the same command run again after
     each: the final student and online module equal an uninterrupted run's bitwise (fp32, CPU)."""
     import random
 
-    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
-    common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=12",
-              "train.save_every=2", "data.eval_file=null", "train.ddp_timeout=30"]
-    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common),
-                              env=tiny.subprocess_env(2), capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    cfg, straight = straight_okd
     rng, out, step, faults = random.Random(19), tmp_path / "chaos", 0, []
     for point in rng.sample(["kill_rank", "kill_after_backward", "kill_after_optimizer", "crash_in_save"], 3):
         step += rng.randint(1, 3)
@@ -318,46 +352,34 @@ def test_chaos_three_kills_then_the_same_weights(tmp_path, pair):
         faults.append(f"{point}@{step}@{rng.randint(0, 1)}")
     print("faults:", faults)
     for fault in faults:
-        proc = subprocess.run(_torchrun(cfg, f"output_dir={out}", *common), env=tiny.subprocess_env(
-            2, OKD_SCALE_FAULT=fault), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(_train_py("torchrun", cfg, out), env=_launch_env(OKD_SCALE_FAULT=fault),
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode != 0, f"{fault} did not stop the run: {proc.stderr[-2000:]}"
         assert not (out / "student").exists()
-    final = subprocess.run(_torchrun(cfg, f"output_dir={out}", *common), env=tiny.subprocess_env(2),
-                           capture_output=True, text=True, timeout=600)
+    final = subprocess.run(_train_py("torchrun", cfg, out), env=_launch_env(), capture_output=True, text=True,
+                           timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same(tmp_path / "straight", out)
+    _assert_same_outputs(straight, out)
     print(f"faults survived: {len(faults)}")
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher(tmp_path, pair):
-    """A job runs the trainer under torchrun (told to forward USR1 too, with a long grace) or under the `deepspeed`
-    launcher, and maps the launcher's status to 75 when output_dir/stopped.json says the run stopped on a signal
-    (README). SIGTERM to torchrun, or to `deepspeed`'s launching process (deepspeed.launcher.launch; the outer
-    `deepspeed` process forwards nothing): the workers finish their step and checkpoint, the job exits 75, and the
-    same job run again ends bitwise where an uninterrupted run ends."""
-    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
-    common = ["train.per_device_train_batch_size=2", "train.max_steps=10", "data.eval_file=null"]
-    train_py = str(ROOT / "okd_scale" / "train.py")
-    env = tiny.subprocess_env(2, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+def test_sigterm_to_the_launcher(straight_okd, tmp_path):
+    """A job runs the trainer under torchrun or under the `deepspeed` launcher, and maps the launcher's status to 75
+    when output_dir/stopped.json says the run stopped on a signal (README). SIGTERM to torchrun, or to `deepspeed`'s
+    launching process (deepspeed.launcher.launch; the outer `deepspeed` process forwards nothing): the workers
+    finish their step and checkpoint, the job exits 75, and the same job run again ends bitwise where an
+    uninterrupted run ends."""
+    cfg, straight = straight_okd
 
     def job(launcher: str, out: Path) -> list[str]:
-        if launcher == "torchrun":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300"]
-        else:
-            cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(__import__("okd_scale.engines").engines.free_port())]
-        cmd += [train_py, "--config", str(cfg), f"output_dir={out}", *common]
-        script = (f"trap 'echo job: TERM' TERM\n{' '.join(cmd)}\nrc=$?\n"
+        script = (f"trap 'echo job: TERM' TERM\n{' '.join(_train_py(launcher, cfg, out))}\nrc=$?\n"
                   f"[ -f {out}/stopped.json ] && rc=75\nexit $rc\n")
         return ["bash", "-c", script]
 
-    straight = subprocess.run(job("torchrun", tmp_path / "straight"), env=env, capture_output=True, text=True,
-                              timeout=900)
-    assert straight.returncode == 0, straight.stderr[-3000:]
     for launcher in ("torchrun", "deepspeed"):
         out = tmp_path / launcher
-        proc = subprocess.Popen(job(launcher, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(job(launcher, out), env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         deadline = time.time() + 600
         while time.time() < deadline and not ((out / "log_history.jsonl").is_file() and len(_rows(out)) >= 2):
@@ -369,11 +391,8 @@ def test_sigterm_to_the_launcher(tmp_path, pair):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 75, f"{launcher}: {proc.returncode}\n{err[-3000:]}"
         stopped = json.loads((out / "stopped.json").read_text())
-        assert stopped["signal"] == "SIGTERM" and 2 <= stopped["step"] < 10
+        assert stopped["signal"] == "SIGTERM" and 2 <= stopped["step"] < 12
         assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped['step']}"
-        again = subprocess.run(job(launcher, out), env=env, capture_output=True, text=True, timeout=900)
+        again = subprocess.run(job(launcher, out), env=_launch_env(), capture_output=True, text=True, timeout=900)
         assert again.returncode == 0 and not (out / "stopped.json").exists(), again.stderr[-3000:]
-        assert _comparable(_rows(tmp_path / "straight")) == _comparable(_rows(out))
-        for name in ("student/model.safetensors", "online_module/adapter_model.safetensors"):
-            wa, wb = load_file(str(tmp_path / "straight" / name)), load_file(str(out / name))
-            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{launcher}: {name}"
+        _assert_same_outputs(straight, out, launcher)
