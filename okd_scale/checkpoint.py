@@ -170,14 +170,19 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (read-only or full disk, ...); the previous one is kept."""
 
 
-def _agree(error: Optional[str], what: str, partial: Optional[Path] = None) -> None:
-    """Raise SaveError on every rank when any rank has an error; the message names the ranks and reasons. Rank 0
-    removes ``partial`` (the unfinished tag) first, so a full disk gets its space back."""
+def _gathered(error: Optional[str]) -> list:
+    """Every rank's ``error`` (None where it has none), on every rank."""
     errors = [error]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         errors = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(errors, error)
-    bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    return errors
+
+
+def _agree(error: Optional[str], what: str, partial: Optional[Path] = None) -> None:
+    """Raise SaveError on every rank when any rank has an error; the message names the ranks and reasons. Rank 0
+    removes ``partial`` (the unfinished tag) first, so a full disk gets its space back."""
+    bad = [f"rank {r}: {e}" for r, e in enumerate(_gathered(error)) if e]
     if bad:
         if partial is not None and _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -515,16 +520,17 @@ def write_manifest(tag_dir: Path) -> None:
     write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def verify_manifest(tag_dir: Path) -> None:
-    """Every file the tag's manifest lists is there with its size and sha256 (a tag without a manifest, from an
-    older version, passes); CheckpointError names the first file that is missing, truncated or altered."""
+def verify_manifest(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Every file the tag's manifest lists (with ``world`` > 1: this rank's share of them, every world-th) is there
+    with its size and sha256 (a tag without a manifest, from an older version, passes); CheckpointError names the
+    first file that is missing, truncated or altered."""
     try:
         manifest = json.loads((tag_dir / MANIFEST).read_text())
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{tag_dir / MANIFEST}: unreadable ({e})") from None
-    for name, want in manifest.items():
+    for name, want in sorted(manifest.items())[rank::world]:
         path = tag_dir / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint's manifest lists it)")
@@ -573,7 +579,14 @@ def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int,
             raise CheckpointError(f"{path / part}: missing (an incomplete checkpoint)")
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file}: missing (an incomplete checkpoint)")
-    verify_manifest(path)
+    try:  # each rank hashes a share of the files, so the tag is read once, not once per rank
+        verify_manifest(path, _rank(), world_size)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    bad = [e for e in _gathered(error) if e]
+    if bad:
+        raise CheckpointError(bad[0])
     with safe_loads(path):
         if teacher is not None:
             _check_module_names(path / "teacher", teacher)

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .divergences import IGNORE_INDEX  # noqa: F401 (re-exported: the label of an uncounted token)
+from .divergences import IGNORE_INDEX  # the label of an uncounted token
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,16 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def check_one_batch(num_examples: int, world_size: int, batch_size: int, source: str = "data",
+                    key: str = "batch_size") -> None:
+    """DataError unless ``num_examples`` shared among ``world_size`` ranks (the tail that does not divide
+    dropped, as a DistributedSampler with drop_last does) give every rank one batch of ``batch_size``."""
+    per_rank = num_examples // world_size
+    if per_rank < batch_size:
+        raise DataError(f"{source}: {num_examples} usable examples on {world_size} ranks give {per_rank} per rank, "
+                        f"fewer than one batch ({key} {batch_size}); add data or lower the batch size")
+
+
 def build_dataloader(examples, *, batch_size: int, pad_token_id: int, rank: int, world_size: int,
                      seed: int, shuffle: bool = True, drop_last: bool = True) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's share of ``examples`` (a DistributedSampler), batches made by ``collate``.
@@ -430,10 +440,9 @@ def build_dataloader(examples, *, batch_size: int, pad_token_id: int, rank: int,
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if drop_last:
+        check_one_batch(len(examples), world_size, batch_size)
     sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=drop_last)
-    if drop_last and len(sampler) < batch_size:
-        raise DataError(f"{len(examples)} examples on {world_size} ranks give {len(sampler)} per rank, "
-                         f"fewer than one batch of {batch_size} (drop_last=True)")
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=drop_last,
                       collate_fn=partial(collate, pad_token_id=pad_token_id))

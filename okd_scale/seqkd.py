@@ -113,10 +113,10 @@ def _agreed(value: int, world: int, op) -> int:
 
 def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, world: int,
               build_teacher: Callable[[], object], batch_size: int, path: Path, meta: dict) -> tuple[list, int]:
-    """(The teacher's responses, the batches per rank kept from a stopped run): rank r generating prompts r, r + W, ..., a batch at a time, each batch appended
-    to the rank's part file as it is made: a stop signal (SIGTERM, SIGUSR1) ends generation after the batch on
-    every rank (GenerationStopped) and the next run with the same fingerprint generates only what is missing.
-    Rank 0 writes the cache."""
+    """(The teacher's responses, the batches per rank kept from a stopped run): rank r generates prompts r, r + W,
+    ... a batch at a time, each batch appended to the rank's part file as it is made; a stop signal (SIGTERM,
+    SIGUSR1) ends generation after the batch on every rank (GenerationStopped), and the next run with the same
+    fingerprint generates only what is missing. Every rank reads every part; rank 0 writes the cache."""
     import gc
 
     from . import faults
@@ -128,7 +128,10 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # the same batches on every rank (ZeRO-3 is collective)
     starts = list(range(0, len(mine), batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.rank{rank}.partial.jsonl")
+    def part(r: int) -> Path:
+        return path.with_name(f".{path.name}.rank{r}.partial.jsonl")
+
+    partial = part(rank)
     header = {"meta": meta, "world": world, "rank": rank, "batch_size": batch_size}
     done = _read_partial(partial, header)
     first = 0
@@ -157,21 +160,19 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
             raise GenerationStopped(REQUEST.signal or "a signal on another rank", b + 1, len(starts))
     del teacher
     gc.collect()
-    part = path.with_name(f".{path.name}.rank{rank}")
-    part.write_text(json.dumps({str(i): o for ids in done.values() for i, o in ids.items()}))
     if world > 1:
-        dist.barrier()
+        dist.barrier()  # every rank's part is complete
     responses: dict[int, list[int]] = {}
     for r in range(world):
-        responses.update({int(k): v for k, v in json.loads(path.with_name(f".{path.name}.rank{r}").read_text()).items()})
+        for ids in _read_partial(part(r), {**header, "rank": r}).values():
+            responses.update(ids)
     ordered = [responses[i] for i in range(len(prompts))]
     if world > 1:
         dist.barrier()  # every rank has read every part
-    part.unlink()
     if rank == 0:
         write_atomic(path, "".join(json.dumps({"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True),
-                                                "prompt_ids": p, "output_ids": r}) + "\n"
-                                    for p, r in zip(prompts, ordered)))
+                                               "prompt_ids": p, "output_ids": r}) + "\n"
+                                   for p, r in zip(prompts, ordered)))
         write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
     partial.unlink()
     log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),

@@ -136,11 +136,8 @@ def build(cfg: RunConfig, rank: int, world: int):
                                         on_error=cfg.data.on_error)
     t = cfg.train
     done(f"data: {stats.summary()}")
-    if len(examples) // world < t.per_device_train_batch_size:
-        raise data.DataError(f"{cfg.data.train_file}: {len(examples)} usable examples on {world} ranks give "
-                             f"{len(examples) // world} per rank, fewer than one batch "
-                             f"(train.per_device_train_batch_size {t.per_device_train_batch_size}); add data or "
-                             f"lower the batch size")
+    data.check_one_batch(len(examples), world, t.per_device_train_batch_size, cfg.data.train_file,
+                         "train.per_device_train_batch_size")  # before seqkd generates for them
     ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
     if cfg.method == "seqkd":
         examples, stats.seqkd = seqkd.teacher_examples(

@@ -89,8 +89,8 @@ def bench_rows(data: str, needed: int, out: Path, parser) -> str:
 def run_method(method: str, args, out: Path, extra: list[str] = ()) -> dict:
     """One method's run in `out/method`, with `extra` overrides after args.overrides; its measured rows and metrics."""
     variant = variants().get(method, [])
-    overrides = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}", f"model.student={args.student}",
-                 f"data.train_file={args.data}", "data.eval_file=null", f"output_dir={out / method}",
+    overrides = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}",
+                 f"model.student={args.student}", f"data.train_file={args.data}", "data.eval_file=null", f"output_dir={out / method}",
                  f"train.max_steps={args.warmup + args.steps}", f"train.per_device_train_batch_size={args.batch_size}",
                  f"data.max_length={args.max_length}", "train.lr_scheduler_type=constant", "train.warmup_steps=0",
                  f"loss.divergence={args.divergence}", f"online.divergence={args.divergence}",
