@@ -36,6 +36,9 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed's just-in-time ops (shm_comm, cpu_adam) build per virtualenv: one left half-built by a killed process
+# in another checkout, or rebuilt for another venv's path, never stalls this one
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test test-fast venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 
