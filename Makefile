@@ -40,7 +40,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # in another checkout, or rebuilt for another venv's path, never stalls this one
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-fast venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
+.PHONY: demo test test-fast lint venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 
 venv: $(STAMP)
 
@@ -59,11 +59,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check okd_scale tools tests
 
 gpu-wheels:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_wheels.py --dest .whl

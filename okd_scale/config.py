@@ -16,8 +16,6 @@ from typing import Any, Optional, Union
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("okd", "kd", "sft", "seqkd", "sgo", "taid")
-TEACHER_METHODS = ("okd", "kd", "sgo", "seqkd", "taid")  # need model.teacher (seqkd: to generate its training data)
 _ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -158,7 +156,8 @@ class DeepSpeedArgs:
     # else to NVMe; or a DeepSpeed JSON path
     teacher_config: str = "auto"
     student_config: str = "ds_configs/student_zero2.json"
-    nvme_path: Optional[str] = None  # a fast local disk for ZeRO-3 NVMe offload (teacher_config auto, or "auto" in a JSON)
+    nvme_path: Optional[str] = None  # a fast local disk for ZeRO-3 NVMe offload (teacher_config auto, or "auto" in
+    # a JSON)
     teacher_overrides: dict = field(default_factory=dict)  # merged into the teacher's JSON
     student_overrides: dict = field(default_factory=dict)
 
@@ -355,16 +354,19 @@ def online_learning_rate(cfg: RunConfig) -> float:
 def validate(cfg: RunConfig, origin: str = "config") -> None:
     """Ranges, choices and paths; raises ConfigError naming the key."""
     from .divergences import DIVERGENCES
-    from .methods import ONLINE_OBJECTIVES
+    from .methods import METHODS, ONLINE_OBJECTIVES
     from .models import ONLINE_MODULES
 
     _check(cfg.method in METHODS, origin, "method", f"one of {', '.join(METHODS)}", cfg.method)
+    method = METHODS[cfg.method]
     t, lo, on = cfg.train, cfg.loss, cfg.online
-    for key, v in [("train.max_steps", t.max_steps), ("train.per_device_train_batch_size", t.per_device_train_batch_size),
+    for key, v in [("train.max_steps", t.max_steps),
+                   ("train.per_device_train_batch_size", t.per_device_train_batch_size),
                    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                    ("train.logging_steps", t.logging_steps), ("data.max_length", cfg.data.max_length),
                    ("loss.chunk_size", lo.chunk_size), ("loss.vocab_shards", lo.vocab_shards), ("online.r", on.r),
-                   ("online.update_every", on.update_every), ("data.eval_max_new_tokens", cfg.data.eval_max_new_tokens)]:
+                   ("online.update_every", on.update_every),
+                   ("data.eval_max_new_tokens", cfg.data.eval_max_new_tokens)]:
         _check(v >= 1, origin, key, "an integer >= 1", v)
     _check(cfg.data.max_length >= 2, origin, "data.max_length", "an integer >= 2", cfg.data.max_length)
     _check(t.warmup_steps >= 0, origin, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
@@ -410,8 +412,8 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(ta.t_start <= ta.t_end <= 1.0, origin, "taid.t_end", f"in [taid.t_start, 1] = [{ta.t_start}, 1]", ta.t_end)
     _check(0.0 <= ta.alpha <= 1.0, origin, "taid.alpha", "in [0, 1]", ta.alpha)
     _check(0.0 <= ta.beta < 1.0, origin, "taid.beta", "in [0, 1)", ta.beta)
-    _check(cfg.method != "taid" or lo.vocab_shards == 1, origin, "loss.vocab_shards",
-           "1 for method taid (its interpolated target is not vocab-sharded yet)", lo.vocab_shards)
+    _check(method.vocab_shards or lo.vocab_shards == 1, origin, "loss.vocab_shards",
+           f"1 for method {cfg.method} (its loss is not vocab-sharded yet)", lo.vocab_shards)
     _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
     _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
     _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)
@@ -436,7 +438,7 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(bool(cfg.output_dir), origin, "output_dir", "a directory path", cfg.output_dir)
 
     _model_dir(cfg.model.student, "model.student", cfg.model.allow_hub, origin)
-    if cfg.method in TEACHER_METHODS:
+    if method.needs_teacher:
         _model_dir(cfg.model.teacher, "model.teacher", cfg.model.allow_hub, origin)
     for key in ("train_file", "eval_file"):
         value = getattr(cfg.data, key)

@@ -37,7 +37,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -446,3 +446,21 @@ def build_dataloader(examples, *, batch_size: int, pad_token_id: int, rank: int,
                                  drop_last=drop_last)
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=drop_last,
                       collate_fn=partial(collate, pad_token_id=pad_token_id))
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0  # the epoch the next batch comes from
+    batches: int = 0  # batches already taken from it (by this rank)
+
+
+def batches_from(loader, pos: DataPosition) -> Iterator[dict]:
+    """The loader's batches epoch after epoch from `pos` (skipping the batches a resumed run already used),
+    keeping `pos` up to date."""
+    while True:
+        loader.sampler.set_epoch(pos.epoch)
+        for i, batch in enumerate(loader):
+            if i >= pos.batches:
+                pos.batches = i + 1
+                yield batch
+        pos.epoch, pos.batches = pos.epoch + 1, 0

@@ -1,12 +1,10 @@
-"""DeepSpeed set-up: the process group, the filled DeepSpeed configs, and the teacher and student engines."""
+"""DeepSpeed set-up: the filled DeepSpeed configs, the teacher's placement, and the teacher and student engines."""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,99 +12,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import plan
-from .config import TEACHER_METHODS, ConfigError, RunConfig, online_learning_rate, resolve_path
+from .config import ConfigError, RunConfig, online_learning_rate, resolve_path
+from .methods import method_of
 
 log = logging.getLogger("okd_scale")
-
-
-def free_port() -> int:
-    """A TCP port free on this host now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-STALE_LOCK_S = 900  # DeepSpeed's just-in-time op builds take a minute or two; a lock this old is left over
-
-
-def check_build_locks(root: Optional[Path] = None, max_age_s: float = STALE_LOCK_S) -> None:
-    """Refuse to start when a torch extension build lock is older than ``max_age_s``: one left by a process
-    killed while DeepSpeed compiled an op just in time, which would make this run wait on it forever."""
-    import time
-
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time()
-    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
-        try:
-            age = now - lock.stat().st_mtime
-        except OSError:  # the build ended meanwhile
-            continue
-        if age > max_age_s:
-            raise ConfigError(f"{lock}: a build lock of {age / 60:.0f} minutes, left by a process killed while it "
-                              f"compiled the DeepSpeed op {lock.parent.name!r}; every run would wait on it. If no "
-                              f"other process on this machine is building that op, remove the file and run again")
-
-
-def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
-    """Join (or create) the process group with the accelerator's backend; returns (rank, world_size, local_rank).
-
-    Under `deepspeed`, `torchrun` or srun with the torch variables set, the environment describes the group;
-    a plain `python` run becomes a group of one. ``timeout_s``: the collectives' own timeout (DeepSpeed's
-    default when None).
-    """
-    check_build_locks()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accel = get_accelerator()
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **kw)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
-
-
-def exit_distributed(code: int) -> None:
-    """Leave the process group (after a barrier when `code` is 0), flush and exit the process with `code`.
-
-    os._exit: with gloo, a thread can outlive the interpreter and abort it at normal exit."""
-    import sys
-
-    if torch.distributed.is_initialized():
-        try:
-            if code == 0:
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def run_and_exit(fn: Callable, *args) -> None:
-    """Run `fn(*args)` as a process's whole job and exit through `exit_distributed`: with its int result
-    (None: 0), with a SystemExit's own status, or with 1 after printing the traceback of any other exception."""
-    import traceback
-
-    code = 1
-    try:
-        result = fn(*args)
-        code = 0 if result is None else int(result)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - reported, then the hard exit below
-        traceback.print_exc()
-    finally:
-        exit_distributed(code)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -208,6 +117,45 @@ def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[li
     return engine
 
 
+
+def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
+    """The teacher's DeepSpeed engine: frozen, with the online module (its only trainable part) when `online`."""
+    import math
+
+    from . import models
+
+    m, t = cfg.model, cfg.train
+    tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
+                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
+    if online:
+        tmodel = models.add_online_module(tmodel, cfg.online)
+        every = cfg.online.update_every
+        warmup = t.warmup_steps if cfg.online.warmup_steps is None else cfg.online.warmup_steps
+        sched = make_scheduler(t.lr_scheduler_type, warmup // every, max(1, math.ceil(t.max_steps / every)))
+        teacher = init_engine(tmodel, ds_teacher, models.trainable_parameters(tmodel), sched)
+    else:
+        models.freeze(tmodel)
+        teacher = init_engine(tmodel, ds_teacher)
+    teacher.train(online)
+    return teacher
+
+
+def student_engine(cfg: RunConfig, ds_student: dict, tokenizer):
+    """The student's DeepSpeed engine, with its optimizer and learning-rate schedule, in training mode."""
+    from . import models
+
+    m, t = cfg.model, cfg.train
+    smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16,
+                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    models.check_vocab(smodel, tokenizer, m.student, "student")
+    if t.gradient_checkpointing:
+        smodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = init_engine(smodel, ds_student, models.trainable_parameters(smodel),
+                          make_scheduler(t.lr_scheduler_type, t.warmup_steps, t.max_steps))
+    student.train()
+    return student
+
 def _memory_budget(nvme_path: Optional[str]) -> tuple[plan.Budget, int, int]:
     """(the minimum over ranks of free device and host memory, nodes, most ranks on one node)."""
     import psutil
@@ -254,7 +202,7 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
         grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32",
         cluster=plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB),
         student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
-        online=cfg.method == "okd", online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
+        online=method_of(cfg).online, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
         activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
         flash_attention=get_accelerator().device_name() != "cpu")
     try:
@@ -267,14 +215,15 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
     """The filled (teacher, student) DeepSpeed configs; teacher None for methods without one. With
     deepspeed.teacher_config auto, the teacher's config is that of the placement chosen by size (logged)."""
     t = cfg.train
-    common = dict(micro_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+    common = dict(micro_batch_size=t.per_device_train_batch_size,
+                  gradient_accumulation_steps=t.gradient_accumulation_steps,
                   world_size=world_size, bf16=t.bf16, max_grad_norm=t.max_grad_norm,
                   nvme_path=cfg.deepspeed.nvme_path)
     student = build_ds_config(cfg.deepspeed.student_config, cfg.deepspeed.student_overrides,
                               learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                               origin_key="deepspeed.student_config", **common)
     teacher = None
-    if cfg.method in TEACHER_METHODS:
+    if method_of(cfg).needs_teacher:
         path = cfg.deepspeed.teacher_config
         if path == "auto":
             choice = teacher_placement(cfg, student)
@@ -282,7 +231,7 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
             path = choice.placement.ds_config
         teacher = build_ds_config(path, cfg.deepspeed.teacher_overrides,
                                   learning_rate=online_learning_rate(cfg), weight_decay=cfg.online.weight_decay,
-                                  with_optimizer=cfg.method == "okd", origin_key="deepspeed.teacher_config",
+                                  with_optimizer=method_of(cfg).online, origin_key="deepspeed.teacher_config",
                                   **common)
     return teacher, student
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from okd_scale.data import alpaca_prompt
 from okd_scale.generation import GenerationError, eos_and_pad, generate_ids
+
+log = logging.getLogger("okd_scale")
 
 _SCORER = None
 
@@ -222,6 +225,77 @@ def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_s
         model.train(was_training)
     return total / max(count, 1)
 
+
+
+def eval_loss(engine, loader, vocab_size: int) -> float:
+    """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
+    import torch
+
+    from .divergences import ce_sum
+    from .methods import forward_counted, with_counted
+    from .process import all_reduce_sum
+
+    was_training = engine.training
+    engine.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0.0
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in with_counted(batch).items()}
+            total += ce_sum(forward_counted(engine, batch, vocab_size, hidden=False), batch["counted_labels"]).double()
+            count += batch["counted_labels"].numel()
+    engine.train(was_training)
+    total, count = all_reduce_sum([float(total), count], engine.device)
+    return total / max(count, 1.0)
+
+
+class Evaluator:
+    """Evaluation on data.eval_file during and after training: mean cross-entropy per response token, and
+    ROUGE-L (F x100) of greedy generations on its first data.eval_rouge_examples rows (rows with a
+    `prompt` and `output`; other formats get the loss only). Every rank takes its share of both."""
+
+    def __init__(self, cfg, tokenizer, rank: int, world: int):
+        from . import data
+
+        d = cfg.data
+        examples, _ = data.load_dataset(d.eval_file, tokenizer, d.max_length, on_error=d.on_error)
+        self.loader = data.build_dataloader(examples, batch_size=cfg.train.per_device_train_batch_size,
+                                            pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
+                                            seed=cfg.seed, shuffle=False, drop_last=False)
+        self.tokenizer, self.rank, self.world, self.max_new_tokens = tokenizer, rank, world, d.eval_max_new_tokens
+        self.rows = []
+        if d.eval_rouge_examples:
+            try:
+                self.rows = read_eval_set(d.eval_file, max_examples=d.eval_rouge_examples)
+            except EvaluateError as e:
+                log.info("eval: no ROUGE-L on %s (%s); the loss only", d.eval_file, e)
+
+    def __call__(self, student, teacher=None) -> dict:
+        vocab = len(self.tokenizer)
+        scores = {"eval/student_ce": eval_loss(student, self.loader, vocab)}
+        if teacher is not None:
+            scores["eval/teacher_ce"] = eval_loss(teacher, self.loader, vocab)
+        if self.rows:
+            scores["eval/student_rougeL"] = self.rouge(student)
+        return scores
+
+    def rouge(self, engine) -> float:
+        from .generation import needs_synced_gpus
+        from .process import all_reduce_sum
+
+        tok = self.tokenizer
+        mine = self.rows[self.rank::self.world]
+        real = len(mine)
+        synced = needs_synced_gpus(engine.module, self.world)
+        if synced:  # ZeRO-3: every rank runs the same number of collective forwards
+            mine += [self.rows[0]] * (-(-len(self.rows) // self.world) - real)
+        eos, pad = eos_and_pad(engine.module, tok)
+        outs = generate_ids(engine.module, [tok.encode(r["prompt"], add_special_tokens=False) for r in mine],
+                            eos=eos, pad_id=pad, max_new_tokens=self.max_new_tokens, batch_size=8,
+                            device=engine.device, synced_gpus=synced)
+        total = sum(rouge_l(tok.decode(o, skip_special_tokens=True).strip(), r["references"])
+                    for o, r in zip(outs[:real], mine[:real]))
+        total, count = all_reduce_sum([total, float(real)], engine.device)
+        return total / max(count, 1.0)
 
 def format_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per label (a result of :func:`evaluate_model`), one column per set + average.

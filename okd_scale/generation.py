@@ -148,3 +148,21 @@ def sample_responses(engine, batch: dict, *, eos: list[int], pad_id: int, max_ne
                              do_sample=True, temperature=temperature, top_p=top_p, batch_size=len(prompts),
                              device=engine.device, synced_gpus=synced_gpus)
     return response_batch(prompts, responses, pad_id)
+
+
+def on_policy_sampler(cfg, student, tokenizer, world: int):
+    """For a method that samples on policy (sgo): batch -> the batch with responses sampled from the current
+    student, with an ``on_policy(step)`` attribute: whether step samples, drawn from (seed, step) alone, so
+    every rank and a resumed run draw the same."""
+    import random
+
+    eos, pad = eos_and_pad(student.module, tokenizer)
+    synced = needs_synced_gpus(student.module, world)
+    sg = cfg.sgo
+
+    def sample(batch: dict) -> dict:
+        return sample_responses(student, batch, eos=eos, pad_id=pad, max_new_tokens=sg.max_new_tokens,
+                                temperature=sg.temperature, top_p=sg.top_p, synced_gpus=synced)
+
+    sample.on_policy = lambda step: random.Random(cfg.seed * 1_000_003 + step).random() < sg.lmbda
+    return sample

@@ -26,13 +26,13 @@ class StepContext:
     cfg: RunConfig
     student: object  # DeepSpeed engine
     teacher: Optional[object]  # DeepSpeed engine, or None for sft
-    num_tokens: Union[float, torch.Tensor]  # the normaliser: counted tokens of the global batch / (world x accumulation)
+    num_tokens: Union[float, torch.Tensor]  # the normaliser: the global batch's counted tokens / (world x accumulation)
     vocab_size: int  # the tokenizer's real size; logits beyond it (padding) are dropped
     scorer: object  # scorers.HiddenScorer | ShardedScorer | LogitsScorer
     update_online: bool = False
     on_policy: bool = False  # sgo: this step's responses were sampled from the student (the loss is D alone)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
-    state: object = None  # the method's state across steps (METHOD_STATE), e.g. TAID's t
+    state: object = None  # the method's state across steps (Method.state), e.g. TAID's t
     log_drift: bool = False  # okd: also log the adapted teacher's divergence from the original one
     inject_nan: bool = False  # test hook: make this rank's student outputs NaN (faults.py, "nan_batch")
 
@@ -141,22 +141,24 @@ def _student_mix(ctx: StepContext) -> Mix:
     return Mix(lo.divergence, ratio, 1.0 - ratio)
 
 
+def student_step(batch: dict, ctx: StepContext, mix: Mix) -> dict:
+    """The student learns LS = mix (from the frozen teacher's outputs, when the run has a teacher); the step's logs.
+    The building block of a method whose teacher does not train."""
+    zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
+    with ctx.timer.phase("loss"):
+        ls, _, terms = ctx.scorer.losses(zt, zs, y, mix, timer=ctx.timer)
+    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
+    return _logs(ctx, _student_logs(ls, terms, teacher=zt is not None), bad)
+
+
 def sft_step(batch: dict, ctx: StepContext) -> dict:
     """Cross-entropy on the response tokens."""
-    _, zs, y = _outputs(ctx, batch, teacher_grad=False)
-    with ctx.timer.phase("loss"):
-        ls, _, terms = ctx.scorer.losses(None, zs, y, Mix(ctx.cfg.loss.divergence, 0.0, 1.0), timer=ctx.timer)
-    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, _student_logs(ls, terms, teacher=False), bad)
+    return student_step(batch, ctx, Mix(ctx.cfg.loss.divergence, 0.0, 1.0))
 
 
 def kd_step(batch: dict, ctx: StepContext) -> dict:
     """Frozen teacher; the student learns LS = kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
-    zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
-    with ctx.timer.phase("loss"):
-        ls, _, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), timer=ctx.timer)
-    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, _student_logs(ls, terms), bad)
+    return student_step(batch, ctx, _student_mix(ctx))
 
 
 # online.objective: the online module's loss LT as a Mix (config.OnlineArgs gives the formulas)
@@ -249,18 +251,44 @@ class TAIDSchedule:
 def taid_step(batch: dict, ctx: StepContext) -> dict:
     """Frozen teacher; LS = kd_ratio * KL(p_t || pS) + (1 - kd_ratio) * CE, p_t = softmax((1 - t) sg[zS] + t zT)
     with t from the run's TAIDSchedule."""
-    zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
     ratio = ctx.cfg.loss.kd_ratio
-    with ctx.timer.phase("loss"):
-        ls, _, terms = ctx.scorer.losses(zt, zs, y, Mix("fkl", ratio, 1.0 - ratio, target_t=ctx.state.t),
-                                         timer=ctx.timer)
-    bad = _backward(ctx, [(ctx.student, ls, "student_backward")])
-    return _logs(ctx, _student_logs(ls, terms), bad)
+    return student_step(batch, ctx, Mix("fkl", ratio, 1.0 - ratio, target_t=ctx.state.t))
 
 
-# seqkd is sft on the teacher's cached responses; sgo is kd on batches the trainer may first resample
-METHODS: dict[str, Callable[[dict, StepContext], dict]] = {"sft": sft_step, "seqkd": sft_step, "kd": kd_step,
-                                                           "sgo": kd_step, "okd": okd_step, "taid": taid_step}
-# methods with state across steps: a factory from the run config; the state has after_step(row, step),
-# state_dict() and load_state_dict(), and is saved in checkpoints
-METHOD_STATE: dict[str, Callable[[RunConfig], object]] = {"taid": TAIDSchedule.from_config}
+@dataclass(frozen=True)
+class Method:
+    """A training method: its step, and what the trainer must give that step."""
+
+    step: Callable[[dict, StepContext], dict]
+    teacher: str = "none"  # the teacher engine while training: none | frozen | online (its online module trains)
+    teacher_data: bool = False  # the training examples are the teacher's responses, generated before training
+    on_policy: bool = False  # a step's batches may be resampled from the student (sgo.lambda)
+    state: Optional[Callable[[RunConfig], object]] = None  # state across steps: a factory of an object with
+    # after_step(row, step), state_dict() and load_state_dict(), saved in checkpoints
+    vocab_shards: bool = True  # its loss runs split over the vocabulary (loss.vocab_shards > 1)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the run needs model.teacher (to train from, or to generate the training data)."""
+        return self.teacher != "none" or self.teacher_data
+
+    @property
+    def online(self) -> bool:
+        """Whether the teacher has a trainable online module (saved in checkpoints, exported at the end)."""
+        return self.teacher == "online"
+
+
+# the registry every other module derives its method logic from; the first is the default
+METHODS: dict[str, Method] = {
+    "okd": Method(okd_step, teacher="online"),
+    "kd": Method(kd_step, teacher="frozen"),
+    "sft": Method(sft_step),
+    "seqkd": Method(sft_step, teacher_data=True),  # sft on the teacher's cached responses
+    "sgo": Method(kd_step, teacher="frozen", on_policy=True),  # kd on batches the trainer may first resample
+    "taid": Method(taid_step, teacher="frozen", state=TAIDSchedule.from_config, vocab_shards=False),
+}
+
+
+def method_of(cfg: RunConfig) -> Method:
+    """The registry's entry for cfg.method."""
+    return METHODS[cfg.method]

@@ -110,6 +110,35 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+
+def run_cost(history: list, teacher, student, world: int, sampled_tokens: float, n_online: int,
+             online: bool) -> dict:
+    """Median step time, mean time per phase, tokens/s, peak memory per rank, FLOPs and (on a known GPU)
+    model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars."""
+    import torch
+
+    from .process import all_reduce_sum
+
+    median = sorted(r["time/step_s"] for r in history)[len(history) // 2]
+    phases = {k[5:-2]: sum(r.get(k, 0.0) for r in history) / len(history)
+              for k in sorted({k for r in history for k in r}) if k.startswith("time/") and k != "time/step_s"}
+    peaks = all_reduce_sum([peak_memory_bytes() if r == torch.distributed.get_rank() else 0.0 for r in range(world)],
+                           student.device)
+    n_student = num_parameters(student.module)
+    n_teacher = num_parameters(teacher.module) if teacher is not None else 0
+    seen = sum(r["tokens/seen"] for r in history)
+    flops = step_flops(n_student=n_student, n_teacher=n_teacher, n_online=n_online, tokens=seen / len(history),
+                       teacher=teacher is not None, online=online, sampled_tokens=sampled_tokens / len(history))
+    total_time = sum(r["time/step_s"] for r in history)
+    device = device_name()
+    peak = peak_flops(device)
+    out = {"median_step_s": median, "time_per_phase_s": phases, "tokens_per_s": seen / total_time,
+           "peak_memory_gib_per_rank": [p / 2**30 for p in peaks], "params": {"student": n_student,
+           "teacher": n_teacher, "online_blocks": n_online}, "flops_per_step": flops, "device": device}
+    if peak is not None:
+        out["mfu"] = flops * len(history) / (total_time * world * peak)
+    return out
+
 def phase_table(rows: list[dict]) -> str:
     """Markdown table of the mean seconds per step of each phase (keys "time/<phase>_s") and its share
     of the mean step time."""

@@ -627,8 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--student-params", type=POS_INT, help="student parameter count, e.g. 1.1e9")
     m.add_argument("--vocab-size", type=POS_INT, default=32000, help="vocabulary of a model given as a count")
     r = p.add_argument_group("run")
-    r.add_argument("--method", choices=("okd", "kd", "sgo"), default="okd",
-                   help="okd: the teacher trains its online module; kd, sgo: a frozen teacher")
+    from .methods import METHODS
+
+    r.add_argument("--method", choices=[n for n, m in METHODS.items() if m.teacher != "none"], default="okd",
+                   help="a method with a teacher engine: the online ones (okd) train its online module, the others "
+                        "keep it frozen")
     r.add_argument("--seq-len", type=POS_INT, default=512, help="tokens per sequence")
     r.add_argument("--micro-batch", type=POS_INT, default=4, help="sequences per GPU per micro-step")
     r.add_argument("--grad-accum", type=POS_INT, default=1, help="micro-steps per optimizer step")
@@ -671,12 +674,18 @@ def _shape(parser: argparse.ArgumentParser, path: Optional[str], count: Optional
         parser.error(f"--{flag} {path}: {e} (expected a local Hugging Face model directory or its config.json)")
 
 
+def _online(method: str) -> bool:
+    from .methods import METHODS
+
+    return METHODS[method].online
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The Settings the flags give; the teacher's engine as given (ZeRO-3 and no offload by default)."""
     teacher = EngineSpec(3 if args.teacher_zero is None else args.teacher_zero, args.teacher_offload or "none")
     return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
                     cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib),
-                    teacher=teacher, online=args.method == "okd",
+                    teacher=teacher, online=_online(args.method),
                     student=EngineSpec(args.student_zero, args.student_offload),
                     online_blocks=args.online_blocks, lora_r=args.lora_r, dtype=args.dtype,
                     peak_tflops=args.peak_tflops, mfu=args.mfu, activation_checkpointing=args.activation_checkpointing,

@@ -29,6 +29,7 @@ import torch
 from . import engines, models, sharded
 from .config import ConfigError, RunConfig
 from .data import IGNORE_INDEX
+from .methods import method_of
 from .divergences import (TERMS, Mix, ce_sum, chunked_divergence_from_hidden, distill_from_hidden, divergence_sum,
                           entropy_sum, interpolated_target)
 
@@ -70,7 +71,7 @@ def _teacher_head(cfg: RunConfig, teacher, start: int, end: int) -> _TeacherHead
     if teacher is None:
         return _TeacherHead(None)
     rows = models.frozen_head_rows(teacher.module, start, end)
-    head_rows = models.ONLINE_MODULES[cfg.online.placement].head_rows if cfg.method == "okd" else None
+    head_rows = models.ONLINE_MODULES[cfg.online.placement].head_rows if method_of(cfg).online else None
     return _TeacherHead(rows, teacher.module, head_rows, start, end)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,6 +72,34 @@ def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int,
         out.append({"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
     return out, stats
 
+
+
+def generation_teacher(cfg: RunConfig, tokenizer, engine: Callable[[], object]) -> tuple[object, object]:
+    """The frozen teacher SeqKD generates with, as (module, device): a whole copy on this rank's device
+    (``seqkd.generate_with: copy``, or ``auto`` when its weights fit in half the free device memory),
+    else the ZeRO-3 engine that ``engine()`` builds, whose every generated token all-gathers every layer."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from . import models
+
+    m, sq = cfg.model, cfg.seqkd
+    accel = get_accelerator()
+    need = models.weight_bytes(m.teacher, cfg.train.bf16)
+    free = accel.available_memory()
+    copy = sq.generate_with == "copy" or (sq.generate_with == "auto" and need is not None and need <= free / 2)
+    log.info("seqkd: generating with %s (teacher weights %s, free device memory %.1f GiB)",
+             "a whole copy of the teacher per rank" if copy else "the ZeRO-3 teacher engine",
+             "unknown" if need is None else f"{need / 2**30:.2f} GiB", free / 2**30)
+    if not copy:
+        teacher = engine()
+        return teacher.module, teacher.device
+    model = models.load_causal_lm(m.teacher, bf16=cfg.train.bf16, trust_remote_code=m.trust_remote_code,
+                                  allow_hub=m.allow_hub)
+    models.check_vocab(model, tokenizer, m.teacher, "teacher")
+    models.freeze(model)
+    device = torch.device(accel.current_device_name())
+    return model.to(device), device
 
 class GenerationStopped(Exception):
     """A stop signal arrived while the teacher generated; the responses so far are kept for the next run."""
@@ -170,9 +197,9 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     if world > 1:
         dist.barrier()  # every rank has read every part
     if rank == 0:
-        write_atomic(path, "".join(json.dumps({"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True),
-                                               "prompt_ids": p, "output_ids": r}) + "\n"
-                                   for p, r in zip(prompts, ordered)))
+        rows = [{"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True), "prompt_ids": p,
+                 "output_ids": r} for p, r in zip(prompts, ordered)]
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
     partial.unlink()
     log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),

@@ -107,9 +107,9 @@ _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_g
 def all_gather_shards(shard: Tensor, vocab_size: int, group=None, out: Optional[Tensor] = None) -> Tensor:
     """Full [..., V] logits on every rank from each rank's [..., end - start] slice.
 
-    One ``all_gather_into_tensor`` (``all_gather_single`` in torch >= 2.13) into one preallocated [W, ..., ceil(V / W)] buffer (every shard
-    padded to the largest width), then each rank's part is copied, unpadded, into ``out`` (allocated
-    when None). No autograd: the result is detached.
+    One ``all_gather_into_tensor`` (``all_gather_single`` in torch >= 2.13) into one preallocated
+    [W, ..., ceil(V / W)] buffer (every shard padded to the largest width), then each rank's part is copied,
+    unpadded, into ``out`` (allocated when None). No autograd: the result is detached.
     """
     rank, world = _rank_world(group)
     shard = shard.detach()

@@ -61,6 +61,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from okd_scale.engines import run_and_exit
+    from okd_scale.process import run_and_exit
 
     run_and_exit(main)

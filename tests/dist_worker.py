@@ -24,14 +24,15 @@ def run_and_dump(cfg) -> dict:
     report = {"history": result.history, "metrics": result.metrics, "stopped_by": result.stopped_by}
     if int(os.environ.get("RANK", "0")) == 0:
         if teacher_state is not None:
-            save_file({k: v.clone() for k, v in teacher_state.items()}, str(out / "teacher_after.safetensors"))  # untied
+            untied = {k: v.clone() for k, v in teacher_state.items()}
+            save_file(untied, str(out / "teacher_after.safetensors"))
         (out / "report.json").write_text(json.dumps(report))
     return report
 
 
 if __name__ == "__main__":
     from okd_scale.config import load_config
-    from okd_scale.engines import run_and_exit
+    from okd_scale.process import run_and_exit
 
     import logging
 

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from okd_scale.engines import run_and_exit  # noqa: E402
+from okd_scale.process import run_and_exit  # noqa: E402
 
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
 SPLIT_WEIGHTS = (0.4, 0.9)  # how the "hidden_split" cases weight their [divergence, CE] terms
@@ -74,7 +74,8 @@ def run_case(case: dict, group=None) -> dict:
         leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
         terms = sharded.sharded_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
-            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=1.0, split=True, **PARAMS)
+            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=1.0,
+            split=True, **PARAMS)
         value = SPLIT_WEIGHTS[0] * terms[0] + SPLIT_WEIGHTS[1] * terms[1]
         extra["terms"] = terms.detach()
     elif kind == "ce_hidden":

@@ -40,7 +40,8 @@ def test_bench_peers_table(tmp_path, pair):
             assert row.endswith(f"| {ratio:.2f} |")
     # the same rows in the same order: TRL (lmbda=0) and kd see the same tokens at every step
     trl_tokens = json.loads((runs / "trl_gkd" / "rank0.json").read_text())["tokens"]
-    kd_tokens = [json.loads(line)["tokens/seen"] for line in (runs / "kd" / "log_history.jsonl").read_text().splitlines()]
+    kd_rows = (runs / "kd" / "log_history.jsonl").read_text().splitlines()
+    kd_tokens = [json.loads(line)["tokens/seen"] for line in kd_rows]
     assert trl_tokens == kd_tokens
     assert re.search(r"okd_scale kd / TRL GKD lmbda=0 tokens/s = [\d.]+ \(target >= 1.2\): (PASS|FAIL)", proc.stdout)
     assert re.search(r"okd_scale sgo / TRL GKD lmbda=1 tokens/s = [\d.]+ \(target >= 1.2\): (PASS|FAIL)", proc.stdout)

@@ -53,10 +53,12 @@ def test_valid_config_and_overrides(tmp_path, assets):
     (lambda c: None, ["loss.kd_ratio=1.5"], '"loss.kd_ratio" must be in [0, 1]'),
     (lambda c: None, ["loss.divergence=kl"], '"loss.divergence" must be one of fkl, rkl'),
     (lambda c: None, ["method=ppo"], '"method" must be one of okd, kd, sft'),
-    (lambda c: None, ["train.per_device_train_batch_size=0"], '"train.per_device_train_batch_size" must be an integer >= 1'),
+    (lambda c: None, ["train.per_device_train_batch_size=0"],
+     '"train.per_device_train_batch_size" must be an integer >= 1'),
     (lambda c: None, ["train.nope=1"], 'unknown key "train.nope"'),
     (lambda c: None, ["train.max_steps"], "expected key=value"),
-    (lambda c: c["model"].update(teacher="/no/such/teacher"), [], '"model.teacher": model directory not found: /no/such/teacher'),
+    (lambda c: c["model"].update(teacher="/no/such/teacher"), [],
+     '"model.teacher": model directory not found: /no/such/teacher'),
     (lambda c: c["model"].update(student="HuggingFaceTB/SmolLM2-135M"), [],
      "is not a local directory. Models load from local directories; set model.allow_hub=true"),
     (lambda c: c["data"].update(train_file="/no/such.jsonl"), [], '"data.train_file": file not found: /no/such.jsonl'),
@@ -65,7 +67,8 @@ def test_valid_config_and_overrides(tmp_path, assets):
     (lambda c: None, ["loss.vocab_shards=2", "loss.from_hidden=false"],
      '"loss.vocab_shards" must be 1 when loss.from_hidden is false'),
     (lambda c: None, ['online.target_modules=["q_proj", "lm_head"]'],
-     '"online.target_modules" must be modules of the teacher\'s blocks (for a module on the lm_head use online.placement=head)'),
+     '"online.target_modules" must be modules of the teacher\'s blocks (for a module on the lm_head use '
+     'online.placement=head)'),
     (lambda c: None, ["online.target_modules=[q_proj, v_proj"],
      'the value of "online.target_modules" is not valid YAML (expected \',\' or \']\''),
     (lambda c: None, ['resume_ignore=["train.max_stepz"]'], '"resume_ignore" must be a list of run-config keys'),
@@ -119,7 +122,8 @@ def test_ds_config_auto_filled_and_conflicts_refused(tmp_path, assets):
                                                       "deepspeed.teacher_config=ds_configs/teacher_zero3_offload.json"])
     teacher, student = ds_configs_for(cfg, world_size=2)
     assert student["train_batch_size"] == 4 * 3 * 2 and student["bf16"]["enabled"] is True
-    assert teacher["zero_optimization"]["stage"] == 3 and teacher["optimizer"]["params"]["lr"] == cfg.online.learning_rate
+    assert teacher["zero_optimization"]["stage"] == 3
+    assert teacher["optimizer"]["params"]["lr"] == cfg.online.learning_rate
     assert student["data_types"] == teacher["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 accumulates in fp32
     auto, _ = ds_configs_for(load_config(write(tmp_path, base(assets))), world_size=1)  # a tiny teacher: a replica
     assert auto["zero_optimization"] == {"stage": 1} and auto["optimizer"]["params"]["lr"] == cfg.online.learning_rate
@@ -244,7 +248,7 @@ def test_cli_unusable_model_refused_before_training(tmp_path, assets, role, how,
     cfg["output_dir"] = str(tmp_path / "out")
     proc = run_cli("--config", str(write(tmp_path, cfg)), "train.max_steps=2")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"error: " in proc.stderr and message in proc.stderr and f"bad_{role}" in proc.stderr, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and message in proc.stderr and f"bad_{role}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "student").exists()
 
@@ -267,3 +271,12 @@ def test_readme_key_table_lists_every_key():
         if {"lmbda": "lambda"}.get(name, name) not in listed.get(section, set()):
             missing.append(key)
     assert missing == []
+
+
+def test_readme_layout_names_every_module_and_tool():
+    """The README's layout section names every module of the package and every script of tools/."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Tests")]
+    files = [p.name for p in sorted((ROOT / "okd_scale").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
+             if p.name != "__init__.py"]
+    assert [f for f in files if f not in layout] == []

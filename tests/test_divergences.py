@@ -361,7 +361,8 @@ def test_ce_matches_reference_and_chunks(device):
     for m in (None, mask):
         counted = labels != -100 if m is None else (labels != -100) & m
         ref, (rg,) = value_and_grads(
-            lambda x: -torch.log_softmax(x.double(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][counted].sum(),
+            lambda x: -torch.log_softmax(x.double(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0][counted]
+            .sum(),
             logits)
         for chunk_size in (None, 1, 4, 100):
             v, (gx,) = value_and_grads(lambda x: ce_sum(x, labels, m, chunk_size=chunk_size), logits)

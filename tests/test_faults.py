@@ -287,7 +287,7 @@ def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
     import time
 
     from okd_scale.config import ConfigError
-    from okd_scale.engines import check_build_locks
+    from okd_scale.process import check_build_locks
     from test_train import ROOT
 
     lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"

@@ -150,7 +150,8 @@ def test_healing_keeps_the_best_checkpoint(pair, tmp_path):
     out = tmp_path / "student_init"
     adam = '{"optimizer": {"params": {"torch_adam": true}}}'
     code = ms.main([str(pair / "teacher"), str(out), "--keep-layers", "0,2", "--heal-train", str(pair / "train.jsonl"),
-                    "--heal-eval", str(pair / "eval.jsonl"), "--heal-steps", "6", "--heal-eval-every", "2", "--heal-method", "kd",
+                    "--heal-eval", str(pair / "eval.jsonl"), "--heal-steps", "6", "--heal-eval-every", "2",
+                    "--heal-method", "kd",
                     "--heal-set", "train.learning_rate=5e-3", "--heal-set", "data.max_length=64",
                     "--heal-set", f"deepspeed.student_overrides={adam}",
                     "--heal-set", f"deepspeed.teacher_overrides={adam}"])

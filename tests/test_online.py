@@ -104,7 +104,7 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
     from transformers import AutoModelForCausalLM
 
     from okd_scale.config import OnlineArgs, load_config
-    from okd_scale.engines import init_distributed
+    from okd_scale.process import init_distributed
     from okd_scale.methods import StepContext, loss_normaliser, okd_step
     from okd_scale.models import add_online_module
     from okd_scale.scorers import make_scorer
@@ -156,7 +156,7 @@ def test_teacher_activations_kept_for_backward(tmp_path, pair, placement):
     """The teacher's forward on an update step keeps, for backward, activations of the blocks only when the module
     is in the blocks: with head or temperature it saves nothing larger than the module's own parameters."""
     from okd_scale.config import load_config
-    from okd_scale.engines import init_distributed
+    from okd_scale.process import init_distributed
     from okd_scale.methods import forward_counted
     from okd_scale.trainer import build
 

@@ -1,4 +1,5 @@
-"""okd_scale/plan.py (and tools/plan.py, its command line) against what torch, peft and transformers actually build and allocate on this machine."""
+"""okd_scale/plan.py (and tools/plan.py, its command line) against what torch, peft and transformers actually build
+and allocate on this machine."""
 from __future__ import annotations
 
 import json

@@ -127,7 +127,8 @@ def test_table_pools_seeds_and_gives_the_verdict():
     reproduce = tiny.load_tool("reproduce")
 
     def cell(name, method, seed, a, b, greedy=None):
-        c = {"name": name, "eval": {"sets": {"x": {"rougeL": a, "std": 0.0, "n": 2}, "y": {"rougeL": b, "std": 0.0, "n": 2},
+        c = {"name": name, "eval": {"sets": {"x": {"rougeL": a, "std": 0.0, "n": 2},
+                                              "y": {"rougeL": b, "std": 0.0, "n": 2},
                                               "validation": {"rougeL": a, "std": 0.0, "n": 1}}},
              "validation_ce": 2.0 + a / 100, "train_s": 10.0 if method else None}
         if method:

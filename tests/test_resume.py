@@ -308,7 +308,7 @@ def _train_py(launcher: str, cfg: Path, out: Path) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300"]
     else:
-        from okd_scale.engines import free_port
+        from okd_scale.process import free_port
 
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     return cmd + [str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg), f"output_dir={out}", *SLOW_RUN]

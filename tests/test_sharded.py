@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from okd_scale import sharded
-from okd_scale.engines import free_port
+from okd_scale.process import free_port
 from okd_scale.divergences import DIVERGENCES, ce_sum, chunked_divergence_from_hidden, divergence_sum
 from sharded_worker import DP_ROWS, PARAMS, SPLIT_WEIGHTS, case_inputs, run_case
 

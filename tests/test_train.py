@@ -1,6 +1,7 @@
 """Training with real DeepSpeed engines on CPU: okd, kd, sft on 1 and 2 processes, and the launcher path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -190,7 +191,7 @@ def test_gradient_equals_float64_global_token_mean(tmp_path, pair, from_hidden):
     from transformers import AutoModelForCausalLM
 
     from okd_scale.config import load_config
-    from okd_scale.engines import init_distributed
+    from okd_scale.process import init_distributed
     from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
     from okd_scale.scorers import HiddenScorer, make_scorer
     from okd_scale.trainer import build
@@ -339,7 +340,7 @@ def test_sgo_with_lambda_1_trains_on_student_samples(tmp_path, pair, tokenizer, 
     from okd_scale.data import IGNORE_INDEX, load_dataset
 
     seen = []
-    real_sample, real_kd = generation.sample_responses, methods.METHODS["sgo"]
+    real_sample, real_sgo = generation.sample_responses, methods.METHODS["sgo"]
 
     def spy_sample(engine, batch, **kw):
         out = real_sample(engine, batch, **kw)
@@ -348,12 +349,12 @@ def test_sgo_with_lambda_1_trains_on_student_samples(tmp_path, pair, tokenizer, 
 
     def spy_step(batch, ctx):
         assert ctx.on_policy
-        logs = real_kd(batch, ctx)
+        logs = real_sgo.step(batch, ctx)
         torch.testing.assert_close(logs["student/loss"], logs["student/kd"])  # no CE on own samples
         return logs
 
     monkeypatch.setattr(generation, "sample_responses", spy_sample)
-    monkeypatch.setitem(methods.METHODS, "sgo", spy_step)
+    monkeypatch.setitem(methods.METHODS, "sgo", dataclasses.replace(real_sgo, step=spy_step))
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sgo"),
                       ["sgo.lambda=1", "sgo.max_new_tokens=12", "train.max_steps=3", "data.eval_file=null"])
     history = run_and_dump(cfg)["history"]
@@ -546,3 +547,28 @@ def test_online_learning_rate_ratio_and_own_warmup(tmp_path, pair):
     history = run_and_dump(cfg)["history"]
     assert [r["lr/online"] for r in history] == pytest.approx([5e-4] * 3)
     assert [r["lr/student"] for r in history] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3)])  # after each step
+
+
+def test_a_new_method_is_a_step_function_and_a_registry_line(tmp_path, pair, monkeypatch):
+    """A method registered at run time (a step function and one registry line, nothing else) is accepted by the
+    config, gets a frozen teacher engine and trains: "toy", TVD alone from the frozen teacher, equals kd with
+    loss.divergence=tvd and loss.kd_ratio=1 (losses and student weights)."""
+    from dist_worker import run_and_dump
+
+    from okd_scale import methods
+    from okd_scale.config import load_config
+    from okd_scale.divergences import Mix
+
+    def toy_step(batch, ctx):
+        return methods.student_step(batch, ctx, Mix("tvd", 1.0, 0.0))
+
+    monkeypatch.setitem(methods.METHODS, "toy", methods.Method(toy_step, teacher="frozen"))
+    settings = ["train.max_steps=2", "data.eval_file=null", "loss.divergence=tvd", "loss.kd_ratio=1"]
+    for method in ("kd", "toy"):
+        run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, "kd"),
+                                 [f"method={method}", f"output_dir={tmp_path / method}", *settings]))
+    ra, rb = (json.loads((tmp_path / m / "report.json").read_text())["history"] for m in ("kd", "toy"))
+    assert ra[0]["student/kd"] > 0 and _comparable(ra) == _comparable(rb)
+    wa, wb = (load_file(str(tmp_path / m / "student" / "model.safetensors")) for m in ("kd", "toy"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "toy" / "metrics.json").read_text())["method"] == "toy"

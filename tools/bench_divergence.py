@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from okd_scale import sharded  # noqa: E402
-from okd_scale.engines import run_and_exit  # noqa: E402
+from okd_scale.process import run_and_exit  # noqa: E402
 from okd_scale.divergences import DIVERGENCES, chunked_divergence_from_hidden, divergence_sum  # noqa: E402
 
 FULL_SIZES = ((32000, 4096), (49152, 4096), (151936, 2048))  # (vocab, tokens)
@@ -274,7 +274,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         ratio = "—" if r["peak_ratio"] is None else f"{r['peak_ratio']:.1%}"
         lines.append(f"| {r['divergence']} | {r['vocab']} | {r['tokens']} | {r['method']} | "
-                     f"{'—' if r['method'] == 'dense' else r['chunk']} | {r['peak_bytes'] / MIB:.1f} | {r['time_s']:.2f} | {r['max_rel_diff']:.1e} | {ratio} | "
+                     f"{'—' if r['method'] == 'dense' else r['chunk']} | {r['peak_bytes'] / MIB:.1f} | "
+                     f"{r['time_s']:.2f} | {r['max_rel_diff']:.1e} | {ratio} | "
                      f"{_verdict(r['memory_ok'])} | {_verdict(r['value_ok'])} |")
     return "\n".join(lines)
 
@@ -342,9 +343,9 @@ def main(argv=None) -> list[dict]:
                              order[r["method"]]))
     add_checks(rows)
     chunks = ", ".join(f"V={v}: {chunk_for(v, args.chunk_size)}" for v, _ in configs)
+    peak = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "live tensor storages (TorchDispatchMode)"
     print(f"hidden {args.hidden}, chunk tokens ({chunks}), {args.threads} thread(s) per process, "
-          f"device {args.device}, float32, best of {args.repeats}; peak = "
-          f"{'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'live tensor storages (TorchDispatchMode)'}")
+          f"device {args.device}, float32, best of {args.repeats}; peak = {peak}")
     print(format_table(rows))
     sys.stdout.flush()
     return rows

@@ -90,14 +90,16 @@ def run_method(method: str, args, out: Path, extra: list[str] = ()) -> dict:
     """One method's run in `out/method`, with `extra` overrides after args.overrides; its measured rows and metrics."""
     variant = variants().get(method, [])
     overrides = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}",
-                 f"model.student={args.student}", f"data.train_file={args.data}", "data.eval_file=null", f"output_dir={out / method}",
+                 f"model.student={args.student}", f"data.train_file={args.data}", "data.eval_file=null",
+                 f"output_dir={out / method}",
                  f"train.max_steps={args.warmup + args.steps}", f"train.per_device_train_batch_size={args.batch_size}",
                  f"data.max_length={args.max_length}", "train.lr_scheduler_type=constant", "train.warmup_steps=0",
                  f"loss.divergence={args.divergence}", f"online.divergence={args.divergence}",
-                 f"sgo.lambda=1", f"sgo.max_new_tokens={args.sgo_new_tokens}",
+                 "sgo.lambda=1", f"sgo.max_new_tokens={args.sgo_new_tokens}",
                  f"seqkd.cache_file={out / 'seqkd_cache.jsonl'}", f"seqkd.max_new_tokens={args.sgo_new_tokens}",
                  *(["train.bf16=true"] if getattr(args, "bf16", False) else []),
-                 *([f"deepspeed.teacher_config={args.teacher_config}"] if getattr(args, "teacher_config", None) else []),
+                 *([f"deepspeed.teacher_config={args.teacher_config}"]
+                   if getattr(args, "teacher_config", None) else []),
                  *args.overrides, *variant, *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            str(ROOT / "okd_scale" / "train.py"), "--config", str(args.config), *overrides]

@@ -162,7 +162,7 @@ def untied_head(model):
     return model
 
 
-def probe_logits(model, vocab: int, dtype) -> "torch.Tensor":
+def probe_logits(model, vocab: int, dtype):
     """Logits on a fixed probe batch (2 x 16 token ids drawn with seed 0), in fp32."""
     import torch
 

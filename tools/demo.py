@@ -78,7 +78,8 @@ def budget_line(ce: dict[str, float]) -> str:
     """What the demo's budget buys, and where a student that answers comes from."""
     return (f"This budget (minutes on CPU cores) takes the 6-block student from validation CE "
             f"{ce['student pruned']:.2f} to {ce['student after (OKD)']:.2f} against the teacher's "
-            f"{ce['teacher']:.2f}. A student that answers in sentences takes hours of healing and distillation: `python tools/reproduce.py --preset gpu-proof` on one GPU (README, \"On a GPU\").")
+            f"{ce['teacher']:.2f}. A student that answers in sentences takes hours of healing and distillation: "
+            f"`python tools/reproduce.py --preset gpu-proof` on one GPU (README, \"On a GPU\").")
 
 
 def results_table(rows: dict[str, dict], n: int) -> str:

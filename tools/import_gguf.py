@@ -166,7 +166,8 @@ def import_gguf(gguf_path: str | Path | None, out_dir: str | Path, dtype: str = 
         summary = {
             "out_dir": str(out_dir), "gguf": str(gguf_path), "dtype": dtype,
             "model_type": saved.config.model_type, "num_hidden_layers": saved.config.num_hidden_layers,
-            "hidden_size": saved.config.hidden_size, "intermediate_size": getattr(saved.config, "intermediate_size", None),
+            "hidden_size": saved.config.hidden_size,
+            "intermediate_size": getattr(saved.config, "intermediate_size", None),
             "num_attention_heads": saved.config.num_attention_heads,
             "num_key_value_heads": getattr(saved.config, "num_key_value_heads", None),
             "vocab_size": saved.config.vocab_size, "len_tokenizer": len(saved_tok),

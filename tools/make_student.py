@@ -232,7 +232,8 @@ def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Pat
            f"data.eval_file={eval_file}", "data.eval_rouge_examples=0", f"output_dir={work}",
            f"train.max_steps={steps}", f"train.eval_every={eval_every}", f"train.save_every={eval_every}",
            "train.keep_best=true", "train.keep_last=1"]  # the healing's own settings win over ``overrides``
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
         raise MakeStudentError(f"healing failed: the training run in {work} exited non-zero (its log is above)")
     rows = [json.loads(line) for line in (work / "log_history.jsonl").read_text().splitlines()]

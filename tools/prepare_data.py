@@ -331,6 +331,7 @@ def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = Non
         "unique_prompts": len({q for q, _ in pairs}), "train": len(train), "eval": len(evals), "heal": len(heal),
         "train_prompts": len({q for q, _ in train}), "eval_prompts": len({q for q, _ in evals}),
     }
+    heal_note = f"; `heal.jsonl`: {len(heal)} rows ({num_heal} prompts, for healing a pruned student)" if heal else ""
     readme = f"""# Training data: {source}
 
 Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples {max_examples},
@@ -345,7 +346,7 @@ Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples
   {', '.join(f'{v} as {k}' for k, v in dropped.items())}: {counts['kept_pairs']} kept
   ({counts['unique_prompts']} distinct prompts).
 - `train.jsonl`: {counts['train']} rows ({counts['train_prompts']} prompts); `eval.jsonl`: {counts['eval']} rows
-  ({counts['eval_prompts']} prompts){f"; `heal.jsonl`: {len(heal)} rows ({num_heal} prompts, for healing a pruned student)" if heal else ""}.
+  ({counts['eval_prompts']} prompts){heal_note}.
   The split is by prompt: no prompt is in two files.
 
 {{FORMAT}}

@@ -215,7 +215,8 @@ def init_cell(args, preset: dict, data: dict[str, Path], out: Path) -> dict:
         with open(out / "logs" / "init.log", "a") as log:
             proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise SystemExit(f"reproduce: healing the student failed (exit {proc.returncode}); see {out / 'logs' / 'init.log'}")
+            raise SystemExit(f"reproduce: healing the student failed (exit {proc.returncode}); "
+                             f"see {out / 'logs' / 'init.log'}")
     return json.loads((student / "heal_report.json").read_text())
 
 
@@ -238,7 +239,8 @@ def train_cell(name: str, method: str, seed: int, args, preset: dict, out: Path)
     with open(out / "logs" / f"{name}.log", "a") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"reproduce: training {name} failed (exit {proc.returncode}); see {out / 'logs' / (name + '.log')}")
+        raise SystemExit(f"reproduce: training {name} failed (exit {proc.returncode}); "
+                         f"see {out / 'logs' / (name + '.log')}")
     return time.perf_counter() - clock
 
 
@@ -334,8 +336,8 @@ def verdict(data: dict) -> list[str]:
     worst = min(methods, key=lambda k: methods[k]["average"])
     spread = methods[best]["average"] - methods[worst]["average"]
     seeded = [v["average_std"] for v in methods.values() if len(v["seeds"]) > 1]
-    lines = [f"- best method: {best} ({methods[best]['average']:.2f}); worst: {worst} ({methods[worst]['average']:.2f}); "
-             f"spread {spread:.2f}"]
+    lines = [f"- best method: {best} ({methods[best]['average']:.2f}); "
+             f"worst: {worst} ({methods[worst]['average']:.2f}); spread {spread:.2f}"]
     if seeded:
         std = max(seeded)
         apart = spread > 3 * std
@@ -358,7 +360,10 @@ def cell_plan(args, preset: dict, methods: list[str], cells: dict) -> list[tuple
         first = [cells.get(c[0]) for c in plan]
         if any(c is None or "validation" not in c["eval"]["sets"] for c in first):
             return plan
-        methods = sorted(methods, key=lambda m: -cells[name(m, args.train_seeds[0])]["eval"]["sets"]["validation"]["rougeL"])[:top]
+        def validation(m):
+            return cells[name(m, args.train_seeds[0])]["eval"]["sets"]["validation"]["rougeL"]
+
+        methods = sorted(methods, key=lambda m: -validation(m))[:top]
     return plan + [(name(m, seed), m, seed) for seed in args.train_seeds[1:] for m in methods]
 
 
@@ -369,7 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--student", help="initial student directory (cpu-small: the demo student; the proof presets: "
                                      "the healed student, made when missing)")
     p.add_argument("--train-data", help="training data (cpu-small: the demo train split; proof presets: ShareGPT's)")
-    p.add_argument("--data-dir", help="proof presets: where their ShareGPT splits are written (default DEMO_DIR/sharegpt)")
+    p.add_argument("--data-dir",
+                   help="proof presets: where their ShareGPT splits are written (default DEMO_DIR/sharegpt)")
     p.add_argument("--eval-sets", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated evaluation files, instead of the preset's")
     p.add_argument("--prompt-format", choices=("chat", "as-is"), help="default: the preset's")
@@ -388,7 +394,8 @@ def main(argv=None) -> int:
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
     p.add_argument("--out", help="default: results (cpu-small, gpu-paper) or sweeps/<preset> (proof presets, "
                                  "whose cells/*.json are committed)")
-    p.add_argument("--mirror", help="also copy each finished cell and the table into this folder (a device call's $OUT)")
+    p.add_argument("--mirror",
+                   help="also copy each finished cell and the table into this folder (a device call's $OUT)")
     p.add_argument("overrides", nargs="*", help="more trainer key=value for every method")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -425,7 +432,8 @@ def main(argv=None) -> int:
         args.train_data = args.train_data or str(data["train"])
         args.validation = str(data["eval"])
         selection = "validation"
-        sets[selection] = validation_set(data["eval"], out / "eval_sets" / "validation.jsonl", preset["validation_rows"])
+        sets[selection] = validation_set(data["eval"], out / "eval_sets" / "validation.jsonl",
+                                         preset["validation_rows"])
     clock, cells = time.perf_counter(), {}
     while True:  # a second pass when the plan grows (the later seeds, once the first seed's cells are in)
         plan = cell_plan(args, preset, methods, cells)

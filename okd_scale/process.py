@@ -1,0 +1,111 @@
+"""The process: joining and leaving the process group, exiting with a status, and sums over ranks."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import ConfigError
+
+
+def free_port() -> int:
+    """A TCP port free on this host now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STALE_LOCK_S = 900  # DeepSpeed's just-in-time op builds take a minute or two; a lock this old is left over
+
+
+def check_build_locks(root: Optional[Path] = None, max_age_s: float = STALE_LOCK_S) -> None:
+    """Refuse to start when a torch extension build lock is older than ``max_age_s``: one left by a process
+    killed while DeepSpeed compiled an op just in time, which would make this run wait on it forever."""
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:  # the build ended meanwhile
+            continue
+        if age > max_age_s:
+            raise ConfigError(f"{lock}: a build lock of {age / 60:.0f} minutes, left by a process killed while it "
+                              f"compiled the DeepSpeed op {lock.parent.name!r}; every run would wait on it. If no "
+                              f"other process on this machine is building that op, remove the file and run again")
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
+    """Join (or create) the process group with the accelerator's backend; returns (rank, world_size, local_rank).
+
+    Under `deepspeed`, `torchrun` or srun with the torch variables set, the environment describes the group;
+    a plain `python` run becomes a group of one. ``timeout_s``: the collectives' own timeout (DeepSpeed's
+    default when None).
+    """
+    check_build_locks()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **kw)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def exit_distributed(code: int) -> None:
+    """Leave the process group (after a barrier when `code` is 0), flush and exit the process with `code`.
+
+    os._exit: with gloo, a thread can outlive the interpreter and abort it at normal exit."""
+    import sys
+
+    if torch.distributed.is_initialized():
+        try:
+            if code == 0:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_and_exit(fn: Callable, *args) -> None:
+    """Run `fn(*args)` as a process's whole job and exit through `exit_distributed`: with its int result
+    (None: 0), with a SystemExit's own status, or with 1 after printing the traceback of any other exception."""
+    import traceback
+
+    code = 1
+    try:
+        result = fn(*args)
+        code = 0 if result is None else int(result)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the hard exit below
+        traceback.print_exc()
+    finally:
+        exit_distributed(code)
+
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """`values` summed over every rank (float64), as a list."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
