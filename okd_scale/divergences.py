@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DIVERGENCES: tuple[str, ...] = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
-
 IGNORE_INDEX = -100
 
 Number = Union[float, int, Tensor]
@@ -41,20 +39,28 @@ Number = Union[float, int, Tensor]
 # --------------------------------------------------------------------------- validation
 
 
-def _check_name(name: str) -> None:
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+@dataclass(frozen=True)
+class DivergenceParams:
+    """The divergences' settings (loss.temperature, loss.js_beta, loss.skew_alpha, loss.akl_mu): the softmax
+    temperature of p and q, and each divergence's own parameter; checked when made."""
+
+    temperature: float = 1.0
+    beta: float = 0.5  # js: the weight of p in the mixture
+    alpha: float = 0.1  # skl, srkl: the skew
+    mu: float = 0.5  # akl: the head's probability mass
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
+        if not 0 < self.mu <= 1:
+            raise ValueError(f"mu must be in (0, 1], got {self.mu!r}")
 
 
-def _check_params(temperature: float, beta: float, alpha: float, mu: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0 < beta < 1:
-        raise ValueError(f"beta must be in (0, 1), got {beta!r}")
-    if not 0 <= alpha < 1:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
-    if not 0 < mu <= 1:
-        raise ValueError(f"mu must be in (0, 1], got {mu!r}")
+DEFAULT_PARAMS = DivergenceParams()
 
 
 def _check_chunk_size(chunk_size: Optional[int]) -> None:
@@ -131,39 +137,48 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(torch.where(dead, zero, x), torch.where(dead, zero, y))
 
 
-def _fkl(logp: Tensor, logq: Tensor) -> Tensor:
+def _fkl(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Forward KL: FKL(p, q) = KL(p || q) = sum_v p_v log(p_v / q_v)."""
     return _kl(logp, logq)
 
 
-def _rkl(logp: Tensor, logq: Tensor) -> Tensor:
+def _rkl(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Reverse KL: RKL(p, q) = KL(q || p) = sum_v q_v log(q_v / p_v)."""
     return _kl(logq, logp)
 
 
-def _js(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+def _js(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Generalised Jensen-Shannon: JS_beta = beta KL(p || m) + (1 - beta) KL(q || m),
     m = beta p + (1 - beta) q. Bounded by -beta log beta - (1 - beta) log(1 - beta) nats."""
+    beta = params.beta
     logm = _log_mix(logp, logq, beta)
     return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
 
 
-def _tvd(logp: Tensor, logq: Tensor) -> Tensor:
+def _tvd(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Total variation distance: TVD = 1/2 sum_v |p_v - q_v|, in [0, 1]."""
     return 0.5 * (logp.exp() - logq.exp()).abs().sum(dim=-1)
 
 
-def _skl(logp: Tensor, logq: Tensor, alpha: float) -> Tensor:
+def _skl(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Skew KL: SKL_alpha = KL(p || alpha p + (1 - alpha) q); alpha = 0 gives FKL."""
-    return _kl(logp, _log_mix(logp, logq, alpha))
+    return _kl(logp, _log_mix(logp, logq, params.alpha))
 
 
-def _srkl(logp: Tensor, logq: Tensor, alpha: float) -> Tensor:
+def _srkl(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Skew reverse KL: SRKL_alpha = KL(q || (1 - alpha) p + alpha q); alpha = 0 gives RKL."""
-    return _kl(logq, _log_mix(logp, logq, 1 - alpha))
+    return _kl(logq, _log_mix(logp, logq, 1 - params.alpha))
 
 
-def _akl(logp: Tensor, logq: Tensor, mu: float) -> Tensor:
+def _akl_mix(w_head: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+    return w_head * _kl(logp, logq) + (1 - w_head) * _kl(logq, logp)
+
+
+def _akl_weight(g_head: Tensor, g_total: Tensor) -> Tensor:
+    return torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1.0), 0.5)
+
+
+def _akl(logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """Adaptive KL (Wu et al. 2024, arXiv 2404.02657):
     AKL = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL, where the vocabulary
     is sorted by p descending, the head is the smallest prefix whose cumulative p reaches mu, and
@@ -183,34 +198,66 @@ def _akl(logp: Tensor, logq: Tensor, mu: float) -> Tensor:
         gap = (p_sorted - q.gather(-1, order)).abs()
         cum = p_sorted.cumsum(dim=-1)
         mass_before = F.pad(cum[..., :-1], (1, 0))  # mass of all tokens ranked above this one
-        head = mass_before < mu
-        g_head = (gap * head).sum(dim=-1)
-        g_total = gap.sum(dim=-1)
-        w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1.0), 0.5)
-    return w_head * _kl(logp, logq) + (1 - w_head) * _kl(logq, logp)
+        head = mass_before < params.mu
+        w_head = _akl_weight((gap * head).sum(dim=-1), gap.sum(dim=-1))
+    return _akl_mix(w_head, logp, logq)
 
 
-def _per_token(name: str, logp: Tensor, logq: Tensor, beta: float, alpha: float, mu: float) -> Tensor:
-    if name == "fkl":
-        return _fkl(logp, logq)
-    if name == "rkl":
-        return _rkl(logp, logq)
-    if name == "js":
-        return _js(logp, logq, beta)
-    if name == "tvd":
-        return _tvd(logp, logq)
-    if name == "skl":
-        return _skl(logp, logq, alpha)
-    if name == "srkl":
-        return _srkl(logp, logq, alpha)
-    if name == "akl":
-        return _akl(logp, logq, mu)
-    _check_name(name)
-    raise AssertionError(name)
+def _akl_sharded(logp: Tensor, logq: Tensor, params: DivergenceParams, start: int, vocab_size: int,
+                 group) -> Tensor:
+    """This rank's part of sum_tokens AKL from its vocabulary slices of log p and log q: the head/tail weights
+    from a global stable sort of the all-gathered detached p (as ``_akl``), the gaps summed per slice and
+    all-reduced."""
+    import torch.distributed as dist
+
+    from .sharded import all_gather_shards
+
+    with torch.no_grad():
+        p_full = all_gather_shards(logp, vocab_size, group).exp_()
+        p_sorted, order = p_full.sort(dim=-1, descending=True, stable=True)
+        mass_before = F.pad(p_sorted.cumsum(dim=-1)[..., :-1], (1, 0))
+        head_full = torch.zeros_like(p_full, dtype=torch.bool).scatter_(-1, order, mass_before < params.mu)
+        del p_full, p_sorted, order, mass_before
+        head = head_full[:, start:start + logp.shape[-1]]
+        gap = (logp.exp() - logq.exp()).abs()
+        gaps = torch.stack([(gap * head).sum(dim=-1), gap.sum(dim=-1)], dim=-1)
+        dist.all_reduce(gaps, group=group)
+        w_head = _akl_weight(*gaps.unbind(-1))
+    return _akl_mix(w_head, logp, logq).sum()
 
 
-def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.0,
-                     beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5) -> Tensor:
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence D(p || q) per token, from log p and log q over the vocabulary (the last dim)."""
+
+    per_token: Callable[[Tensor, Tensor, DivergenceParams], Tensor]
+    # over the vocabulary split across ranks (log p, log q: this rank's slices, normalised over the whole
+    # vocabulary): this rank's part of the sum over tokens (params, slice start, vocabulary size, group). None:
+    # D is a sum over the vocabulary of terms of (p_v, q_v), so per_token on the slices, summed, is that part
+    sharded: Optional[Callable[..., Tensor]] = None
+
+
+# the divergences, by the name loss.divergence and online.divergence take
+DIVERGENCES: dict[str, Divergence] = {
+    "fkl": Divergence(_fkl),
+    "rkl": Divergence(_rkl),
+    "js": Divergence(_js),
+    "tvd": Divergence(_tvd),
+    "skl": Divergence(_skl),
+    "srkl": Divergence(_srkl),
+    "akl": Divergence(_akl, sharded=_akl_sharded),
+}
+
+
+def divergence(name: str) -> Divergence:
+    """The registry's divergence `name`; ValueError naming the valid ones otherwise."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+    return DIVERGENCES[name]
+
+
+def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *,
+                     params: DivergenceParams = DEFAULT_PARAMS) -> Tensor:
     """Per-token divergence D(p || q), shape ``[...]`` for logits ``[..., V]``.
 
     p = softmax(p_logits / temperature), q = softmax(q_logits / temperature), over the last dim.
@@ -221,14 +268,14 @@ def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *, temperatu
       skl:  KL(p || alpha p + (1 - alpha) q)
       srkl: KL(q || (1 - alpha) p + alpha q)
       akl:  w_head FKL + w_tail RKL with head/tail gap weights (see ``_akl``; weights are constants)
-    Result dtype: float32 (float64 for float64 inputs). No temperature**2 factor.
+    with the temperature and parameters of ``params``. Result dtype: float32 (float64 for float64 inputs). No
+    temperature**2 factor.
     """
-    _check_name(name)
-    _check_params(temperature, beta, alpha, mu)
+    div = divergence(name)
     _check_pair(p_logits, q_logits)
-    logp = _log_probs(p_logits, temperature)
-    logq = _log_probs(q_logits, temperature)
-    return _per_token(name, logp, logq, beta, alpha, mu)
+    logp = _log_probs(p_logits, params.temperature)
+    logq = _log_probs(q_logits, params.temperature)
+    return div.per_token(logp, logq, params)
 
 
 # --------------------------------------------------------------------------- chunked sums
@@ -332,8 +379,7 @@ def _divide(value: Tensor, num_tokens: Number) -> Tensor:
 
 
 def divergence_sum(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional[Tensor] = None, *,
-                   temperature: float = 1.0, chunk_size: Optional[int] = None, beta: float = 0.5,
-                   alpha: float = 0.1, mu: float = 0.5) -> Tensor:
+                   params: DivergenceParams = DEFAULT_PARAMS, chunk_size: Optional[int] = None) -> Tensor:
     """Sum of the per-token divergence (see :func:`token_divergence`) over tokens where ``mask`` is
     nonzero (all tokens when mask is None); a scalar.
 
@@ -341,17 +387,16 @@ def divergence_sum(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional
     so only one chunk's float32 [chunk, V] intermediates are alive. Same values and gradients as
     ``chunk_size=None`` (up to float summation order).
     """
-    _check_name(name)
-    _check_params(temperature, beta, alpha, mu)
+    div = divergence(name)
     _check_chunk_size(chunk_size)
     _check_pair(p_logits, q_logits)
     vocab = p_logits.shape[-1]
     counted = _counted(p_logits.shape[:-1], mask)
 
     def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
-        logp = _log_probs(p_rows, temperature)
-        logq = _log_probs(q_rows, temperature)
-        return _per_token(name, logp, logq, beta, alpha, mu).sum()
+        logp = _log_probs(p_rows, params.temperature)
+        logq = _log_probs(q_rows, params.temperature)
+        return div.per_token(logp, logq, params).sum()
 
     return _row_sum(fn, [p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)], [], counted, chunk_size)
 
@@ -412,10 +457,9 @@ def _check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weig
 
 def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor, q_hidden: Tensor,
                                    q_weight: Tensor, mask: Optional[Tensor] = None, *,
-                                   chunk_size: Optional[int] = 1024, temperature: float = 1.0,
+                                   chunk_size: Optional[int] = 1024, params: DivergenceParams = DEFAULT_PARAMS,
                                    labels: Optional[Tensor] = None, ce_weight: float = 0.0,
-                                   div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                                   mu: float = 0.5, split: bool = False) -> Tensor:
+                                   div_weight: float = 1.0, split: bool = False) -> Tensor:
     """Sum over counted tokens of div_weight * D(p || q) + ce_weight * CE(q_logits, labels), where
     p_logits = p_hidden @ p_weight.T and q_logits = q_hidden @ q_weight.T ([..., H] hidden states,
     [V, H] lm_head weights; the two V must be equal). ``split=True`` returns the two terms as a [2]
@@ -428,8 +472,7 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
     applies to D only; CE uses the untempered q logits. Logits are formed in the inputs' dtype (as
     the lm_head would) and upcast to float32 per chunk.
     """
-    _check_name(name)
-    _check_params(temperature, beta, alpha, mu)
+    div = divergence(name)
     _check_chunk_size(chunk_size)
     if p_weight.shape[0] != q_weight.shape[0]:
         raise ValueError(f"vocab sizes differ: p_weight has V={p_weight.shape[0]}, q_weight has "
@@ -448,11 +491,11 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
         lab = rest[0] if use_ce else None
         p_w, q_w = rest[-2:]
         q_logits = q_h @ q_w.t()
-        logp = _log_probs(p_h @ p_w.t(), temperature)
-        logq = _log_probs(q_logits, temperature)
-        div = div_weight * _per_token(name, logp, logq, beta, alpha, mu).sum()
-        ce = ce_weight * _ce_rows(q_logits, lab) if use_ce else div.new_zeros(())
-        return torch.stack([div, ce]) if split else div + ce
+        logp = _log_probs(p_h @ p_w.t(), params.temperature)
+        logq = _log_probs(q_logits, params.temperature)
+        d = div_weight * div.per_token(logp, logq, params).sum()
+        ce = ce_weight * _ce_rows(q_logits, lab) if use_ce else d.new_zeros(())
+        return torch.stack([d, ce]) if split else d + ce
 
     return _row_sum(fn, rows, [p_weight, q_weight], counted, chunk_size)
 
@@ -476,11 +519,12 @@ class Mix:
 TERMS: tuple[str, ...] = ("kd", "ce", "kd_t", "ce_t", "entropy_t", "entropy_s", "top1_t")
 
 
-def online_divergence(online: Mix, logp: Tensor, logq: Tensor, **params) -> Tensor:
+def online_divergence(online: Mix, logp: Tensor, logq: Tensor, params: DivergenceParams) -> Tensor:
     """The online loss's per-token divergence from teacher (logp, differentiable) and student (logq) log-probs."""
+    per_token = divergence(online.name).per_token
     if online.joint:
-        return _per_token(online.name, logp, logq.detach(), **params)
-    return _per_token(online.name, logq.detach(), logp, **params)
+        return per_token(logp, logq.detach(), params)
+    return per_token(logq.detach(), logp, params)
 
 
 def entropy(logp: Tensor) -> Tensor:
@@ -520,8 +564,7 @@ class _KnownGrad(torch.autograd.Function):
 
 def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], s_hidden: Tensor, s_weight: Tensor,
                         labels: Tensor, *, student: Mix, online: Optional[Mix] = None, chunk_size: int = 1024,
-                        temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                        mu: float = 0.5) -> tuple[Tensor, Optional[Tensor], Tensor]:
+                        params: DivergenceParams = DEFAULT_PARAMS) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """The student's and the online module's losses over the rows of [N, H] hidden states, every row counted:
 
         LS = student.div_weight * sum D(pT || pS) + student.ce_weight * sum CE(zS, y)     (pT a constant)
@@ -538,15 +581,14 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
     values and kept for backward, which only scales them: nothing is recomputed (one [chunk, V] set of
     intermediates alive at a time; the row gradients and a float32 lm_head gradient kept until backward).
     """
-    teacher = t_hidden is not None
-    _check_name(student.name)
+    teacher, temperature = t_hidden is not None, params.temperature
+    student_div = divergence(student.name)
     if online is not None:
-        _check_name(online.name)
+        divergence(online.name)
         if not teacher:
             raise ValueError("an online loss needs the teacher's hidden states")
         if student.target_t != 1:
             raise ValueError("an online loss with an interpolated target (student.target_t < 1) is not defined")
-    _check_params(temperature, beta, alpha, mu)
     _check_chunk_size(chunk_size)
     if teacher:
         _check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
@@ -556,7 +598,6 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
     if labels.shape != s_hidden.shape[:-1] or s_hidden.dim() != 2:
         raise ValueError(f"expected s_hidden [N, H] and labels [N], got {tuple(s_hidden.shape)} and "
                          f"{tuple(labels.shape)}")
-    kw = dict(beta=beta, alpha=alpha, mu=mu)
 
     def log_probs_and_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logz = _log_probs(z, temperature)
@@ -572,10 +613,10 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
         if teacher:
             zt = ht @ wt.t()
             logp = _log_probs(interpolated_target(zt, zs, student.target_t), temperature)
-            kd = _per_token(student.name, logp.detach(), logq, **kw).sum()
+            kd = student_div.per_token(logp.detach(), logq, params).sum()
             ls = ls + student.div_weight * kd
             if online is not None:
-                kd_t = online_divergence(online, logp, logq, **kw).sum()
+                kd_t = online_divergence(online, logp, logq, params).sum()
                 ce_t = F.nll_loss(logp, y, reduction="sum") if temperature == 1 else _ce_rows(zt, y)
                 lt = online.ce_weight * ce_t + online.div_weight * kd_t
             with torch.no_grad():

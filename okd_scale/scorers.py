@@ -30,16 +30,16 @@ from . import engines, models, sharded
 from .config import ConfigError, RunConfig
 from .data import IGNORE_INDEX
 from .methods import method_of
-from .divergences import (TERMS, Mix, ce_sum, chunked_divergence_from_hidden, distill_from_hidden, divergence_sum,
-                          entropy_sum, interpolated_target)
+from .divergences import (TERMS, DivergenceParams, Mix, ce_sum, chunked_divergence_from_hidden, distill_from_hidden,
+                          divergence_sum, entropy_sum, interpolated_target)
 
 log = logging.getLogger("okd_scale")
 
 
-def _params(cfg: RunConfig) -> dict:
+def divergence_params(cfg: RunConfig) -> DivergenceParams:
+    """The divergences' settings of the run (loss.*)."""
     lo = cfg.loss
-    return dict(temperature=lo.temperature, chunk_size=lo.chunk_size, beta=lo.js_beta, alpha=lo.skew_alpha,
-                mu=lo.akl_mu)
+    return DivergenceParams(temperature=lo.temperature, beta=lo.js_beta, alpha=lo.skew_alpha, mu=lo.akl_mu)
 
 
 def _mixed(terms: dict, student: Mix, online: Optional[Mix]) -> tuple:
@@ -94,7 +94,7 @@ class HiddenScorer:
     def losses(self, zt, zs, y, student: Mix, online: Optional[Mix] = None, *, timer=None) -> tuple:
         wt = self.teacher_head.adapted(grad=online is not None)
         ls, lt, terms = distill_from_hidden(zt, wt, zs, self.student_head(), y, student=student, online=online,
-                                            **_params(self.cfg))
+                                            chunk_size=self.cfg.loss.chunk_size, params=divergence_params(self.cfg))
         return ls, lt, dict(zip(TERMS, terms))
 
     def drift(self, zt0, zt) -> torch.Tensor:
@@ -114,8 +114,8 @@ class LogitsScorer:
     log_scale: float = 1.0
 
     def losses(self, zt, zs, y, student: Mix, online: Optional[Mix] = None, *, timer=None) -> tuple:
-        kw = _params(self.cfg)
-        chunk = kw["chunk_size"]
+        params, chunk = divergence_params(self.cfg), self.cfg.loss.chunk_size
+        kw = dict(params=params, chunk_size=chunk)
         zero = zs.new_zeros((), dtype=torch.float32)
         terms = dict.fromkeys(TERMS, zero)
         terms["ce"] = ce_sum(zs, y, chunk_size=chunk)
@@ -126,9 +126,9 @@ class LogitsScorer:
                 p, q = (zt, zs.detach()) if online.joint else (zs.detach(), zt)
                 terms["kd_t"] = divergence_sum(online.name, p, q, **kw)
                 terms["ce_t"] = ce_sum(zt, y, chunk_size=chunk)
-            terms["entropy_t"] = entropy_sum(target.detach(), temperature=kw["temperature"], chunk_size=chunk)
+            terms["entropy_t"] = entropy_sum(target.detach(), temperature=params.temperature, chunk_size=chunk)
             terms["top1_t"] = (zt.detach().argmax(-1) == y).sum().float()
-        terms["entropy_s"] = entropy_sum(zs.detach(), temperature=kw["temperature"], chunk_size=chunk)
+        terms["entropy_s"] = entropy_sum(zs.detach(), temperature=params.temperature, chunk_size=chunk)
         return _mixed(terms, student, online)
 
     def drift(self, zt0, zt) -> torch.Tensor:
@@ -152,7 +152,7 @@ class ShardedScorer:
     def losses(self, zt, zs, y, student: Mix, online: Optional[Mix] = None, *, timer=None) -> tuple:
         from contextlib import nullcontext
 
-        kw, vocab, group = _params(self.cfg), self.vocab_size, self.group
+        params, chunk, vocab, group = divergence_params(self.cfg), self.cfg.loss.chunk_size, self.vocab_size, self.group
         start, end = self.vocab_slice
         s_head = self.student.module.get_output_embeddings().weight[start:end]
         t_head = self.teacher_head.adapted(grad=online is not None)
@@ -164,10 +164,10 @@ class ShardedScorer:
             raise ValueError("the vocab-sharded scorer has no interpolated (TAID) target")
         zero = zs.new_zeros((), dtype=torch.float32)
         terms = {"kd": zero, "kd_t": zero, "ce_t": zero}
-        common = dict(vocab_size=vocab, group=group, **kw)
+        common = dict(vocab_size=vocab, group=group, params=params, chunk_size=chunk)
         if zt is None:
             terms["ce"] = sharded.sharded_ce_from_hidden(zs, s_head, y, vocab_size=vocab, group=group,
-                                                         chunk_size=kw["chunk_size"])
+                                                         chunk_size=chunk)
         else:
             terms["kd"], terms["ce"] = sharded.sharded_divergence_from_hidden(
                 student.name, zt.detach(), t_head.detach(), zs, s_head, labels=y, ce_weight=1.0, split=True, **common)
@@ -175,12 +175,12 @@ class ShardedScorer:
             terms["kd_t"] = sharded.sharded_divergence_from_hidden(online.name, zt, t_head, zs.detach(),
                                                                    s_head.detach(), **common)
             terms["ce_t"] = sharded.sharded_ce_from_hidden(zt, t_head, y, vocab_size=vocab, group=group,
-                                                           chunk_size=kw["chunk_size"])
+                                                           chunk_size=chunk)
         elif online is not None:
             terms["kd_t"], terms["ce_t"] = sharded.sharded_divergence_from_hidden(
                 online.name, zs.detach(), s_head.detach(), zt, t_head, labels=y, ce_weight=1.0, split=True, **common)
         keep = y != IGNORE_INDEX  # not the rows that pad the gathered ones
-        stats = dict(vocab_size=vocab, group=group, temperature=kw["temperature"], chunk_size=kw["chunk_size"])
+        stats = dict(vocab_size=vocab, group=group, temperature=params.temperature, chunk_size=chunk)
         if zt is not None:
             terms["entropy_t"], terms["top1_t"] = sharded.sharded_entropy_top1(zt.detach()[keep], t_head.detach(),
                                                                                y[keep], **stats)

@@ -8,15 +8,16 @@ labels are the same on every rank of the group.
 Math (the Megatron-LM vocab-parallel cross-entropy idea, applied to every divergence of
 :mod:`okd_scale.divergences`): per token, all-reduce the max logit (MAX) and the sum of
 ``exp((x - max) / T)`` (SUM) to get the global log-sum-exp, so each rank has the exact
-``log softmax(x / T)`` on its own slice. Every divergence there except AKL is a sum over the
-vocabulary of elementwise terms (see ``divergences._per_token``), so each rank sums its slice and
-one all-reduce gives the full value. The backward of log-softmax,
+``log softmax(x / T)`` on its own slice. A divergence of the registry ``divergences.DIVERGENCES`` is a sum
+over the vocabulary of elementwise terms unless it declares its own sharded form, so each rank sums its
+slice and one all-reduce gives the full value; a new divergence needs no edit here. The backward of log-softmax,
 ``dx_v = (g_v - p_v * sum_u g_u) / T``, needs only one more all-reduce of ``sum_u g_u`` per token:
 values and gradients equal the dense computation (up to float summation order).
 
-AKL needs a global sort of p to find the head (the smallest prefix of p, sorted descending, reaching
-mu): it all-gathers the detached log p with :func:`all_gather_shards` (so a [tokens, V] buffer per
-chunk exists on every rank, for the weights only); the gaps and both KL terms stay sharded.
+AKL (its sharded form is in the registry) needs a global sort of p to find the head (the smallest prefix of
+p, sorted descending, reaching mu): it all-gathers the detached log p with :func:`all_gather_shards` (so a
+[tokens, V] buffer per chunk exists on every rank, for the weights only); the gaps and both KL terms stay
+sharded.
 
 Autograd contract (as in tensor parallelism): the result is replicated; every rank calls backward on
 it with the same upstream gradient, and the gradient a rank gets is the one for its own shard.
@@ -36,24 +37,22 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from okd_scale.divergences import (
+    DEFAULT_PARAMS,
     IGNORE_INDEX,
+    DivergenceParams,
     _check_chunk_size,
     _check_hidden_inputs,
-    _check_name,
     _check_pair,
-    _check_params,
     _counted,
-    _kl,
-    _per_token,
     _row_sum,
     _upcast,
     ce_from_hidden,
     ce_sum,
     chunked_divergence_from_hidden,
+    divergence,
     divergence_sum,
 )
 
@@ -238,29 +237,13 @@ def copy_to_group(*tensors: Tensor, group=None) -> tuple[Tensor, ...]:
 # --------------------------------------------------------------------------- per-chunk sums (local part)
 
 
-def _akl_local(logp: Tensor, logq: Tensor, mu: float, start: int, vocab_size: int, group) -> Tensor:
-    """This rank's part of sum_tokens AKL (see ``divergences._akl``): the head/tail weights from a
-    global stable sort of the all-gathered detached p, the gaps summed per shard and all-reduced."""
-    with torch.no_grad():
-        p_full = all_gather_shards(logp, vocab_size, group).exp_()
-        p_sorted, order = p_full.sort(dim=-1, descending=True, stable=True)
-        mass_before = F.pad(p_sorted.cumsum(dim=-1)[..., :-1], (1, 0))  # as divergences._akl
-        head_full = torch.zeros_like(p_full, dtype=torch.bool).scatter_(-1, order, mass_before < mu)
-        del p_full, p_sorted, order, mass_before
-        head = head_full[:, start:start + logp.shape[-1]]
-        gap = (logp.exp() - logq.exp()).abs()
-        gaps = torch.stack([(gap * head).sum(dim=-1), gap.sum(dim=-1)], dim=-1)
-        dist.all_reduce(gaps, group=group)
-        g_head, g_total = gaps.unbind(-1)
-        w_head = torch.where(g_total > 0, g_head / torch.where(g_total > 0, g_total, 1.0), 0.5)
-    return (w_head * _kl(logp, logq) + (1 - w_head) * _kl(logq, logp)).sum()
-
-
-def _local_divergence(name, logp, logq, *, beta, alpha, mu, start, vocab_size, group) -> Tensor:
+def _local_divergence(name: str, logp: Tensor, logq: Tensor, params: DivergenceParams, start: int,
+                      vocab_size: int, group) -> Tensor:
     """This rank's part of sum_tokens D(p || q) from its slices of log p and log q."""
-    if name == "akl":
-        return _akl_local(logp, logq, mu, start, vocab_size, group)
-    return _per_token(name, logp, logq, beta, alpha, mu).sum()
+    div = divergence(name)
+    if div.sharded is not None:
+        return div.sharded(logp, logq, params, start, vocab_size, group)
+    return div.per_token(logp, logq, params).sum()
 
 
 def _local_ce(logp: Tensor, labels: Tensor, start: int) -> Tensor:
@@ -287,8 +270,8 @@ def _check_labels(labels: Tensor, counted: Optional[Tensor], vocab_size: int) ->
 
 
 def sharded_divergence_sum(name: str, p_shard: Tensor, q_shard: Tensor, mask: Optional[Tensor] = None, *,
-                           vocab_size: int, group=None, temperature: float = 1.0, beta: float = 0.5,
-                           alpha: float = 0.1, mu: float = 0.5, chunk_size: Optional[int] = None) -> Tensor:
+                           vocab_size: int, group=None, params: DivergenceParams = DEFAULT_PARAMS,
+                           chunk_size: Optional[int] = None) -> Tensor:
     """``divergences.divergence_sum`` over the full vocabulary, from this rank's slices [..., end-start]
     of the p and q logits: sum over counted tokens (mask nonzero; all when None) of D(p || q), the
     same scalar on every rank. Gradients reach both shards (unless detached).
@@ -296,20 +279,18 @@ def sharded_divergence_sum(name: str, p_shard: Tensor, q_shard: Tensor, mask: Op
     ``chunk_size``: as in ``divergence_sum``, that many counted tokens at a time, recomputed in
     backward (so only one chunk's [chunk, end-start] float32 intermediates are alive).
     """
-    _check_name(name)
-    _check_params(temperature, beta, alpha, mu)
+    divergence(name)
     _check_chunk_size(chunk_size)
     _check_pair(p_shard, q_shard)
-    params = dict(beta=beta, alpha=alpha, mu=mu)
     start, _ = _my_range(vocab_size, group, p_shard.shape[-1])
     if _rank_world(group)[1] == 1:
-        return divergence_sum(name, p_shard, q_shard, mask, temperature=temperature, chunk_size=chunk_size,
-                              **params)
+        return divergence_sum(name, p_shard, q_shard, mask, params=params, chunk_size=chunk_size)
     counted = _counted(p_shard.shape[:-1], mask)
+    temperature = params.temperature
 
     def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
         logp, logq = _VocabParallelLogSoftmax.apply((temperature, temperature), group, p_rows, q_rows)
-        local = _local_divergence(name, logp, logq, start=start, vocab_size=vocab_size, group=group, **params)
+        local = _local_divergence(name, logp, logq, params, start, vocab_size, group)
         return _AllReduceSum.apply(local, group)
 
     width = p_shard.shape[-1]
@@ -338,10 +319,9 @@ def sharded_ce_sum(logits_shard: Tensor, labels: Tensor, mask: Optional[Tensor] 
 
 def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: Tensor, q_hidden: Tensor,
                                    q_weight_shard: Tensor, mask: Optional[Tensor] = None, *, vocab_size: int,
-                                   group=None, chunk_size: Optional[int] = 1024, temperature: float = 1.0,
-                                   labels: Optional[Tensor] = None, ce_weight: float = 0.0,
-                                   div_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                                   mu: float = 0.5, split: bool = False) -> Tensor:
+                                   group=None, chunk_size: Optional[int] = 1024,
+                                   params: DivergenceParams = DEFAULT_PARAMS, labels: Optional[Tensor] = None,
+                                   ce_weight: float = 0.0, div_weight: float = 1.0, split: bool = False) -> Tensor:
     """``divergences.chunked_divergence_from_hidden`` with a vocab-sharded lm_head: the hidden states
     [..., H] are replicated, each rank holds rows [start, end) of each lm_head weight ([end-start, H]).
 
@@ -350,17 +330,15 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
     hidden states are summed over the group (every rank gets the full, replicated gradient); each
     weight shard gets its own gradient. With world size 1 this is ``chunked_divergence_from_hidden``.
     """
-    _check_name(name)
-    _check_params(temperature, beta, alpha, mu)
+    divergence(name)
     _check_chunk_size(chunk_size)
-    params = dict(beta=beta, alpha=alpha, mu=mu)
     start, _ = _my_range(vocab_size, group, p_weight_shard.shape[0])
     if q_weight_shard.shape[0] != p_weight_shard.shape[0]:
         raise ValueError(f"weight shards differ in rows: p {p_weight_shard.shape[0]}, q {q_weight_shard.shape[0]}")
     if _rank_world(group)[1] == 1:
         return chunked_divergence_from_hidden(name, p_hidden, p_weight_shard, q_hidden, q_weight_shard, mask,
-                                              chunk_size=chunk_size, temperature=temperature, labels=labels,
-                                              ce_weight=ce_weight, div_weight=div_weight, split=split, **params)
+                                              chunk_size=chunk_size, params=params, labels=labels,
+                                              ce_weight=ce_weight, div_weight=div_weight, split=split)
     _check_hidden_inputs(p_hidden, p_weight_shard, q_hidden, q_weight_shard, labels, ce_weight,
                          weight_name="weight_shard", rows="end - start")
     use_ce = ce_weight != 0
@@ -378,14 +356,13 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
         p_w, q_w = rest[-2:]
         p_h, q_h = copy_to_group(p_h, q_h, group=group)
         q_logits = q_h @ q_w.t()
-        shards, temps = [p_h @ p_w.t(), q_logits], [temperature, temperature]
+        shards, temps = [p_h @ p_w.t(), q_logits], [params.temperature, params.temperature]
         if use_ce:  # CE uses the untempered q logits: one more slice through the same collectives
             shards.append(q_logits)
             temps.append(1.0)
         logs = _VocabParallelLogSoftmax.apply(tuple(temps), group, *shards)
         del shards, q_logits  # the logits slices are not needed past the log-softmax
-        div = div_weight * _local_divergence(name, logs[0], logs[1], start=start, vocab_size=vocab_size,
-                                             group=group, **params)
+        div = div_weight * _local_divergence(name, logs[0], logs[1], params, start, vocab_size, group)
         ce = ce_weight * _local_ce(logs[2], rest[0], start) if use_ce else div.new_zeros(())
         return _AllReduceSum.apply(torch.stack([div, ce]) if split else div + ce, group)
 

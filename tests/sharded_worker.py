@@ -12,9 +12,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from okd_scale.divergences import DivergenceParams  # noqa: E402
 from okd_scale.process import run_and_exit  # noqa: E402
 
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values
+
+
+def tp(temperature: float) -> DivergenceParams:
+    """The divergences' settings of these tests at ``temperature``."""
+    return DivergenceParams(temperature=temperature, **PARAMS)
+
+
+P = DivergenceParams(**PARAMS)
 SPLIT_WEIGHTS = (0.4, 0.9)  # how the "hidden_split" cases weight their [divergence, CE] terms
 DP_ROWS = [(0, 7), (7, 10)]  # the "dp_rows" cases: rank r owns these of the 10 flattened token rows
 
@@ -67,15 +76,15 @@ def run_case(case: dict, group=None) -> dict:
         leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
         value = sharded.sharded_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
-            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=0.7,
-            div_weight=1.3, **PARAMS)
+            chunk_size=case.get("chunk"), labels=x["labels"], ce_weight=0.7,
+            div_weight=1.3, params=tp(case["temperature"]))
     elif kind == "hidden_split":  # the two terms as a vector, weighted by the caller
         leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
         leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
         terms = sharded.sharded_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], vocab_size=vocab,
-            chunk_size=case.get("chunk"), temperature=case["temperature"], labels=x["labels"], ce_weight=1.0,
-            split=True, **PARAMS)
+            chunk_size=case.get("chunk"), labels=x["labels"], ce_weight=1.0,
+            split=True, params=tp(case["temperature"]))
         value = SPLIT_WEIGHTS[0] * terms[0] + SPLIT_WEIGHTS[1] * terms[1]
         extra["terms"] = terms.detach()
     elif kind == "ce_hidden":
@@ -91,14 +100,14 @@ def run_case(case: dict, group=None) -> dict:
                                              pad_values=(0, 0, -100))
         value = sharded.sharded_divergence_from_hidden(
             case["name"], ph, leaves["pw"], qh, leaves["qw"], vocab_size=vocab, chunk_size=case.get("chunk"),
-            temperature=case["temperature"], labels=labels, ce_weight=0.7, div_weight=1.3, **PARAMS)
+            labels=labels, ce_weight=0.7, div_weight=1.3, params=tp(case["temperature"]))
     elif kind == "logits_from_hidden":  # logits shards from replicated hidden states: copy_to_group
         leaves = {"ph": x["ph"], "qh": x["qh"], "pw": x["pw"][start:end], "qw": x["qw"][start:end]}
         leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
         ph, qh = sharded.copy_to_group(leaves["ph"], leaves["qh"])
         value = sharded.sharded_divergence_sum(case["name"], ph @ leaves["pw"].t(), qh @ leaves["qw"].t(), x["mask"],
-                                               vocab_size=vocab, temperature=case["temperature"],
-                                               chunk_size=case.get("chunk"), **PARAMS)
+                                               vocab_size=vocab, chunk_size=case.get("chunk"),
+                                               params=tp(case["temperature"]))
     elif kind == "ce":
         leaves = {"q": sharded.shard_logits(x["q"]).clone().requires_grad_()}
         value = sharded.sharded_ce_sum(leaves["q"], x["labels"], x["mask"], vocab_size=vocab,
@@ -106,8 +115,8 @@ def run_case(case: dict, group=None) -> dict:
     else:
         leaves = {k: sharded.shard_logits(x[k]).clone().requires_grad_() for k in ("p", "q")}
         value = sharded.sharded_divergence_sum(case["name"], leaves["p"], leaves["q"], x["mask"], vocab_size=vocab,
-                                               temperature=case["temperature"], chunk_size=case.get("chunk"),
-                                               **PARAMS)
+                                               chunk_size=case.get("chunk"),
+                                               params=tp(case["temperature"]))
     value.backward()
     return {"value": value.detach(), **extra, **{f"grad_{k}": v.grad for k, v in leaves.items()}}
 
@@ -117,6 +126,10 @@ def _work(rank: int, world: int, port: int, out_dir: str, cases: list) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    from okd_scale.divergences import DIVERGENCES
+    import tiny
+
+    DIVERGENCES["hellinger"] = tiny.hellinger_divergence()  # this process's own registry: the toy divergence
     torch.save([run_case(case) for case in cases], Path(out_dir) / f"rank{rank}.pt")
 
 

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_leaves
 
 from okd_scale.divergences import (
     DIVERGENCES,
+    DivergenceParams,
     ce_from_hidden,
     ce_loss,
     ce_sum,
@@ -20,6 +21,14 @@ from okd_scale.divergences import (
 )
 
 PARAMS = dict(beta=0.3, alpha=0.2, mu=0.6)  # non-default values, so defaults cannot hide bugs
+
+
+def tp(temperature: float) -> DivergenceParams:
+    """The divergences' settings of these tests at ``temperature``."""
+    return DivergenceParams(temperature=temperature, **PARAMS)
+
+
+P = DivergenceParams(**PARAMS)
 
 
 # --------------------------------------------------------------------------- float64 reference
@@ -96,7 +105,7 @@ CASES = [  # (shape, masked, temperature)
 @pytest.mark.parametrize("shape,masked,temperature", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_float64_reference(name, shape, masked, temperature, dtype, device):
-    g = torch.Generator().manual_seed(100 * DIVERGENCES.index(name) + shape[-1])
+    g = torch.Generator().manual_seed(100 * list(DIVERGENCES).index(name) + shape[-1])
     pl = (torch.randn(shape, generator=g) * 3).to(device, dtype)
     ql = (torch.randn(shape, generator=g) * 3).to(device, dtype)
     mask = (torch.rand(shape[:-1], generator=g) > 0.4).to(device) if masked else None
@@ -105,7 +114,7 @@ def test_matches_float64_reference(name, shape, masked, temperature, dtype, devi
 
     # per-token values and gradients w.r.t. both logits
     v, (gp, gq) = value_and_grads(
-        lambda a, b: (token_divergence(name, a, b, temperature=temperature, **PARAMS) * up.to(dtype)).sum(), pl, ql)
+        lambda a, b: (token_divergence(name, a, b, params=tp(temperature)) * up.to(dtype)).sum(), pl, ql)
     rv, (rgp, rgq) = value_and_grads(
         lambda a, b: (ref_divergence(name, a, b, temperature, **PARAMS) * up).sum(), pl.double(), ql.double())
     close(v, rv, **tol)
@@ -115,7 +124,7 @@ def test_matches_float64_reference(name, shape, masked, temperature, dtype, devi
     # masked sum
     keep = torch.ones(shape[:-1], dtype=torch.bool, device=device) if mask is None else mask
     v, (gp, gq) = value_and_grads(
-        lambda a, b: divergence_sum(name, a, b, mask, temperature=temperature, **PARAMS), pl, ql)
+        lambda a, b: divergence_sum(name, a, b, mask, params=tp(temperature)), pl, ql)
     rv, (rgp, rgq) = value_and_grads(
         lambda a, b: ref_divergence(name, a, b, temperature, **PARAMS)[keep].sum(), pl.double(), ql.double())
     close(v, rv, **tol)
@@ -130,10 +139,10 @@ def test_gradcheck(name, device):
     pl = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
     ql = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: token_divergence(name, a, b, temperature=1.3, **PARAMS), (pl, ql))
+        lambda a, b: token_divergence(name, a, b, params=tp(1.3)), (pl, ql))
     mask = torch.tensor([True, False, True], device=device)
     assert torch.autograd.gradcheck(
-        lambda a, b: divergence_sum(name, a, b, mask, temperature=0.8, chunk_size=1, **PARAMS), (pl, ql))
+        lambda a, b: divergence_sum(name, a, b, mask, chunk_size=1, params=tp(0.8)), (pl, ql))
 
 
 def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl(device):
@@ -148,7 +157,7 @@ def test_akl_gradient_is_fixed_weight_mixture_of_fkl_and_rkl(device):
     def frozen(a, b):
         return (w * token_divergence("fkl", a, b) + (1 - w) * token_divergence("rkl", a, b)).sum()
 
-    _, (gp, gq) = value_and_grads(lambda a, b: token_divergence("akl", a, b, **PARAMS).sum(), pl, ql)
+    _, (gp, gq) = value_and_grads(lambda a, b: token_divergence("akl", a, b, params=P).sum(), pl, ql)
     eps = 1e-6
     for x, grad, which in ((pl, gp, 0), (ql, gq, 1)):
         d = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
@@ -163,14 +172,15 @@ def test_akl_head_is_smallest_prefix_reaching_mu(device):
     p = torch.tensor([0.40, 0.35, 0.25], dtype=torch.float64, device=device)
     q = torch.tensor([0.20, 0.50, 0.30], dtype=torch.float64, device=device)
     # mu=0.5: head = {0.40, 0.35} (mass before 0.35 is 0.40 < 0.5); g_head=0.35, g_tail=0.05
-    akl = token_divergence("akl", p.log(), q.log(), mu=0.5)
+    akl = token_divergence("akl", p.log(), q.log(), params=DivergenceParams(mu=0.5))
     fkl = token_divergence("fkl", p.log(), q.log())
     rkl = token_divergence("rkl", p.log(), q.log())
     close(akl, 0.875 * fkl + 0.125 * rkl, rtol=1e-12, atol=1e-12)
     # mu=0.3: head = {0.40} only -> w = 0.2 / 0.4
-    close(token_divergence("akl", p.log(), q.log(), mu=0.3), 0.5 * fkl + 0.5 * rkl, rtol=1e-12, atol=1e-12)
+    close(token_divergence("akl", p.log(), q.log(), params=DivergenceParams(mu=0.3)), 0.5 * fkl + 0.5 * rkl,
+          rtol=1e-12, atol=1e-12)
     # mu=1: every token is in the head -> pure FKL
-    close(token_divergence("akl", p.log(), q.log(), mu=1.0), fkl, rtol=1e-12, atol=1e-12)
+    close(token_divergence("akl", p.log(), q.log(), params=DivergenceParams(mu=1.0)), fkl, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- extreme inputs
@@ -178,7 +188,7 @@ def test_akl_head_is_smallest_prefix_reaching_mu(device):
 
 def check_finite_and_reference(name, pl, ql, temperature, rtol=1e-4, atol=1e-4):
     v, (gp, gq) = value_and_grads(
-        lambda a, b: token_divergence(name, a, b, temperature=temperature, **PARAMS).sum(), pl, ql)
+        lambda a, b: token_divergence(name, a, b, params=tp(temperature)).sum(), pl, ql)
     assert torch.isfinite(v), (name, v)
     assert torch.isfinite(gp).all() and torch.isfinite(gq).all(), name
     rv, (rgp, rgq) = value_and_grads(
@@ -211,7 +221,8 @@ def test_logits_near_float32_limit(name, device):
     pl = torch.zeros(2, 20, device=device)
     pl[:, 0], pl[:, 1] = 3e38, -3e38
     ql = torch.randn(2, 20, generator=torch.Generator().manual_seed(4)).to(device)
-    v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, temperature=0.5).sum(), pl, ql)
+    cold = DivergenceParams(temperature=0.5)
+    v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, params=cold).sum(), pl, ql)
     assert torch.isfinite(v) and torch.isfinite(gp).all() and torch.isfinite(gq).all()
 
 
@@ -228,7 +239,7 @@ def test_neg_inf_logits(name, device):
     mask = torch.tensor([[True, False, True, True], [False, True, True, True]], device=device)
     for chunk_size in (None, 3):
         v, (gp, gq) = value_and_grads(
-            lambda a, b: divergence_sum(name, a, b, mask, temperature=1.5, chunk_size=chunk_size, **PARAMS),
+            lambda a, b: divergence_sum(name, a, b, mask, chunk_size=chunk_size, params=tp(1.5)),
             pl, ql)
         assert torch.isfinite(v) and torch.isfinite(gp).all() and torch.isfinite(gq).all()
         assert (gp[..., pad] == 0).all() and (gq[..., pad] == 0).all()
@@ -271,7 +282,7 @@ def random_logits(*shape, seed=0, scale=3.0, device=None):
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_divergence_of_a_distribution_with_itself_is_zero(name, device):
     x = random_logits(5, 80, seed=7, device=device)
-    v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, **PARAMS).sum(), x, x)
+    v, (gp, gq) = value_and_grads(lambda a, b: token_divergence(name, a, b, params=P).sum(), x, x)
     torch.testing.assert_close(v, torch.tensor(0.0, device=device), atol=1e-6, rtol=0)
     assert torch.isfinite(gp).all()
     torch.testing.assert_close(gq, torch.zeros_like(gq), atol=1e-6, rtol=0)  # q = p is a minimum
@@ -283,17 +294,18 @@ def test_nonnegative(name, device):
         pl, ql = random_logits(40, 50, seed=seed, scale=5.0, device=device), random_logits(40, 50, seed=seed + 10,
                                                                                          device=device)
         for temperature in (0.3, 1.0, 4.0):
-            assert (token_divergence(name, pl, ql, temperature=temperature, **PARAMS) >= -1e-6).all()
+            assert (token_divergence(name, pl, ql, params=tp(temperature)) >= -1e-6).all()
 
 
 def test_skew_at_alpha_zero_equals_plain_kl(device):
     pl, ql = random_logits(6, 70, seed=8, device=device), random_logits(6, 70, seed=9, device=device)
-    assert torch.equal(token_divergence("skl", pl, ql, alpha=0.0), token_divergence("fkl", pl, ql))
-    assert torch.equal(token_divergence("srkl", pl, ql, alpha=0.0), token_divergence("rkl", pl, ql))
+    unskewed = DivergenceParams(alpha=0.0)
+    assert torch.equal(token_divergence("skl", pl, ql, params=unskewed), token_divergence("fkl", pl, ql))
+    assert torch.equal(token_divergence("srkl", pl, ql, params=unskewed), token_divergence("rkl", pl, ql))
     # and the skew really changes the value for alpha > 0
-    assert (token_divergence("skl", pl, ql, alpha=0.3) < token_divergence("fkl", pl, ql)).all()
+    assert (token_divergence("skl", pl, ql, params=DivergenceParams(alpha=0.3)) < token_divergence("fkl", pl, ql)).all()
     # KL(p || a p + (1-a) q) <= log(1/a)
-    assert (token_divergence("skl", pl, ql * 50, alpha=0.3) <= -math.log(0.3) + 1e-6).all()
+    assert (token_divergence("skl", pl, ql * 50, params=DivergenceParams(alpha=0.3)) <= -math.log(0.3) + 1e-6).all()
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
@@ -301,13 +313,14 @@ def test_js_bounds(beta, device):
     bound = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
     pl, ql = random_logits(30, 40, seed=11, scale=8.0, device=device), random_logits(30, 40, seed=12, scale=8.0,
                                                                                      device=device)
-    js = token_divergence("js", pl, ql, beta=beta)
+    js = token_divergence("js", pl, ql, params=DivergenceParams(beta=beta))
     assert (js >= -1e-7).all() and (js <= bound + 1e-6).all()
     # disjoint supports reach the bound
     a = torch.full((1, 10), -math.inf, device=device)
     b = a.clone()
     a[0, 0], b[0, 1] = 0.0, 0.0
-    torch.testing.assert_close(token_divergence("js", a, b, beta=beta), torch.tensor([bound], device=device))
+    torch.testing.assert_close(token_divergence("js", a, b, params=DivergenceParams(beta=beta)),
+                               torch.tensor([bound], device=device))
 
 
 def test_tvd_bounds_and_akl_between_fkl_and_rkl(device):
@@ -333,10 +346,10 @@ def test_chunked_equals_dense(name, masked, device):
     mask = (random_logits(3, 9, seed=17, device=device) > 0) if masked else None
     n = int(mask.sum()) if masked else 27
     dense, (dgp, dgq) = value_and_grads(
-        lambda a, b: divergence_sum(name, a, b, mask, temperature=1.3, **PARAMS), pl, ql)
+        lambda a, b: divergence_sum(name, a, b, mask, params=tp(1.3)), pl, ql)
     for chunk_size in (1, 4, 7, n, 1000):  # 4 and 7 do not divide the count; 1000 > count
         v, (gp, gq) = value_and_grads(
-            lambda a, b: divergence_sum(name, a, b, mask, temperature=1.3, chunk_size=chunk_size, **PARAMS),
+            lambda a, b: divergence_sum(name, a, b, mask, chunk_size=chunk_size, params=tp(1.3)),
             pl, ql)
         close(v, dense, rtol=1e-6, atol=1e-6)
         close(gp, dgp, rtol=1e-6, atol=1e-8)
@@ -426,15 +439,15 @@ def test_hidden_path_equals_dense_logits(name, ce_weight, device):
 
     def dense(a, b, c, d):
         p_logits, q_logits = a @ b.T, c @ d.T
-        div = divergence_sum(name, p_logits, q_logits, counted, temperature=1.4, **PARAMS)
+        div = divergence_sum(name, p_logits, q_logits, counted, params=tp(1.4))
         return 0.5 * div + ce_weight * ce_sum(q_logits, labels, counted)
 
     ref, ref_grads = value_and_grads(dense, ph, pw, qh, qw)
     for chunk_size in (1, 5, 1000, None):
         v, grads = value_and_grads(
             lambda a, b, c, d: chunked_divergence_from_hidden(
-                name, a, b, c, d, mask, chunk_size=chunk_size, temperature=1.4, labels=labels,
-                ce_weight=ce_weight, div_weight=0.5, **PARAMS),
+                name, a, b, c, d, mask, chunk_size=chunk_size, labels=labels,
+                ce_weight=ce_weight, div_weight=0.5, params=tp(1.4)),
             ph, pw, qh, qw)
         close(v, ref, rtol=1e-10, atol=1e-12)
         for ours, theirs in zip(grads, ref_grads):
@@ -450,7 +463,8 @@ def test_hidden_path_without_labels_and_gradcheck(device):
     labels = torch.tensor([1, -100, 3, 0, 6], device=device)
     assert torch.autograd.gradcheck(
         lambda a, b, c, d: chunked_divergence_from_hidden(
-            "fkl", a, b, c, d, mask, chunk_size=2, temperature=0.9, labels=labels, ce_weight=0.3),
+            "fkl", a, b, c, d, mask, chunk_size=2, params=DivergenceParams(temperature=0.9), labels=labels,
+            ce_weight=0.3),
         ins)
 
 
@@ -482,9 +496,9 @@ def test_split_terms_are_the_weighted_divergence_and_ce(device):
     ph, pw, qh, qw, labels, mask = hidden_case(device=device)
     counted = mask & (labels != -100)
     terms = chunked_divergence_from_hidden("rkl", ph, pw, qh, qw, mask, chunk_size=3, labels=labels, ce_weight=0.25,
-                                           div_weight=2.0, split=True, **PARAMS)
+                                           div_weight=2.0, split=True, params=P)
     assert terms.shape == (2,)
-    close(terms[0], 2.0 * divergence_sum("rkl", ph @ pw.T, qh @ qw.T, counted, **PARAMS), rtol=1e-10, atol=1e-12)
+    close(terms[0], 2.0 * divergence_sum("rkl", ph @ pw.T, qh @ qw.T, counted, params=P), rtol=1e-10, atol=1e-12)
     close(terms[1], 0.25 * ce_sum(qh @ qw.T, labels, counted), rtol=1e-10, atol=1e-12)
 
 
@@ -502,16 +516,16 @@ def test_bf16_inputs(name, device):
     pl, ql = random_logits(2, 8, 96, seed=24, device=device), random_logits(2, 8, 96, seed=25, device=device)
     mask = random_logits(2, 8, seed=26, device=device) > -0.5
     pb, qb = pl.bfloat16(), ql.bfloat16()
-    v, (gp, gq) = value_and_grads(lambda a, b: divergence_sum(name, a, b, mask, chunk_size=5, **PARAMS), pb, qb)
+    v, (gp, gq) = value_and_grads(lambda a, b: divergence_sum(name, a, b, mask, chunk_size=5, params=P), pb, qb)
     assert v.dtype == torch.float32 and torch.isfinite(v)
     assert gp.dtype == torch.bfloat16 and torch.isfinite(gp).all() and torch.isfinite(gq).all()
     # same as float32 on the bf16-rounded logits ...
-    v32, (gp32, gq32) = value_and_grads(lambda a, b: divergence_sum(name, a, b, mask, **PARAMS), pb.float(), qb.float())
+    v32, (gp32, gq32) = value_and_grads(lambda a, b: divergence_sum(name, a, b, mask, params=P), pb.float(), qb.float())
     close(v, v32, rtol=1e-5, atol=1e-5)
     close(gp, gp32, rtol=1e-2, atol=1e-3)  # gradients are rounded to bf16
     close(gq, gq32, rtol=1e-2, atol=1e-3)
     # ... and close to float32 on the original logits
-    close(v, divergence_sum(name, pl, ql, mask, **PARAMS), rtol=3e-2, atol=3e-2)
+    close(v, divergence_sum(name, pl, ql, mask, params=P), rtol=3e-2, atol=3e-2)
 
 
 def test_divergence_loss_normalisation(device):
@@ -555,10 +569,13 @@ def test_bad_name_raises():
 def test_bad_parameter_raises(kwargs, match):
     x = random_logits(2, 5)
     with pytest.raises(ValueError, match=match):
-        divergence_sum("fkl", x, x, **kwargs)
+        if "chunk_size" in kwargs:
+            divergence_sum("fkl", x, x, **kwargs)
+        else:
+            divergence_sum("fkl", x, x, params=DivergenceParams(**kwargs))
     if "chunk_size" not in kwargs:
         with pytest.raises(ValueError, match=match):
-            token_divergence("fkl", x, x, **kwargs)
+            token_divergence("fkl", x, x, params=DivergenceParams(**kwargs))
 
 
 def test_shape_mismatches_raise():
@@ -569,3 +586,38 @@ def test_shape_mismatches_raise():
         divergence_sum("fkl", x, x, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="labels shape"):
         ce_sum(x, torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_a_new_divergence_is_a_function_and_a_registry_line(monkeypatch):
+    """A divergence registered at run time (tests/tiny.py: the squared Hellinger distance) runs through every
+    entry point with no other edit: dense, token-chunked, from hidden states, and the student/online losses,
+    each equal to a float64 reference (its vocab-sharded form: tests/test_sharded.py)."""
+    import tiny
+
+    from okd_scale.divergences import Mix, distill_from_hidden
+
+    monkeypatch.setitem(DIVERGENCES, "hellinger", tiny.hellinger_divergence())
+    g = torch.Generator().manual_seed(3)
+    ph, qh = (torch.randn(2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    pw, qw = (torch.randn(31, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 1]])
+    params = DivergenceParams(temperature=1.3)
+
+    def ref(a, b):  # per token, float64
+        p, q = torch.softmax(a.double() / 1.3, -1), torch.softmax(b.double() / 1.3, -1)
+        return 0.5 * (p.sqrt() - q.sqrt()).square().sum(-1)
+
+    pl, ql = ph @ pw.T, qh @ qw.T
+    want = ref(pl, ql)[mask.bool()].sum()
+    close(token_divergence("hellinger", pl, ql, params=params), ref(pl, ql), rtol=1e-12, atol=1e-12)
+    for chunk in (None, 4):
+        close(divergence_sum("hellinger", pl, ql, mask, params=params, chunk_size=chunk), want, rtol=1e-12, atol=1e-12)
+        close(chunked_divergence_from_hidden("hellinger", ph, pw, qh, qw, mask, params=params, chunk_size=chunk),
+              want, rtol=1e-12, atol=1e-12)
+    rows = mask.reshape(-1).bool()
+    labels = torch.randint(0, 31, (int(rows.sum()),), generator=g)
+    t_h, s_h = ph.reshape(-1, 8)[rows], qh.reshape(-1, 8)[rows]
+    ls, lt, terms = distill_from_hidden(t_h, pw, s_h, qw, labels, student=Mix("hellinger", 1.0, 0.0),
+                                        online=Mix("hellinger", 1.0, 0.0), chunk_size=3, params=params)
+    close(ls, want, rtol=1e-12, atol=1e-12)
+    close(lt, ref(s_h @ qw.T, t_h @ pw.T).sum(), rtol=1e-12, atol=1e-12)  # D_T(pS || pT)

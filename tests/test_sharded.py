@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from okd_scale import sharded
 from okd_scale.process import free_port
 from okd_scale.divergences import DIVERGENCES, ce_sum, chunked_divergence_from_hidden, divergence_sum
-from sharded_worker import DP_ROWS, PARAMS, SPLIT_WEIGHTS, case_inputs, run_case
+from sharded_worker import DP_ROWS, SPLIT_WEIGHTS, case_inputs, run_case, tp
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -50,6 +50,11 @@ def _cases() -> list[dict]:
                           seed=780 + len(cases)))
     cases.append(dict(kind="logits_from_hidden", name="srkl", vocab=257, masked=True, temperature=1.3, chunk=4,
                       hidden=True, seed=750))
+    # a divergence registered at run time (tests/tiny.py): sharded with no edit of okd_scale/sharded.py
+    cases.append(dict(kind="div", name="hellinger", vocab=101, masked=True, temperature=1.5, chunk=3, pad_from=90,
+                      seed=850))
+    cases.append(dict(kind="hidden", name="hellinger", vocab=257, masked=True, temperature=1.0, chunk=4, hidden=True,
+                      seed=851))
     cases.append(dict(kind="gather", vocab=101, seed=800))
     cases.append(dict(kind="gather", vocab=257, dtype=torch.float32, seed=801))
     return cases
@@ -61,6 +66,16 @@ CASES = _cases()
 def _case_id(case: dict) -> str:
     return "-".join(str(case[k]) for k in ("kind", "name", "vocab", "masked", "temperature", "chunk", "pad_from")
                     if case.get(k) is not None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_divergence():
+    """The toy divergence of tests/tiny.py in the registry while this module's tests run."""
+    import tiny
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(DIVERGENCES, "hellinger", tiny.hellinger_divergence())
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +95,16 @@ def _dense(case: dict) -> dict:
         leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
         value = chunked_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], chunk_size=None,
-            temperature=case["temperature"], labels=x["labels"], ce_weight=0.7, div_weight=1.3, **PARAMS)
+            labels=x["labels"], ce_weight=0.7, div_weight=1.3, params=tp(case["temperature"]))
     elif case["kind"] == "hidden_split":
         leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
         terms = chunked_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], x["mask"], chunk_size=None,
-            temperature=case["temperature"], labels=x["labels"], ce_weight=1.0, split=True, **PARAMS)
+            labels=x["labels"], ce_weight=1.0, split=True, params=tp(case["temperature"]))
         split_value = SPLIT_WEIGHTS[0] * terms[0] + SPLIT_WEIGHTS[1] * terms[1]
         summed = chunked_divergence_from_hidden(  # split=False with the same weights: the same number
             case["name"], x["ph"], x["pw"], x["qh"], x["qw"], x["mask"], chunk_size=2, div_weight=SPLIT_WEIGHTS[0],
-            temperature=case["temperature"], labels=x["labels"], ce_weight=SPLIT_WEIGHTS[1], **PARAMS)
+            labels=x["labels"], ce_weight=SPLIT_WEIGHTS[1], params=tp(case["temperature"]))
         torch.testing.assert_close(split_value, summed, rtol=1e-10, atol=0)
         split_value.backward()
         return {"value": split_value.detach(), "terms": terms.detach(),
@@ -101,18 +116,17 @@ def _dense(case: dict) -> dict:
         leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
         value = chunked_divergence_from_hidden(
             case["name"], leaves["ph"], leaves["pw"], leaves["qh"], leaves["qw"], chunk_size=None,
-            temperature=case["temperature"], labels=x["labels"], ce_weight=0.7, div_weight=1.3, **PARAMS)
+            labels=x["labels"], ce_weight=0.7, div_weight=1.3, params=tp(case["temperature"]))
     elif case["kind"] == "logits_from_hidden":
         leaves = {k: x[k].clone().requires_grad_() for k in ("ph", "pw", "qh", "qw")}
         value = divergence_sum(case["name"], leaves["ph"] @ leaves["pw"].t(), leaves["qh"] @ leaves["qw"].t(),
-                               x["mask"], temperature=case["temperature"], **PARAMS)
+                               x["mask"], params=tp(case["temperature"]))
     elif case["kind"] == "ce":
         leaves = {"q": x["q"].clone().requires_grad_()}
         value = ce_sum(leaves["q"], x["labels"], x["mask"])
     else:
         leaves = {k: x[k].clone().requires_grad_() for k in ("p", "q")}
-        value = divergence_sum(case["name"], leaves["p"], leaves["q"], x["mask"], temperature=case["temperature"],
-                               **PARAMS)
+        value = divergence_sum(case["name"], leaves["p"], leaves["q"], x["mask"], params=tp(case["temperature"]))
     value.backward()
     return {"value": value.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}}
 
@@ -173,7 +187,7 @@ def test_world_size_one_is_dense_exactly(name, device):
     case = dict(vocab=101, masked=True, seed=9, hidden=True)
     on_host = case_inputs(case)
     x = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in on_host.items()}
-    kw = dict(temperature=1.7, **PARAMS)
+    kw = dict(params=tp(1.7))
     assert torch.equal(sharded.shard_logits(x["p"]), x["p"])
     for chunk in (None, 3):
         got = sharded.sharded_divergence_sum(name, x["p"], x["q"], x["mask"], vocab_size=101, chunk_size=chunk, **kw)

@@ -549,21 +549,23 @@ def test_online_learning_rate_ratio_and_own_warmup(tmp_path, pair):
     assert [r["lr/student"] for r in history] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3)])  # after each step
 
 
-def test_a_new_method_is_a_step_function_and_a_registry_line(tmp_path, pair, monkeypatch):
-    """A method registered at run time (a step function and one registry line, nothing else) is accepted by the
-    config, gets a frozen teacher engine and trains: "toy", TVD alone from the frozen teacher, equals kd with
-    loss.divergence=tvd and loss.kd_ratio=1 (losses and student weights)."""
+def test_a_new_method_and_divergence_are_registry_lines(tmp_path, pair, monkeypatch):
+    """A method and a divergence registered at run time (a step function and a registry line for the method, a
+    function and a registry line for the divergence: nothing else) are accepted by the config and train: "toy",
+    the divergence alone from a frozen teacher, with loss.divergence=hellinger (tests/tiny.py), equals kd with
+    loss.kd_ratio=1 and the same divergence (losses and student weights)."""
     from dist_worker import run_and_dump
 
     from okd_scale import methods
     from okd_scale.config import load_config
-    from okd_scale.divergences import Mix
+    from okd_scale.divergences import DIVERGENCES, Mix
 
     def toy_step(batch, ctx):
-        return methods.student_step(batch, ctx, Mix("tvd", 1.0, 0.0))
+        return methods.student_step(batch, ctx, Mix(ctx.cfg.loss.divergence, 1.0, 0.0))
 
     monkeypatch.setitem(methods.METHODS, "toy", methods.Method(toy_step, teacher="frozen"))
-    settings = ["train.max_steps=2", "data.eval_file=null", "loss.divergence=tvd", "loss.kd_ratio=1"]
+    monkeypatch.setitem(DIVERGENCES, "hellinger", tiny.hellinger_divergence())
+    settings = ["train.max_steps=2", "data.eval_file=null", "loss.divergence=hellinger", "loss.kd_ratio=1"]
     for method in ("kd", "toy"):
         run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, "kd"),
                                  [f"method={method}", f"output_dir={tmp_path / method}", *settings]))

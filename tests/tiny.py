@@ -150,3 +150,16 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": "please " + sentence(rng, rng.randint(3, 8)),
                      "output": [out, sentence(rng, 5)] if i % 5 == 4 else out})
     return rows
+
+
+def hellinger(logp, logq, params):
+    """Squared Hellinger distance H^2(p, q) = 1/2 sum_v (sqrt(p_v) - sqrt(q_v))^2: the toy divergence the tests
+    register at run time, to show that a new divergence is one function and one registry line."""
+    return 0.5 * ((0.5 * logp).exp() - (0.5 * logq).exp()).square().sum(-1)
+
+
+def hellinger_divergence():
+    """The registry entry of ``hellinger`` (a sum over the vocabulary: its sharded form is derived)."""
+    from okd_scale.divergences import Divergence
+
+    return Divergence(hellinger)
