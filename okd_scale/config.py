@@ -353,12 +353,17 @@ def online_learning_rate(cfg: RunConfig) -> float:
 
 def validate(cfg: RunConfig, origin: str = "config") -> None:
     """Ranges, choices and paths; raises ConfigError naming the key."""
-    from .divergences import DIVERGENCES
-    from .methods import METHODS, ONLINE_OBJECTIVES
-    from .models import ONLINE_MODULES
+    from .methods import METHODS
 
     _check(cfg.method in METHODS, origin, "method", f"one of {', '.join(METHODS)}", cfg.method)
-    method = METHODS[cfg.method]
+    _check_ranges(cfg, origin)
+    _check_method_sections(cfg, origin)
+    _check_choices(cfg, origin)
+    _check_paths(cfg, origin)
+
+
+def _check_ranges(cfg: RunConfig, origin: str) -> None:
+    """The numbers of the train, data, loss and online sections."""
     t, lo, on = cfg.train, cfg.loss, cfg.online
     for key, v in [("train.max_steps", t.max_steps),
                    ("train.per_device_train_batch_size", t.per_device_train_batch_size),
@@ -396,7 +401,13 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
                    ("online.ce_weight", on.ce_weight), ("online.lora_alpha", on.lora_alpha)]:
         _check(v >= 0, origin, key, "a number >= 0", v)
     _check(0.0 <= lo.kd_ratio <= 1.0, origin, "loss.kd_ratio", "in [0, 1]", lo.kd_ratio)
-    sg, sq = cfg.sgo, cfg.seqkd
+
+
+def _check_method_sections(cfg: RunConfig, origin: str) -> None:
+    """The sgo, seqkd and taid sections, and what the method itself supports."""
+    from .methods import METHODS
+
+    sg, sq, lo = cfg.sgo, cfg.seqkd, cfg.loss
     _check(0.0 <= sg.lmbda <= 1.0, origin, "sgo.lambda", "in [0, 1]", sg.lmbda)
     for key, v in [("sgo.max_new_tokens", sg.max_new_tokens), ("seqkd.max_new_tokens", sq.max_new_tokens),
                    ("seqkd.batch_size", sq.batch_size)]:
@@ -412,8 +423,17 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(ta.t_start <= ta.t_end <= 1.0, origin, "taid.t_end", f"in [taid.t_start, 1] = [{ta.t_start}, 1]", ta.t_end)
     _check(0.0 <= ta.alpha <= 1.0, origin, "taid.alpha", "in [0, 1]", ta.alpha)
     _check(0.0 <= ta.beta < 1.0, origin, "taid.beta", "in [0, 1)", ta.beta)
-    _check(method.vocab_shards or lo.vocab_shards == 1, origin, "loss.vocab_shards",
+    _check(METHODS[cfg.method].vocab_shards or lo.vocab_shards == 1, origin, "loss.vocab_shards",
            f"1 for method {cfg.method} (its loss is not vocab-sharded yet)", lo.vocab_shards)
+
+
+def _check_choices(cfg: RunConfig, origin: str) -> None:
+    """The loss and online sections' parameters, and the names that must be in a registry or a list of choices."""
+    from .divergences import DIVERGENCES
+    from .methods import ONLINE_OBJECTIVES
+    from .models import ONLINE_MODULES
+
+    t, lo, on = cfg.train, cfg.loss, cfg.online
     _check(0.0 < lo.js_beta < 1.0, origin, "loss.js_beta", "in (0, 1)", lo.js_beta)
     _check(0.0 <= lo.skew_alpha < 1.0, origin, "loss.skew_alpha", "in [0, 1)", lo.skew_alpha)
     _check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)
@@ -437,8 +457,13 @@ def validate(cfg: RunConfig, origin: str = "config") -> None:
     _check(cfg.data.on_error in ("raise", "skip"), origin, "data.on_error", "raise or skip", cfg.data.on_error)
     _check(bool(cfg.output_dir), origin, "output_dir", "a directory path", cfg.output_dir)
 
+
+def _check_paths(cfg: RunConfig, origin: str) -> None:
+    """The models, data files and DeepSpeed configs exist."""
+    from .methods import METHODS
+
     _model_dir(cfg.model.student, "model.student", cfg.model.allow_hub, origin)
-    if method.needs_teacher:
+    if METHODS[cfg.method].needs_teacher:
         _model_dir(cfg.model.teacher, "model.teacher", cfg.model.allow_hub, origin)
     for key in ("train_file", "eval_file"):
         value = getattr(cfg.data, key)

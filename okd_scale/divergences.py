@@ -562,6 +562,32 @@ class _KnownGrad(torch.autograd.Function):
         return (None, None, *[None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads])
 
 
+def _log_probs_and_ce(z: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log softmax(z / temperature), sum of CE(z, y) untempered)."""
+    logz = _log_probs(z, temperature)
+    return logz, (F.nll_loss(logz, y, reduction="sum") if temperature == 1 else _ce_rows(z, y))
+
+
+def _check_distill_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, student: Mix, online: Optional[Mix],
+                          chunk_size) -> None:
+    """distill_from_hidden's arguments: shapes, vocabularies and which losses are defined."""
+    if online is not None:
+        divergence(online.name)
+        if t_hidden is None:
+            raise ValueError("an online loss needs the teacher's hidden states")
+        if student.target_t != 1:
+            raise ValueError("an online loss with an interpolated target (student.target_t < 1) is not defined")
+    _check_chunk_size(chunk_size)
+    if t_hidden is not None:
+        _check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
+        if t_weight.shape[0] != s_weight.shape[0]:
+            raise ValueError(f"vocab sizes differ: t_weight has V={t_weight.shape[0]}, s_weight has "
+                             f"V={s_weight.shape[0]}; align the vocabularies before calling")
+    if labels.shape != s_hidden.shape[:-1] or s_hidden.dim() != 2:
+        raise ValueError(f"expected s_hidden [N, H] and labels [N], got {tuple(s_hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+
+
 def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], s_hidden: Tensor, s_weight: Tensor,
                         labels: Tensor, *, student: Mix, online: Optional[Mix] = None, chunk_size: int = 1024,
                         params: DivergenceParams = DEFAULT_PARAMS) -> tuple[Tensor, Optional[Tensor], Tensor]:
@@ -583,30 +609,12 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
     """
     teacher, temperature = t_hidden is not None, params.temperature
     student_div = divergence(student.name)
-    if online is not None:
-        divergence(online.name)
-        if not teacher:
-            raise ValueError("an online loss needs the teacher's hidden states")
-        if student.target_t != 1:
-            raise ValueError("an online loss with an interpolated target (student.target_t < 1) is not defined")
-    _check_chunk_size(chunk_size)
-    if teacher:
-        _check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
-        if t_weight.shape[0] != s_weight.shape[0]:
-            raise ValueError(f"vocab sizes differ: t_weight has V={t_weight.shape[0]}, s_weight has "
-                             f"V={s_weight.shape[0]}; align the vocabularies before calling")
-    if labels.shape != s_hidden.shape[:-1] or s_hidden.dim() != 2:
-        raise ValueError(f"expected s_hidden [N, H] and labels [N], got {tuple(s_hidden.shape)} and "
-                         f"{tuple(labels.shape)}")
-
-    def log_probs_and_ce(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logz = _log_probs(z, temperature)
-        return logz, (F.nll_loss(logz, y, reduction="sum") if temperature == 1 else _ce_rows(z, y))
+    _check_distill_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, student, online, chunk_size)
 
     def fn(hs: Tensor, y: Tensor, *rest: Tensor) -> Tensor:
         ht, ws, wt = rest if teacher else (None, rest[0], None)
         zs = hs @ ws.t()
-        logq, ce_s = log_probs_and_ce(zs, y)
+        logq, ce_s = _log_probs_and_ce(zs, y, temperature)
         zero = ce_s.new_zeros(())
         kd = kd_t = ce_t = ent_t = top1 = zero
         ls, lt = student.ce_weight * ce_s, zero

@@ -155,10 +155,7 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # the same batches on every rank (ZeRO-3 is collective)
     starts = list(range(0, len(mine), batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    def part(r: int) -> Path:
-        return path.with_name(f".{path.name}.rank{r}.partial.jsonl")
-
-    partial = part(rank)
+    partial = _part_file(path, rank)
     header = {"meta": meta, "world": world, "rank": rank, "batch_size": batch_size}
     done = _read_partial(partial, header)
     first = 0
@@ -187,11 +184,25 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
             raise GenerationStopped(REQUEST.signal or "a signal on another rank", b + 1, len(starts))
     del teacher
     gc.collect()
+    ordered = _write_cache(path, prompts, tok, header, rank, world)
+    log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),
+             time.perf_counter() - clock, path)
+    return ordered, first
+
+
+def _part_file(path: Path, rank: int) -> Path:
+    """Where rank `rank` appends its batches of responses while it generates the cache `path`."""
+    return path.with_name(f".{path.name}.rank{rank}.partial.jsonl")
+
+
+def _write_cache(path: Path, prompts: list[list[int]], tok, header: dict, rank: int, world: int) -> list:
+    """Once every rank's part file is complete: the responses in prompt order, read from every part; rank 0
+    writes the cache and its fingerprint, each rank removes its part."""
     if world > 1:
         dist.barrier()  # every rank's part is complete
     responses: dict[int, list[int]] = {}
     for r in range(world):
-        for ids in _read_partial(part(r), {**header, "rank": r}).values():
+        for ids in _read_partial(_part_file(path, r), {**header, "rank": r}).values():
             responses.update(ids)
     ordered = [responses[i] for i in range(len(prompts))]
     if world > 1:
@@ -200,8 +211,6 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
         rows = [{"prompt": tok.decode(p), "output": tok.decode(r, skip_special_tokens=True), "prompt_ids": p,
                  "output_ids": r} for p, r in zip(prompts, ordered)]
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-        write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(meta, indent=1))
-    partial.unlink()
-    log.info("seqkd: generated %d teacher responses in %.1f s; cached in %s", len(prompts),
-             time.perf_counter() - clock, path)
-    return ordered, first
+        write_atomic(path.with_suffix(path.suffix + ".meta.json"), json.dumps(header["meta"], indent=1))
+    _part_file(path, rank).unlink()
+    return ordered
