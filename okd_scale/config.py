@@ -25,57 +25,70 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config key with its default and help (``--help`` and the README's key table print them), as the Hugging
+    Face argument dataclasses declare theirs."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArgs:
-    teacher: str = ""  # local Hugging Face model directory (needed by okd and kd)
-    student: str = ""  # local Hugging Face model directory
-    allow_hub: bool = False  # allow hub ids (downloads); off so a typo in a path is an error, not a download
-    trust_remote_code: bool = False
+    teacher: str = arg("", "local Hugging Face model directory of the teacher (methods with a teacher)")
+    student: str = arg("", "local Hugging Face model directory of the student")
+    allow_hub: bool = arg(False, "accept hub ids (downloads); off, so that a mistyped path is an error")
+    trust_remote_code: bool = arg(False, "run the models' own code from their directories")
 
 
 @dataclass
 class DataArgs:
-    train_file: str = ""  # .jsonl / .json / a datasets.save_to_disk directory
-    eval_file: Optional[str] = None
-    max_length: int = 512
-    on_error: str = "raise"  # raise | skip
-    eval_rouge_examples: int = 32  # eval_file rows scored with ROUGE-L of greedy generations (0: none)
-    eval_max_new_tokens: int = 64
+    train_file: str = arg("", "training data: .jsonl, .json or a datasets.save_to_disk directory (required)")
+    eval_file: Optional[str] = arg(None, "validation data, same formats (null: none)")
+    max_length: int = arg(512, "tokens per example, prompt and response")
+    on_error: str = arg("raise", "a malformed row: raise | skip")
+    eval_rouge_examples: int = arg(32, "validation rows whose greedy answers are scored with ROUGE-L at each "
+                                       "evaluation (0: none)")
+    eval_max_new_tokens: int = arg(64, "new tokens per greedy answer at evaluation")
 
 
 @dataclass
 class TrainArgs:
-    max_steps: int = 100  # optimizer steps
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 1
-    profile_phases: bool = False  # time each phase of a step, synchronising the accelerator at every phase edge
-    eval_every: int = 0  # evaluate on data.eval_file every N steps (0: only at the end)
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end and on a stop signal)
-    keep_last: int = 2  # checkpoints kept (0: all)
-    keep_best: bool = False  # also keep the checkpoint with the lowest validation loss (eval/student_ce)
-    max_bad_steps: int = 10  # stop after more than N consecutive steps skipped for non-finite loss or gradients
-    ddp_timeout: int = 1800  # seconds a rank may wait for the others before the one that died or hangs is named
+    max_steps: int = arg(100, "optimizer steps")
+    per_device_train_batch_size: int = arg(4, "sequences per rank per micro-step")
+    gradient_accumulation_steps: int = arg(1, "micro-steps per optimizer step")
+    learning_rate: float = arg(5e-5, "the student's peak learning rate")
+    weight_decay: float = arg(0.0, "the student's AdamW weight decay")
+    lr_scheduler_type: str = arg("cosine", "linear | cosine | constant | constant_with_warmup")
+    warmup_steps: int = arg(0, "the student's warm-up steps")
+    max_grad_norm: float = arg(1.0, "gradient clipping (0: off)")
+    bf16: bool = arg(False, "bf16 mixed precision")
+    gradient_checkpointing: bool = arg(False, "the student's activation checkpointing")
+    logging_steps: int = arg(1, "write TensorBoard scalars every N steps")
+    profile_phases: bool = arg(False, "time each phase of a step, synchronising the accelerator at every phase "
+                                      "edge")
+    eval_every: int = arg(0, "evaluate on data.eval_file every N steps (0: only at the end)")
+    save_every: int = arg(0, "checkpoint every N optimizer steps (0: only at the end and on a stop signal)")
+    keep_last: int = arg(2, "checkpoints kept (0: all)")
+    keep_best: bool = arg(False, "also keep the checkpoint with the lowest validation loss (needs eval_every a "
+                                 "multiple of save_every)")
+    max_bad_steps: int = arg(10, "stop after more than N consecutive steps skipped for non-finite losses or "
+                                 "gradients")
+    ddp_timeout: int = arg(1800, "seconds a rank waits for the others before the one that died or hangs is named")
 
 
 @dataclass
 class LossArgs:
-    divergence: str = "fkl"  # D in LS = kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE
-    kd_ratio: float = 0.5  # alpha of design.md section 2
-    temperature: float = 1.0
-    js_beta: float = 0.5
-    skew_alpha: float = 0.1
-    akl_mu: float = 0.5
-    chunk_size: int = 1024  # tokens per chunk of the divergence computation
-    from_hidden: bool = True  # losses from final hidden states and lm_head weights, logits one chunk at a time
-    vocab_shards: int = 1  # W > 1: each group of W ranks splits the vocabulary (needs from_hidden)
+    divergence: str = arg("fkl", "D in LS = kd_ratio D(pT || pS) + (1 - kd_ratio) CE: a name of "
+                                 "divergences.DIVERGENCES (fkl, rkl, js, tvd, skl, srkl, akl)")
+    kd_ratio: float = arg(0.5, "the weight of D in the student's loss, the rest on CE")
+    temperature: float = arg(1.0, "softmax temperature of both distributions in D (no T^2 factor)")
+    js_beta: float = arg(0.5, "js: the weight of p in the mixture")
+    skew_alpha: float = arg(0.1, "skl, srkl: the skew")
+    akl_mu: float = arg(0.5, "akl: the head's probability mass")
+    chunk_size: int = arg(1024, "tokens per chunk of the loss computation")
+    from_hidden: bool = arg(True, "losses from final hidden states and lm_head rows, logits one chunk at a time")
+    vocab_shards: int = arg(1, "W > 1: each group of W ranks splits the vocabulary (needs from_hidden)")
 
 
 @dataclass
@@ -94,21 +107,24 @@ class OnlineArgs:
                    the student's own distillation loss also trains the module (PESF-KD's form)
     """
 
-    placement: str = "blocks"  # blocks | head | temperature
-    objective: str = "decoupled"  # decoupled | joint
-    r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    num_blocks: Optional[int] = None  # k; default a quarter of the teacher's blocks, at least 1
-    target_modules: list = field(default_factory=lambda: list(LLAMA_TARGETS))
-    learning_rate: Union[float, str] = 1e-4  # or "ratio:R": R x train.learning_rate (PESF-KD's teacher lr is 0.2x)
-    warmup_steps: Optional[int] = None  # the module's warm-up steps (null: train.warmup_steps)
-    weight_decay: float = 0.0
-    update_every: int = 1  # update the online module every N optimizer steps
-    divergence: str = "fkl"  # D_T of the decoupled objective
-    divergence_weight: float = 1.0  # the weight on LT's divergence term
-    ce_weight: float = 1.0  # the weight on LT's CE(zT, y) term
-    drift_every: int = 10  # log teacher/drift = KL(original teacher || adapted teacher) every N steps (0: never)
+    placement: str = arg("blocks", "what the module is: blocks | head | temperature")
+    objective: str = arg("decoupled", "the module's loss LT: decoupled | joint")
+    r: int = arg(8, "the LoRA rank")
+    lora_alpha: int = arg(16, "the LoRA scale numerator (scale lora_alpha / r)")
+    lora_dropout: float = arg(0.0, "LoRA dropout")
+    num_blocks: Optional[int] = arg(None, "k, the teacher's last blocks that carry it (null: a quarter, at least "
+                                          "1)")
+    target_modules: list = arg(help="the modules of those blocks that get a LoRA", factory=lambda: list(LLAMA_TARGETS))
+    learning_rate: Union[float, str] = arg(1e-4, "the module's peak learning rate, or ratio:R (R x "
+                                                 "train.learning_rate); 0: the module stays as it starts")
+    warmup_steps: Optional[int] = arg(None, "the module's warm-up steps (null: train.warmup_steps)")
+    weight_decay: float = arg(0.0, "the module's AdamW weight decay")
+    update_every: int = arg(1, "update the module every N optimizer steps")
+    divergence: str = arg("fkl", "D_T of the decoupled objective")
+    divergence_weight: float = arg(1.0, "the weight on LT's divergence term")
+    ce_weight: float = arg(1.0, "the weight on LT's CE(zT, y) term")
+    drift_every: int = arg(10, "log teacher/drift = KL(original teacher || adapted teacher) every N steps (0: "
+                               "never)")
 
 
 @dataclass
@@ -116,10 +132,11 @@ class SGOArgs:
     """Student-generated outputs, GKD-style (method sgo): with probability `lambda` a step's responses are
     sampled from the current student, then scored by the teacher with loss.divergence."""
 
-    lmbda: float = 0.5  # config key sgo.lambda (TRL's GKDConfig calls it lmbda; both are accepted)
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    lmbda: float = arg(0.5, "the probability a step's responses are sampled from the student (config key "
+                            "sgo.lambda; TRL's GKDConfig calls it lmbda, both are accepted)")
+    max_new_tokens: int = arg(128, "new tokens per sampled response")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling's p")
 
 
 @dataclass
@@ -127,11 +144,11 @@ class TAIDArgs:
     """Temporally Adaptive Interpolated Distillation (method taid, Shing et al., ICLR 2025): the student learns
     KL(p_t || q_S) with p_t = softmax((1 - t) sg[z_S] + t z_T), t rising from t_start to t_end."""
 
-    t_start: float = 0.4
-    t_end: float = 1.0
-    alpha: float = 5e-4  # the adaptive step: t += alpha * sigmoid(momentum of the loss's relative fall) * (1 - t)
-    beta: float = 0.99  # the momentum's decay
-    adaptive: bool = True  # false: t follows the linear floor t_start + (t_end - t_start) * step / max_steps
+    t_start: float = arg(0.4, "t at step 0")
+    t_end: float = arg(1.0, "the largest t")
+    alpha: float = arg(5e-4, "the adaptive step: t += alpha sigmoid(momentum of the loss's relative fall) (1 - t)")
+    beta: float = arg(0.99, "the momentum's decay")
+    adaptive: bool = arg(True, "false: t follows the linear floor t_start + (t_end - t_start) step / max_steps")
 
 
 @dataclass
@@ -139,36 +156,35 @@ class SeqKDArgs:
     """Sequence-level KD (method seqkd): the teacher's responses to the training prompts, generated once
     before training and cached as jsonl; the student is then fine-tuned on them."""
 
-    cache_file: Optional[str] = None  # default: <output_dir>/seqkd/teacher_responses.jsonl
-    max_new_tokens: int = 128
-    do_sample: bool = False  # greedy by default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 8
-    # auto: a whole copy of the teacher per rank when it fits in half the device's free memory (one
-    # forward per token, no all-gathers), else the ZeRO-3 engine; copy | engine force one of them
-    generate_with: str = "auto"
+    cache_file: Optional[str] = arg(None, "the responses' cache (null: output_dir/seqkd/teacher_responses.jsonl)")
+    max_new_tokens: int = arg(128, "new tokens per response")
+    do_sample: bool = arg(False, "sample (false: greedy)")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling's p")
+    batch_size: int = arg(8, "prompts per generation batch")
+    generate_with: str = arg("auto", "auto: a whole copy of the teacher per rank when its weights fit in half the "
+                                     "free device memory, else the ZeRO-3 engine; copy | engine force one")
 
 
 @dataclass
 class DeepSpeedArgs:
-    # auto: by size (okd_scale/plan.py): a whole replica per rank, else ZeRO-3, else ZeRO-3 offloaded to CPU,
-    # else to NVMe; or a DeepSpeed JSON path
-    teacher_config: str = "auto"
-    student_config: str = "ds_configs/student_zero2.json"
-    nvme_path: Optional[str] = None  # a fast local disk for ZeRO-3 NVMe offload (teacher_config auto, or "auto" in
-    # a JSON)
-    teacher_overrides: dict = field(default_factory=dict)  # merged into the teacher's JSON
-    student_overrides: dict = field(default_factory=dict)
+    teacher_config: str = arg("auto", "auto: placed by its size (a whole replica per rank, else ZeRO-3, else "
+                                      "ZeRO-3 offloaded to CPU, else to NVMe); or a DeepSpeed JSON path")
+    student_config: str = arg("ds_configs/student_zero2.json", "the student's DeepSpeed JSON (student_zero2.json "
+                                                               "or student_zero3.json)")
+    nvme_path: Optional[str] = arg(None, "a fast local disk for ZeRO-3 NVMe offload (teacher_config auto, or "
+                                         "\"auto\" in a JSON)")
+    teacher_overrides: dict = arg(help="merged into the teacher's DeepSpeed JSON", factory=dict)
+    student_overrides: dict = arg(help="merged into the student's DeepSpeed JSON", factory=dict)
 
 
 @dataclass
 class RunConfig:
-    method: str = "okd"
-    seed: int = 42
-    output_dir: str = "runs/okd"
-    resume: str = "auto"  # auto: from output_dir/checkpoints/latest if any; none; or a checkpoint path
-    resume_ignore: list = field(default_factory=list)  # keys of checkpoint.RESUME_KEYS deliberately changed on resume
+    method: str = arg("okd", "a name of methods.METHODS: okd | kd | sft | seqkd | sgo | taid")
+    seed: int = arg(42, "the run's seed")
+    output_dir: str = arg("runs/okd", "checkpoints, logs, the exported student")
+    resume: str = arg("auto", "auto: from output_dir/checkpoints/latest if any; none; or a checkpoint path")
+    resume_ignore: list = arg(help="keys of the checkpoint's run config deliberately changed on resume", factory=list)
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -195,6 +211,29 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + f.name)
     return keys
+
+
+def key_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key as the config file spells it, its default as YAML, its help) for every key, in order."""
+    names = {v: k for k, v in _ALIASES.items()}
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += key_help(hint, prefix + f.name + ".")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        rows.append((prefix + names.get(f.name, f.name), shown, f.metadata.get("help", "")))
+    return rows
+
+
+def key_table() -> str:
+    """The README's table of every config key: its default and what it is."""
+    lines = ["| key | default | what it is |", "|---|---|---|"]
+    for key, default, help in key_help():
+        lines.append(f"| `{key}` | `{default}` | {help.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
 
 
 def _unknown(key: str, cls, origin: str) -> ConfigError:

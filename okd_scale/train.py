@@ -19,8 +19,22 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; resumable
 
 
+def keys_epilog() -> str:
+    """Every config key with its default and help, for --help."""
+    import textwrap
+
+    from okd_scale.config import key_help
+
+    lines = ["config keys (YAML, or key=value on the command line):"]
+    for key, default, help in key_help():
+        lines += textwrap.wrap(f"{key} (default {default}): {help}", width=110, initial_indent="  ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="okd_scale/train.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="okd_scale/train.py", description=__doc__.splitlines()[0],
+                                epilog=keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")

@@ -254,23 +254,31 @@ def test_cli_unusable_model_refused_before_training(tmp_path, assets, role, how,
 
 
 def test_readme_key_table_lists_every_key():
-    """The README's table of config keys names every key of the run config (sgo.lambda as its config-file name)."""
+    """The README's table of config keys names every key of the run config (sgo.lambda as its config-file name),
+    and is the table the config generates (every key's default and help)."""
     import re
 
-    from okd_scale.config import RunConfig, _all_keys
+    from okd_scale.config import RunConfig, _all_keys, key_table
 
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("| section | keys (defaults) |")
-    listed = {}
-    for line in readme[start:readme.index("\n\n", start)].splitlines()[2:]:
-        cells = re.split(r"(?<!\\)\|", line)
-        listed[cells[1].strip().strip("`")] = set(re.findall(r"`([a-z_0-9]+)`", cells[2]))
-    missing = []
-    for key in _all_keys(RunConfig):
-        section, name = key.split(".", 1) if "." in key else ("top level", key)
-        if {"lmbda": "lambda"}.get(name, name) not in listed.get(section, set()):
-            missing.append(key)
+    start = readme.index("| key | default | what it is |")
+    table = readme[start:readme.index("\n\n", start)]
+    listed = {re.split(r"(?<!\\)\|", line)[1].strip().strip("`") for line in table.splitlines()[2:]}
+    missing = [key for key in _all_keys(RunConfig) if key.replace("lmbda", "lambda") not in listed]
     assert missing == []
+    assert table == key_table()
+
+
+def test_help_prints_every_key_with_its_default():
+    """okd_scale/train.py --help lists every config key with its default and help."""
+    from okd_scale.config import key_help
+
+    proc = subprocess.run([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for key, default, help in key_help():
+        assert f"{key} (default {default}): {' '.join(help.split())}" in text, key
 
 
 def test_readme_layout_names_every_module_and_tool():
