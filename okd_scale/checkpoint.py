@@ -373,7 +373,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
                 run_config: str, keep_last: int) -> None:
     """Rank 0, once every rank wrote its part: the small files, the rename, `latest`, pruning."""
     (tmp / "run_config.yaml").write_text(run_config)
-    student.module.config.save_pretrained(str(tmp / "hf_student"))  # what convert_to_hf rebuilds it from
+    student.module.config.save_pretrained(str(tmp / "hf_student"))  # what okd_scale.convert rebuilds it from
     if getattr(student.module, "generation_config", None) is not None:
         student.module.generation_config.save_pretrained(str(tmp / "hf_student"))
     if tokenizer is not None:
@@ -570,7 +570,8 @@ def load_checkpoint(path: str | Path, student, teacher=None, *, world_size: int,
         raise CheckpointError(f"{path} was saved by {state.world_size} processes and this run has {world_size}; "
                               f"ZeRO partitions, data order and RNG states are per rank. Resume with "
                               f"{state.world_size} processes, or start a new run from its weights "
-                              f"(tools/convert_to_hf.py {path.parent} OUT --tag {path.name}, then model.student=OUT)")
+                              f"(python -m okd_scale.convert {path.parent} OUT --tag {path.name}, then "
+                              f"model.student=OUT)")
     if state.method != method:
         raise CheckpointError(f"{path} is a {state.method} checkpoint; this run's method is {method}")
     rng_file = path / f"rng_state_{_rank()}.pth"

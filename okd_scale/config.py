@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent  # holds the shipped DeepSpeed configs, ds_configs/
 _ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -345,11 +345,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def resolve_path(p: str) -> Path:
-    """A path as given if it exists, else relative to the repository (for the shipped ds_configs/)."""
+    """A path as given if it exists, else relative to the package (the shipped ds_configs/ in a pip install too)."""
     path = Path(p).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    alt = REPO_ROOT / p
+    alt = PACKAGE_DIR / p
     return alt if alt.exists() else path
 
 

@@ -620,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Per-GPU / per-node memory, the teacher's placement and the step-time "
                                 "floor of a distillation run (formulas: the docstring of okd_scale/plan.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = p.add_argument_group("a run config instead of the flags below (flags given as well win)")
+    c.add_argument("--config", help="a run config (okd_scale/train.py's YAML): models, method, lengths, batch, "
+                                    "dtype, the online module and the DeepSpeed configs come from it")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the run config, as for train.py")
     m = p.add_argument_group("models (a local Hugging Face directory / config.json, or a parameter count)")
     m.add_argument("--teacher", help="teacher model directory or config.json")
     m.add_argument("--teacher-params", type=POS_INT, help="teacher parameter count, e.g. 7e9")
@@ -692,9 +696,45 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     flash_attention=args.flash_attention, chunk_size=args.chunk_size)
 
 
+def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
+    """The flags' values that a run config gives (raises config.ConfigError naming the key)."""
+    import json
+
+    from .config import ConfigError, load_config, resolve_path
+    from .methods import METHODS
+
+    cfg = load_config(path, list(overrides))
+    if METHODS[cfg.method].teacher == "none":
+        raise ConfigError(f'{path}: "method" {cfg.method} trains without a teacher engine: nothing to place')
+    t, ds = cfg.train, cfg.deepspeed
+
+    def zero(ds_path: str, offload: str) -> tuple[int, str]:
+        section = json.loads(resolve_path(ds_path).read_text()).get("zero_optimization", {})
+        return int(section.get("stage", 0)), section.get(offload, {}).get("device", "none")
+
+    student_zero, student_offload = zero(ds.student_config, "offload_optimizer")
+    out = dict(teacher=cfg.model.teacher, student=cfg.model.student, method=cfg.method, seq_len=cfg.data.max_length,
+               micro_batch=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+               dtype="bf16" if t.bf16 else "fp32", activation_checkpointing=t.gradient_checkpointing,
+               chunk_size=cfg.loss.chunk_size, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
+               nvme_path=ds.nvme_path, student_zero=student_zero,
+               student_offload="cpu" if student_offload == "cpu" else "none")
+    if ds.teacher_config != "auto":
+        out["teacher_zero"], out["teacher_offload"] = zero(ds.teacher_config, "offload_param")
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config or args.overrides:
+        from .config import ConfigError
+
+        try:
+            parser.set_defaults(**defaults_from_config(args.config, args.overrides))
+        except ConfigError as e:
+            parser.error(str(e))
+        args = parser.parse_args(argv)
     teacher = _shape(parser, args.teacher, args.teacher_params, "teacher", args.vocab_size)
     student = _shape(parser, args.student, args.student_params, "student", args.vocab_size)
     settings = settings_from_args(args)

@@ -288,3 +288,29 @@ def test_readme_layout_names_every_module_and_tool():
     files = [p.name for p in sorted((ROOT / "okd_scale").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
              if p.name != "__init__.py"]
     assert [f for f in files if f not in layout] == []
+
+
+def test_shipped_ds_configs_resolve_inside_the_package(tmp_path, monkeypatch):
+    """The default DeepSpeed configs resolve from any working directory: they ship inside the package."""
+    from okd_scale.config import PACKAGE_DIR, RunConfig, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in (RunConfig().deepspeed.student_config, "ds_configs/teacher_zero3.json"):
+        path = resolve_path(name)
+        assert path.is_file() and path.parent == PACKAGE_DIR / "ds_configs"
+
+
+def test_okd_command_dispatches_to_each_module():
+    """`okd` (python -m okd_scale.cli) runs train, evaluate, convert and plan's own command lines."""
+    def okd(*args):
+        return subprocess.run([sys.executable, "-m", "okd_scale.cli", *args], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+
+    proc = okd("--help")
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("train", "evaluate", "convert", "plan"))
+    for command, flag in (("train", "--config"), ("evaluate", "--model"), ("convert", "--merge-online-module"),
+                          ("plan", "--teacher-params")):
+        proc = okd(command, "--help")
+        assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
+    proc = okd("distill")
+    assert proc.returncode == 2 and "unknown command 'distill'" in proc.stderr

@@ -314,3 +314,30 @@ def test_config_without_hidden_size(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--teacher" in err and "hidden_size" in err
+
+
+def test_cli_reads_a_run_config(tmp_path, pair, capsys):
+    """--config run.yaml [key=value]: the plan of the run that config describes, the same as the flags it stands for;
+    a method without a teacher engine is refused naming the key."""
+    import yaml
+
+    cfg = {"method": "okd", "output_dir": str(tmp_path / "out"),
+           "model": {"teacher": str(pair / "teacher"), "student": str(pair / "student")},
+           "data": {"train_file": str(pair / "train.jsonl"), "max_length": 64},
+           "train": {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "bf16": True},
+           "online": {"num_blocks": 2, "r": 4}, "loss": {"chunk_size": 16},
+           "deepspeed": {"teacher_config": "ds_configs/teacher_zero3_offload.json",
+                         "student_config": "ds_configs/student_zero3.json"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cluster = ["--nodes", "1", "--gpus-per-node", "2"]
+    assert plan.main(["--config", str(path), "train.gradient_accumulation_steps=4", *cluster]) == 0
+    from_config = capsys.readouterr().out
+    flags = ["--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "--method", "okd",
+             "--seq-len", "64", "--micro-batch", "3", "--grad-accum", "4", "--dtype", "bf16", "--chunk-size", "16",
+             "--online-blocks", "2", "--lora-r", "4", "--teacher-zero", "3", "--teacher-offload", "cpu",
+             "--student-zero", "3", *cluster]
+    assert plan.main(flags) == 0
+    assert from_config == capsys.readouterr().out
+    res = _cli("--config", str(path), "method=sft")
+    assert res.returncode == 2 and '"method" sft trains without a teacher engine' in res.stderr

@@ -326,7 +326,7 @@ def teacher_config(cfg_dir: Path, base: dict, teacher: Path, student: Path, data
                             "deepspeed.teacher_config=auto"])
         return "auto", "deepspeed.teacher_config=auto (okd_scale.plan's placement: a whole replica where it fits)"
     except ConfigError:
-        path = ROOT / "ds_configs" / "teacher_replica.json"
+        path = ROOT / "okd_scale" / "ds_configs" / "teacher_replica.json"
         return str(path), f"{path.relative_to(ROOT)} (a whole replica; this run config takes no `auto`)"
 
 

@@ -208,9 +208,7 @@ def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Pat
     """Train the student at ``student_dir`` with okd_scale (``method``: kd with forward KL, or sft) and write
     the checkpoint with the lowest validation loss on ``eval_file`` to ``out_dir`` (a Hugging Face directory);
     returns the report also written to out_dir/heal_report.json."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from convert_to_hf import convert
-
+    from okd_scale.convert import convert
     from okd_scale.evaluate import load_model, validation_ce
 
     if method not in HEAL_METHODS:

@@ -1,0 +1,256 @@
+"""A checkpoint of a run -> a Hugging Face model directory, checked by its logits.
+
+    python -m okd_scale.convert CHECKPOINT_DIR OUT_DIR [--tag T] [--model student|teacher]
+        [--dtype bf16|fp16|fp32] [--merge-online-module] [--max-shard-size 5GB] [--overwrite]
+
+CHECKPOINT_DIR is a run's `output_dir/checkpoints` (or the `output_dir` itself); `--tag` picks a tag
+(`global_step<N>`, default the one `latest` names). ZeRO-2 and ZeRO-3 checkpoints of any world size are
+consolidated with DeepSpeed's own utility (`deepspeed.utils.zero_to_fp32`), so the world size it was
+saved with is not needed.
+
+- `--model student` (default): OUT_DIR gets config.json, generation_config.json, the tokenizer files
+  (with the chat template) and safetensors weights, sharded with an index above `--max-shard-size`;
+  tied embeddings stay tied. The trainer's final export writes the same way (`checkpoint.write_hf`).
+- `--model teacher` (okd runs): the teacher base (from the run's `model.teacher` directory) with the
+  checkpoint's online module, either as a PEFT adapter in OUT_DIR/online_module next to the base in
+  OUT_DIR, or merged into the base weights with `--merge-online-module`.
+
+Then OUT_DIR is loaded back with `AutoModelForCausalLM.from_pretrained` (offline) and its logits on a
+probe batch are compared with the checkpoint's model (in `--dtype`); the maximum absolute difference is
+printed and the command fails (exit 1) above the dtype's tolerance, relative to the largest logit:
+fp32 1e-5 (1e-4 merged), fp16 1e-2, bf16 5e-2. Exit 2: an incomplete checkpoint, a tag that does not
+exist, a non-empty OUT_DIR without `--overwrite`, a teacher base that is gone; the message says which.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}
+MERGED_FP32_TOLERANCE = 1e-4
+
+
+class ConvertError(ValueError):
+    """The checkpoint or the output directory cannot be used as asked."""
+
+
+def resolve_tag(checkpoint_dir: Path, tag: str | None) -> Path:
+    """The tag directory: `tag`, or the one `latest` names, under CHECKPOINT_DIR (or its checkpoints/)."""
+    from okd_scale.checkpoint import CHECKPOINTS, LATEST
+
+    root = checkpoint_dir / CHECKPOINTS if (checkpoint_dir / CHECKPOINTS).is_dir() else checkpoint_dir
+    if not root.is_dir():
+        raise ConvertError(f"{checkpoint_dir}: no such checkpoint directory")
+    tags = sorted((p.name for p in root.glob("global_step*") if p.is_dir()),
+                  key=lambda name: int(name[len("global_step"):]))
+    if tag is None:
+        if not (root / LATEST).is_file():
+            raise ConvertError(f"{root}: no `{LATEST}` file; pass --tag (tags here: {', '.join(tags) or 'none'})")
+        tag = (root / LATEST).read_text().strip()
+    if tag not in tags:
+        raise ConvertError(f"--tag {tag}: no such tag in {root} (tags here: {', '.join(tags) or 'none'})")
+    return root / tag
+
+
+def check_complete(path: Path, part: str) -> None:
+    """Every rank's ZeRO shard of `part` is there (the world size comes from trainer_state.json)."""
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise ConvertError(f"{path}: incomplete checkpoint (no trainer_state.json)")
+    world = json.loads(state_file.read_text())["world_size"]
+    if not (path / part).is_dir():
+        raise ConvertError(f"{path / part}: missing; this checkpoint has no {part} "
+                           f"({'only okd runs save the online module' if part == 'teacher' else 'incomplete'})")
+    found = {int(m.group(1)) for p in (path / part).iterdir()
+             if (m := re.fullmatch(r".*zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt", p.name))}
+    missing = sorted(set(range(world)) - found)
+    if missing:
+        raise ConvertError(f"{path / part}: incomplete checkpoint: saved by {world} ranks, but the optimizer-state "
+                           f"shard of rank(s) {', '.join(map(str, missing))} is missing "
+                           f"(*zero_pp_rank_<r>_mp_rank_00_optim_states.pt)")
+
+
+def consolidated(path: Path, part: str, exclude_frozen: bool = False) -> dict:
+    """fp32 state dict of `part` from its ZeRO shards (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from okd_scale.checkpoint import CheckpointError, safe_loads, verify_manifest
+
+    try:
+        verify_manifest(path)
+        with safe_loads(path / part):
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=part,
+                                                            exclude_frozen_parameters=exclude_frozen)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _load_into(model, state: dict, what: str, only: str | None = None) -> None:
+    """Load `state` into `model`, refusing anything missing (other than tied weights) or unexpected."""
+    result = model.load_state_dict(state, strict=False)
+    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} \
+        if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied and (only is None or only in k)]
+    if missing or result.unexpected_keys:
+        raise ConvertError(f"{what}: the checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+
+
+def student_model(path: Path):
+    """(the checkpoint's student in fp32, its tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hf = path / "hf_student"
+    if not (hf / "config.json").is_file():
+        raise ConvertError(f"{hf}: missing (a checkpoint written before convert_to_hf existed, or incomplete)")
+    config = AutoConfig.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _load_into(model, consolidated(path, "student"), str(path / "student"))
+    model.generation_config = _generation_config(hf, model.generation_config)
+    model.tie_weights()
+    return model.eval(), AutoTokenizer.from_pretrained(str(hf))
+
+
+def _generation_config(hf: Path, default):
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(str(hf)) if (hf / "generation_config.json").is_file() else default
+
+
+def teacher_model(path: Path):
+    """(the teacher base with the checkpoint's online module, as a PEFT model in fp32, its tokenizer)."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = Path(yaml.safe_load((path / "run_config.yaml").read_text())["model"]["teacher"])
+    if not (base_dir / "config.json").is_file():
+        raise ConvertError(f"the run's teacher base {base_dir} (model.teacher in {path / 'run_config.yaml'}) is gone; "
+                           "the checkpoint holds only the online module")
+    if not (path / "hf_teacher" / "adapter_config.json").is_file():
+        raise ConvertError(f"{path}: the online module is a learned temperature (online.placement=temperature), "
+                           "which changes no weights; the teacher is model.teacher as it was, and the run's "
+                           "online_module/online_config.json holds the temperature")
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig.from_pretrained(str(path / "hf_teacher")))
+    _load_into(model, consolidated(path, "teacher", exclude_frozen=True), str(path / "teacher"), only="lora_")
+    return model.eval(), AutoTokenizer.from_pretrained(str(base_dir))
+
+
+def untied_head(model):
+    """The PEFT model, its lm_head given its own copy of the weights when they are tied to the input embeddings
+    and the online module is on the lm_head (online.placement=head): merging must not change the embeddings."""
+    import torch
+
+    base, head = model.get_base_model(), model.get_base_model().get_output_embeddings()
+    if getattr(base.config, "tie_word_embeddings", False) and hasattr(head, "base_layer"):
+        head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+    return model
+
+
+def probe_logits(model, vocab: int, dtype):
+    """Logits on a fixed probe batch (2 x 16 token ids drawn with seed 0), in fp32."""
+    import torch
+
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.to(dtype)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, model: str = "student",
+            dtype: str = "bf16", merge_online_module: bool = False, max_shard_size: str = "5GB",
+            overwrite: bool = False) -> dict:
+    """Convert, reload and compare; returns {"out_dir", "max_abs_diff", "tolerance", "seconds", "bytes"}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from okd_scale.checkpoint import OutputDirError, check_output_dir, write_hf
+
+    clock = time.perf_counter()
+    out_dir = Path(out_dir)
+    try:
+        check_output_dir(out_dir, overwrite)
+    except OutputDirError as e:
+        raise ConvertError(str(e)) from None
+    path = resolve_tag(Path(checkpoint_dir), tag)
+    check_complete(path, "student" if model == "student" else "teacher")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    tolerance = TOLERANCE[dtype]
+    if model == "student":
+        reference, tokenizer = student_model(path)
+        vocab = reference.config.vocab_size
+        want = probe_logits(reference, vocab, torch_dtype)
+        write_hf(reference, tokenizer, out_dir, max_shard_size=max_shard_size)
+        got = probe_logits(AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype), vocab, torch_dtype)
+    else:
+        from peft import PeftModel
+
+        reference, tokenizer = teacher_model(path)
+        vocab = reference.config.vocab_size
+        want = probe_logits(reference, vocab, torch_dtype)
+        if merge_online_module:
+            write_hf(untied_head(reference).merge_and_unload(), tokenizer, out_dir, max_shard_size=max_shard_size)
+            reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
+            tolerance = MERGED_FP32_TOLERANCE if dtype == "fp32" else tolerance
+        else:
+            adapter_tmp = out_dir.with_name(out_dir.name + ".adapter.tmp")
+            reference.save_pretrained(str(adapter_tmp), safe_serialization=True)
+            write_hf(reference.unload(), tokenizer, out_dir, max_shard_size=max_shard_size)  # the base, LoRA removed
+            os.rename(adapter_tmp, out_dir / "online_module")
+            base = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
+            reloaded = PeftModel.from_pretrained(base, str(out_dir / "online_module"))
+        got = probe_logits(reloaded, vocab, torch_dtype)
+    diff = float((got - want).abs().max())
+    scale = max(1.0, float(want.abs().max()))
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    result = {"out_dir": str(out_dir), "tag": path.name, "max_abs_diff": diff, "tolerance": tolerance * scale,
+              "seconds": time.perf_counter() - clock, "bytes": size}
+    if diff > tolerance * scale:
+        raise RuntimeError(f"{out_dir}: reloaded logits differ from the checkpoint's by {diff:.3g} "
+                           f"(tolerance {tolerance * scale:.3g} for {dtype})")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint_dir", help="a run's output_dir/checkpoints, or the output_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--tag", help="global_step<N> (default: the one `latest` names)")
+    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--merge-online-module", action="store_true", help="teacher: merge the LoRA into the base")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    args = p.parse_args(argv)
+    if args.merge_online_module and args.model != "teacher":
+        p.error("--merge-online-module applies to --model teacher")
+    try:
+        r = convert(args.checkpoint_dir, args.out_dir, tag=args.tag, model=args.model, dtype=args.dtype,
+                    merge_online_module=args.merge_online_module, max_shard_size=args.max_shard_size,
+                    overwrite=args.overwrite)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {r['out_dir']} from {args.checkpoint_dir} {r['tag']} ({args.model}, {args.dtype}): "
+          f"{r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f} s; reloaded logits max |diff| "
+          f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']:.3g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
