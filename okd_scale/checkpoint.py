@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,7 +270,7 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
     teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all), never
     the best one of `state.best`. Every rank calls this."""
     root = Path(out_dir) / CHECKPOINTS
-    tag = f"global_step{state.step}"
+    tag = f"{TAG_PREFIX}{state.step}"
     final, tmp = root / tag, root / f".{tag}.tmp"
     previous = _latest(root)
     kept = f"the previous checkpoint ({previous}) is kept as latest" if previous else "no earlier checkpoint exists"
@@ -380,7 +381,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         tokenizer.save_pretrained(str(tmp / "hf_student"))
     if teacher is not None:
         save_online_config(teacher.module, tmp / "hf_teacher")
-    tags = {p: _written(p) for p in root.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()}
+    tags = {p: _written(p) for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()}
     state.written = max(tags.values(), default=0) + 1
     write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
     write_manifest(tmp)
@@ -394,7 +395,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     if keep_last:  # by write order (a rerun in an old directory may write lower steps), never latest or the best
-        best = f"global_step{state.best['step']}" if state.best else None
+        best = f"{TAG_PREFIX}{state.best['step']}" if state.best else None
         older = sorted((p for p in tags if p.name != tag), key=lambda p: (tags[p], int(p.name[len("global_step"):])))
         for old in older[:max(0, len(older) - (keep_last - 1))]:
             if old.name != best:
@@ -465,6 +466,45 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
         raise CheckpointError(f'"resume": {resume} is not a checkpoint tag directory (no trainer_state.json) nor a '
                               f"checkpoints directory with a `{LATEST}` file")
     return path
+
+
+TAG_PREFIX = "global_step"  # a tag is global_step<N>
+
+
+def tag_dir(checkpoint_dir: Path, tag: Optional[str]) -> Path:
+    """The tag directory `tag` (global_step<N>), or the one `latest` names, under a run's output_dir or its
+    checkpoints/; CheckpointError naming the tags there otherwise."""
+    root = checkpoint_dir / CHECKPOINTS if (checkpoint_dir / CHECKPOINTS).is_dir() else checkpoint_dir
+    if not root.is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
+    tags = sorted((p.name for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
+                  key=lambda name: int(name[len(TAG_PREFIX):]))
+    if tag is None:
+        if not (root / LATEST).is_file():
+            raise CheckpointError(f"{root}: no `{LATEST}` file; pass --tag (tags here: {', '.join(tags) or 'none'})")
+        tag = (root / LATEST).read_text().strip()
+    if tag not in tags:
+        raise CheckpointError(f"--tag {tag}: no such tag in {root} (tags here: {', '.join(tags) or 'none'})")
+    return root / tag
+
+
+def check_shards(path: Path, part: str) -> None:
+    """Every rank's ZeRO shard of `part` (student, teacher) is in the tag directory `path` (the world size comes
+    from trainer_state.json); CheckpointError naming what is missing otherwise."""
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no trainer_state.json)")
+    world = json.loads(state_file.read_text())["world_size"]
+    if not (path / part).is_dir():
+        raise CheckpointError(f"{path / part}: missing; this checkpoint has no {part} "
+                              f"({'only okd runs save the online module' if part == 'teacher' else 'incomplete'})")
+    found = {int(m.group(1)) for p in (path / part).iterdir()
+             if (m := re.fullmatch(r".*zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt", p.name))}
+    missing = sorted(set(range(world)) - found)
+    if missing:
+        raise CheckpointError(f"{path / part}: incomplete checkpoint: saved by {world} ranks, but the optimizer-state "
+                              f"shard of rank(s) {', '.join(map(str, missing))} is missing "
+                              f"(*zero_pp_rank_<r>_mp_rank_00_optim_states.pt)")
 
 
 def _deepspeed_globals() -> list:

@@ -24,9 +24,7 @@ exist, a non-empty OUT_DIR without `--overwrite`, a teacher base that is gone; t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -41,42 +39,6 @@ MERGED_FP32_TOLERANCE = 1e-4
 
 class ConvertError(ValueError):
     """The checkpoint or the output directory cannot be used as asked."""
-
-
-def resolve_tag(checkpoint_dir: Path, tag: str | None) -> Path:
-    """The tag directory: `tag`, or the one `latest` names, under CHECKPOINT_DIR (or its checkpoints/)."""
-    from okd_scale.checkpoint import CHECKPOINTS, LATEST
-
-    root = checkpoint_dir / CHECKPOINTS if (checkpoint_dir / CHECKPOINTS).is_dir() else checkpoint_dir
-    if not root.is_dir():
-        raise ConvertError(f"{checkpoint_dir}: no such checkpoint directory")
-    tags = sorted((p.name for p in root.glob("global_step*") if p.is_dir()),
-                  key=lambda name: int(name[len("global_step"):]))
-    if tag is None:
-        if not (root / LATEST).is_file():
-            raise ConvertError(f"{root}: no `{LATEST}` file; pass --tag (tags here: {', '.join(tags) or 'none'})")
-        tag = (root / LATEST).read_text().strip()
-    if tag not in tags:
-        raise ConvertError(f"--tag {tag}: no such tag in {root} (tags here: {', '.join(tags) or 'none'})")
-    return root / tag
-
-
-def check_complete(path: Path, part: str) -> None:
-    """Every rank's ZeRO shard of `part` is there (the world size comes from trainer_state.json)."""
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        raise ConvertError(f"{path}: incomplete checkpoint (no trainer_state.json)")
-    world = json.loads(state_file.read_text())["world_size"]
-    if not (path / part).is_dir():
-        raise ConvertError(f"{path / part}: missing; this checkpoint has no {part} "
-                           f"({'only okd runs save the online module' if part == 'teacher' else 'incomplete'})")
-    found = {int(m.group(1)) for p in (path / part).iterdir()
-             if (m := re.fullmatch(r".*zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt", p.name))}
-    missing = sorted(set(range(world)) - found)
-    if missing:
-        raise ConvertError(f"{path / part}: incomplete checkpoint: saved by {world} ranks, but the optimizer-state "
-                           f"shard of rank(s) {', '.join(map(str, missing))} is missing "
-                           f"(*zero_pp_rank_<r>_mp_rank_00_optim_states.pt)")
 
 
 def consolidated(path: Path, part: str, exclude_frozen: bool = False) -> dict:
@@ -184,8 +146,13 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
         check_output_dir(out_dir, overwrite)
     except OutputDirError as e:
         raise ConvertError(str(e)) from None
-    path = resolve_tag(Path(checkpoint_dir), tag)
-    check_complete(path, "student" if model == "student" else "teacher")
+    from okd_scale.checkpoint import CheckpointError, check_shards, tag_dir
+
+    try:
+        path = tag_dir(Path(checkpoint_dir), tag)
+        check_shards(path, "student" if model == "student" else "teacher")
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     torch_dtype = getattr(torch, DTYPES[dtype])
     tolerance = TOLERANCE[dtype]
     if model == "student":
