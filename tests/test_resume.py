@@ -185,7 +185,7 @@ def test_resume_refusals(tmp_path, pair):
     original = state_file.read_text()
     state_file.write_text(json.dumps({**json.loads(original), "world_size": 2}))
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"output_dir={out}", "train.max_steps=4"])
-    with pytest.raises(CheckpointError, match="saved by 2 processes and this run has 1.*convert_to_hf"):
+    with pytest.raises(CheckpointError, match="saved by 2 processes and this run has 1.*okd_scale.convert"):
         train(cfg)
     state_file.write_text(original)  # as written: the manifest checks it
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), [f"output_dir={out}"])
