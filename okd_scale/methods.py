@@ -118,9 +118,21 @@ def _backward(ctx: StepContext, parts: list[tuple[object, torch.Tensor, str]]) -
     return bad
 
 
-def _logs(ctx: StepContext, values: dict, nonfinite: torch.Tensor) -> dict:
+@dataclass
+class StepOutput:
+    """What a method's step gives the trainer for one micro-batch: this rank's detached loss sums by log name
+    (``output["student/loss"]``), and whether any rank's losses were not finite."""
+
+    sums: dict
+    nonfinite: torch.Tensor  # 1.0 when some rank's losses were not finite (every engine then skips the step), else 0.0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.sums[key]
+
+
+def _logs(ctx: StepContext, values: dict, nonfinite: torch.Tensor) -> StepOutput:
     """Detached sums for this rank (scaled by the scorer's share: a vocab-sharded group's sums are the group's)."""
-    return {**{k: v.detach() * ctx.scorer.log_scale for k, v in values.items()}, "nonfinite": nonfinite}
+    return StepOutput({k: v.detach() * ctx.scorer.log_scale for k, v in values.items()}, nonfinite)
 
 
 # the distributions' statistics the scorers report (divergences.TERMS), under their log names
@@ -141,7 +153,7 @@ def _student_mix(ctx: StepContext) -> Mix:
     return Mix(lo.divergence, ratio, 1.0 - ratio)
 
 
-def student_step(batch: dict, ctx: StepContext, mix: Mix) -> dict:
+def student_step(batch: dict, ctx: StepContext, mix: Mix) -> StepOutput:
     """The student learns LS = mix (from the frozen teacher's outputs, when the run has a teacher); the step's logs.
     The building block of a method whose teacher does not train."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=False)
@@ -151,12 +163,12 @@ def student_step(batch: dict, ctx: StepContext, mix: Mix) -> dict:
     return _logs(ctx, _student_logs(ls, terms, teacher=zt is not None), bad)
 
 
-def sft_step(batch: dict, ctx: StepContext) -> dict:
+def sft_step(batch: dict, ctx: StepContext) -> StepOutput:
     """Cross-entropy on the response tokens."""
     return student_step(batch, ctx, Mix(ctx.cfg.loss.divergence, 0.0, 1.0))
 
 
-def kd_step(batch: dict, ctx: StepContext) -> dict:
+def kd_step(batch: dict, ctx: StepContext) -> StepOutput:
     """Frozen teacher; the student learns LS = kd_ratio * D(pT || pS) + (1 - kd_ratio) * CE."""
     return student_step(batch, ctx, _student_mix(ctx))
 
@@ -179,7 +191,7 @@ def _original_teacher(ctx: StepContext, batch: dict, zt: torch.Tensor) -> torch.
         return forward_counted(ctx.teacher, batch, ctx.vocab_size, hidden=ctx.scorer.hidden)
 
 
-def okd_step(batch: dict, ctx: StepContext) -> dict:
+def okd_step(batch: dict, ctx: StepContext) -> StepOutput:
     """Online KD: the student step of `kd` from the adapted teacher, and on update steps, from the same outputs in
     the same pass, the online module's LT (online.objective), backpropagated into the module only."""
     zt, zs, y = _outputs(ctx, batch, teacher_grad=ctx.update_online)
@@ -248,7 +260,7 @@ class TAIDSchedule:
         self.t, self.momentum, self.prev_loss = state["t"], state["momentum"], state["prev_loss"]
 
 
-def taid_step(batch: dict, ctx: StepContext) -> dict:
+def taid_step(batch: dict, ctx: StepContext) -> StepOutput:
     """Frozen teacher; LS = kd_ratio * KL(p_t || pS) + (1 - kd_ratio) * CE, p_t = softmax((1 - t) sg[zS] + t zT)
     with t from the run's TAIDSchedule."""
     ratio = ctx.cfg.loss.kd_ratio
@@ -259,7 +271,7 @@ def taid_step(batch: dict, ctx: StepContext) -> dict:
 class Method:
     """A training method: its step, and what the trainer must give that step."""
 
-    step: Callable[[dict, StepContext], dict]
+    step: Callable[[dict, StepContext], StepOutput]
     teacher: str = "none"  # the teacher engine while training: none | frozen | online (its online module trains)
     teacher_data: bool = False  # the training examples are the teacher's responses, generated before training
     on_policy: bool = False  # a step's batches may be resampled from the student (sgo.lambda)

@@ -133,10 +133,10 @@ class _Loop:
         sums: dict[str, torch.Tensor] = {}
         nonfinite = torch.zeros((), device=student.device)
         for b in micro:
-            logs = method.step(b, ctx)
+            out = method.step(b, ctx)
             faults.crash_point("kill_after_backward", step, self.rank)
-            nonfinite = torch.maximum(nonfinite, logs.pop("nonfinite"))
-            for k, v in logs.items():
+            nonfinite = torch.maximum(nonfinite, out.nonfinite)
+            for k, v in out.sums.items():
                 sums[k] = sums[k] + v if k in sums else v
             with timer.phase("optimizer"):
                 student.step()
