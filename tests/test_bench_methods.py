@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TORCH_ADAM_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_ADAM = '{"optimizer": {"params": {"torch_adam": true}}}'
 
 
 @pytest.mark.slow
@@ -20,8 +20,8 @@ def test_bench_methods_table(tmp_path, pair):
            "--methods", "sft,kd,seqkd,sgo,okd_head,okd", "--steps", "2", "--warmup", "1", "--batch-size", "2",
            "--max-length", "48", "--sgo-new-tokens", "8",
            "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "bench.json"),
-           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM}",
-           f"deepspeed.student_overrides={TORCH_ADAM}"]
+           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM_JSON}",
+           f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TORCH_ADAM_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_ADAM = '{"optimizer": {"params": {"torch_adam": true}}}'
 
 
 @pytest.mark.slow
@@ -22,8 +22,8 @@ def test_bench_peers_table(tmp_path, pair):
            "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
            "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-length", "48", "--new-tokens", "8",
            "--out", str(runs), "--json", str(tmp_path / "peers.json"),
-           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM}",
-           f"deepspeed.student_overrides={TORCH_ADAM}"]
+           "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM_JSON}",
+           f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "peers.json").read_text())

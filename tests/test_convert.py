@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiny
-from test_train import ROOT, write_config
+from tiny import ROOT, write_config
 
 TOOL = ROOT / "tools" / "convert_to_hf.py"
 RUNS = {"1proc-zero2": (1, "ds_configs/student_zero2.json"), "1proc-zero3": (1, "ds_configs/student_zero3.json"),

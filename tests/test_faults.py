@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from test_train import write_config
+from tiny import write_config
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_first_save_on_a_full_disk(small_disk, pair, nproc, when, words):
 
     from safetensors import safe_open
 
-    from test_train import ROOT
+    from tiny import ROOT
 
     with safe_open(str(pair / "student" / "model.safetensors"), framework="pt") as f:  # 16 bytes a parameter
         estimate = 16 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
@@ -128,7 +128,7 @@ def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "", **extra_e
     import socket
     import sys
 
-    from test_train import ROOT
+    from tiny import ROOT
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -288,7 +288,7 @@ def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
 
     from okd_scale.config import ConfigError
     from okd_scale.process import check_build_locks
-    from test_train import ROOT
+    from tiny import ROOT
 
     lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)

@@ -59,7 +59,7 @@ def test_pack_needs_the_wheels(tmp_path):
 def test_run_drives_the_sweep_and_mirrors_cells(tmp_path, pair, monkeypatch):
     """`gpu_proof.py run` (what `make gpu-proof` calls) on a demo dir whose teacher is already imported: the
     gpu-proof sweep at tiny size, each finished cell and the table copied to the mirror folder."""
-    from test_train import clean_env
+    from tiny import clean_env
 
     src, demo = tmp_path / "pack", tmp_path / "demo"
     (src / "a").mkdir(parents=True)

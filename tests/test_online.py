@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from test_train import ROOT, _assert_same_runs, clean_env, write_config
+from tiny import ROOT, assert_same_runs, clean_env, write_config
 
 PLACEMENTS = ("blocks", "head", "temperature")
 
@@ -250,6 +250,6 @@ def test_head_placement_with_zero3_and_vocab_shards(tmp_path, pair):
                    "online.placement=head", f"online.objective={objective}", "online.drift_every=2"]
             proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-4000:]
-        _assert_same_runs(tmp_path / f"{objective}1", tmp_path / f"{objective}2", rtol=1e-4)
+        assert_same_runs(tmp_path / f"{objective}1", tmp_path / f"{objective}2", rtol=1e-4)
         history = json.loads((tmp_path / f"{objective}2" / "report.json").read_text())["history"]
         assert history[2]["teacher/drift"] > 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from okd_scale import plan
-from test_train import ROOT, _assert_same_runs, clean_env, write_config
+from tiny import ROOT, assert_same_runs, clean_env, write_config
 
 GIB = plan.GIB
 OFFLOAD = "ds_configs/teacher_zero3_offload.json"
@@ -157,7 +157,7 @@ def test_each_placement_trains_as_zero3_offload_one_process(tmp_path, pair, meth
                                  [f"output_dir={tmp_path / name}", f"deepspeed.teacher_config={path}",
                                   "data.eval_file=null"]))
     for name in ("replica", "zero3"):
-        _assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
+        assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -173,4 +173,4 @@ def test_each_placement_trains_as_zero3_offload_two_processes(tmp_path, pair, me
         if name == "auto":
             assert "teacher placement: replica" in proc.stderr
     for name in ("auto", "zero3"):
-        _assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
+        assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)

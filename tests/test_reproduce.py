@@ -10,9 +10,8 @@ import sys
 import pytest
 
 import tiny
-from test_train import ROOT, clean_env
+from tiny import ROOT, TORCH_ADAM_JSON, clean_env
 
-TORCH_ADAM = '{"optimizer": {"params": {"torch_adam": true}}}'
 
 
 @pytest.mark.slow
@@ -23,8 +22,8 @@ def test_sweep_table_and_resume(tmp_path, pair):
            "--train-data", str(pair / "train.jsonl"), "--eval-sets", str(pair / "eval.jsonl"),
            "--prompt-format", "as-is", "--methods", "sft,okd", "--nproc", "1", "--steps", "3",
            "--eval-examples", "4", "--gen-seeds", "1,2", "--out", str(out),
-           "data.max_length=64", "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM}",
-           f"deepspeed.student_overrides={TORCH_ADAM}"]
+           "data.max_length=64", "online.num_blocks=2", f"deepspeed.teacher_overrides={TORCH_ADAM_JSON}",
+           f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
     first = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert first.stdout.count("ROUGE-L average") == 3  # teacher, sft, okd
@@ -87,7 +86,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
            "--prompt-format", "as-is", "--methods", "kd_fkl", "--train-seeds", "1,2", "--nproc", "1",
            "--steps", "3", "--heal-steps", "6", "--eval-examples", "4", "--out", str(out),
            "data.max_length=64", "train.learning_rate=5e-3", "train.bf16=false",
-           f"deepspeed.teacher_overrides={TORCH_ADAM}", f"deepspeed.student_overrides={TORCH_ADAM}"]
+           f"deepspeed.teacher_overrides={TORCH_ADAM_JSON}", f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
     first = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     cells = sorted(p.stem for p in (out / "cells").glob("*.json"))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from test_train import ROOT, _comparable, write_config
+from tiny import ROOT, comparable, write_config
 
 
 def _rows(out: Path) -> list:
@@ -38,7 +38,7 @@ def _children(pid: int) -> list[int]:
 
 def _assert_same(a: Path, b: Path) -> None:
     """Bitwise: the same losses at every step, the same student and teacher weights at the end."""
-    assert _comparable(_rows(a)) == _comparable(_rows(b))
+    assert comparable(_rows(a)) == comparable(_rows(b))
     for name in ("student/model.safetensors", "teacher_after.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys()
@@ -331,7 +331,7 @@ def straight_okd(tmp_path_factory, pair):
 
 def _assert_same_outputs(a: Path, b: Path, what: str = "") -> None:
     """Bitwise: the same losses at every step, the same exported student and online module."""
-    assert _comparable(_rows(a)) == _comparable(_rows(b)), what
+    assert comparable(_rows(a)) == comparable(_rows(b)), what
     for name in ("student/model.safetensors", "online_module/adapter_model.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{what} {name}"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import ROOT, write_config
+from tiny import ROOT, write_config
 
 RECIPE = ROOT / "tests" / "slurm" / "slurm-ci.sh"
 pytestmark = pytest.mark.slow

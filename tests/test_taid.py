@@ -10,7 +10,7 @@ import torch
 
 from okd_scale.divergences import Mix, distill_from_hidden, divergence_sum, interpolated_target
 from okd_scale.methods import TAIDSchedule
-from test_train import write_config
+from tiny import write_config
 
 
 def _reference(zt, zs, y, t, div_weight, ce_weight):

@@ -10,35 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCH_ADAM = {"optimizer": {"params": {"torch_adam": True}}}
-
-
-def write_config(path: Path, pair: Path, method: str, **sections) -> Path:
-    cfg = {
-        "method": method, "seed": 0, "output_dir": str(path.parent / f"out-{method}"),
-        "model": {"teacher": str(pair / "teacher"), "student": str(pair / "student")},
-        "data": {"train_file": str(pair / "train.jsonl"), "eval_file": str(pair / "eval.jsonl"), "max_length": 64},
-        "train": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
-                  "lr_scheduler_type": "constant"},
-        "online": {"learning_rate": 5e-3, "num_blocks": 2},
-        "deepspeed": {"teacher_overrides": TORCH_ADAM, "student_overrides": TORCH_ADAM},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def clean_env(**extra) -> dict:
-    """A child run's environment (tiny.subprocess_env): up to 2 ranks on this accelerator, else on the CPU."""
-    return tiny.subprocess_env(2, **extra)
-
+from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
 
 def student_ce(model_dir: Path, data_file: Path, tokenizer) -> float:
     """Mean response-token cross-entropy of a saved model over a data file (plain transformers, no DeepSpeed)."""
@@ -251,23 +226,6 @@ def test_padded_vocab_sizes_are_aligned_to_the_tokenizer(tmp_path, pair, tokeniz
     assert len(sizes | {n}) == 3  # three different sizes: the shapes only meet through the alignment
 
 
-def _comparable(history: list) -> list:
-    return [{k: v for k, v in r.items() if "/" in k and not k.startswith(("time", "tokens_", "lr/"))} for r in history]
-
-
-def _assert_same_runs(a: Path, b: Path, rtol: float) -> None:
-    """Two runs' loss histories and final student and teacher weights agree within rtol."""
-    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
-    for x, y in zip(_comparable(ra["history"]), _comparable(rb["history"]), strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert x[key] == pytest.approx(y[key], rel=rtol, abs=1e-8), key  # abs: a drift KL near 0
-    for name in ("student/model.safetensors", "teacher_after.safetensors"):
-        wa, wb = load_file(str(a / name)), load_file(str(b / name))
-        for key in wa:
-            torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
-
-
 @pytest.mark.parametrize("online", [[], ["online.placement=head", "online.objective=joint"],
                                     ["online.placement=temperature", "online.drift_every=2"]])
 def test_hidden_path_equals_logits_path(tmp_path, pair, online):
@@ -282,7 +240,7 @@ def test_hidden_path_equals_logits_path(tmp_path, pair, online):
         run_and_dump(load_config(write_config(tmp_path / f"{name}.yaml", pair, "okd"),
                                  [f"output_dir={tmp_path / name}", f"loss.from_hidden={hidden}", "loss.chunk_size=5",
                                   "loss.divergence=js", "online.divergence=rkl", "data.eval_file=null", *online]))
-    _assert_same_runs(tmp_path / "hidden", tmp_path / "logits", rtol=1e-4)
+    assert_same_runs(tmp_path / "hidden", tmp_path / "logits", rtol=1e-4)
 
 
 def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
@@ -298,7 +256,7 @@ def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
                f"loss.vocab_shards={shards}", "loss.chunk_size=9", "data.eval_file=null"]
         proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    _assert_same_runs(tmp_path / "shards1", tmp_path / "shards2", rtol=1e-4)
+    assert_same_runs(tmp_path / "shards1", tmp_path / "shards2", rtol=1e-4)
 
 
 def test_vocab_shards_must_divide_the_world_size(tmp_path, pair):
@@ -324,7 +282,7 @@ def test_sgo_with_lambda_0_equals_kd(tmp_path, pair):
                                  [f"output_dir={tmp_path / method}", "sgo.lambda=0", "data.eval_file=null"]))
     ra, rb = (json.loads((tmp_path / m / "report.json").read_text())["history"] for m in ("kd", "sgo"))
     assert all(r["sgo/on_policy"] == 0.0 for r in rb)
-    for a, b in zip(_comparable(ra), _comparable(rb), strict=True):
+    for a, b in zip(comparable(ra), comparable(rb), strict=True):
         assert a == {k: v for k, v in b.items() if k != "sgo/on_policy"}
     wa, wb = (load_file(str(tmp_path / m / "student" / "model.safetensors")) for m in ("kd", "sgo"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -406,7 +364,7 @@ def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, mo
     assert (second["generated"], second["cached"], second["seconds"]) == (0, 32, 0.0)
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 32 and all(1 <= len(r["output_ids"]) <= 8 for r in rows)
-    assert _comparable(reports[0]["history"]) == _comparable(reports[1]["history"])  # the same data, either way
+    assert comparable(reports[0]["history"]) == comparable(reports[1]["history"])  # the same data, either way
     # a different generation setting makes the cache stale: generated again
     cfg = load_config(write_config(tmp_path / "cfg2.yaml", pair, "seqkd"),
                       [f"output_dir={tmp_path / 'run2'}", f"seqkd.cache_file={cache}", "seqkd.max_new_tokens=5",
@@ -570,7 +528,7 @@ def test_a_new_method_and_divergence_are_registry_lines(tmp_path, pair, monkeypa
         run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, "kd"),
                                  [f"method={method}", f"output_dir={tmp_path / method}", *settings]))
     ra, rb = (json.loads((tmp_path / m / "report.json").read_text())["history"] for m in ("kd", "toy"))
-    assert ra[0]["student/kd"] > 0 and _comparable(ra) == _comparable(rb)
+    assert ra[0]["student/kd"] > 0 and comparable(ra) == comparable(rb)
     wa, wb = (load_file(str(tmp_path / m / "student" / "model.safetensors")) for m in ("kd", "toy"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((tmp_path / "toy" / "metrics.json").read_text())["method"] == "toy"

@@ -163,3 +163,56 @@ def hellinger_divergence():
     from okd_scale.divergences import Divergence
 
     return Divergence(hellinger)
+
+
+# --------------------------------------------------------------------------- runs of the trainer
+
+TORCH_ADAM = {"optimizer": {"params": {"torch_adam": True}}}  # no DeepSpeed op to compile on the CPU
+TORCH_ADAM_JSON = json.dumps(TORCH_ADAM)  # the same, as a key=value override
+
+
+def write_config(path: Path, pair: Path, method: str, **sections) -> Path:
+    """A run config for `method` on the tiny pair of conftest's `pair` fixture (6 steps, torch's Adam), with
+    `sections` merged in."""
+    import yaml
+
+    cfg = {
+        "method": method, "seed": 0, "output_dir": str(path.parent / f"out-{method}"),
+        "model": {"teacher": str(pair / "teacher"), "student": str(pair / "student")},
+        "data": {"train_file": str(pair / "train.jsonl"), "eval_file": str(pair / "eval.jsonl"), "max_length": 64},
+        "train": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
+                  "lr_scheduler_type": "constant"},
+        "online": {"learning_rate": 5e-3, "num_blocks": 2},
+        "deepspeed": {"teacher_overrides": TORCH_ADAM, "student_overrides": TORCH_ADAM},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def clean_env(**extra) -> dict:
+    """A child run's environment (tiny.subprocess_env): up to 2 ranks on this accelerator, else on the CPU."""
+    return subprocess_env(2, **extra)
+
+
+def comparable(history: list) -> list:
+    """A run's history rows without the values that differ between equal runs (times, token rates, lr)."""
+    return [{k: v for k, v in r.items() if "/" in k and not k.startswith(("time", "tokens_", "lr/"))} for r in history]
+
+
+def assert_same_runs(a: Path, b: Path, rtol: float) -> None:
+    """Two runs' loss histories and final student and teacher weights agree within rtol."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    for x, y in zip(comparable(ra["history"]), comparable(rb["history"]), strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=rtol, abs=1e-8), key  # abs: a drift KL near 0
+    for name in ("student/model.safetensors", "teacher_after.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=rtol, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
