@@ -426,7 +426,8 @@ def main(argv=None) -> int:
     if proof:
         if args.student:
             p.error(f"--student: the {args.preset} preset heals its own student from the teacher")
-        init_dir = ROOT / "sweeps" / preset["init_from"] if preset.get("init_from") else out
+        # the init_from preset's folder beside this one's (--out's parent; ROOT/sweeps by default)
+        init_dir = out.parent / preset["init_from"] if preset.get("init_from") else out
         args.student = str(init_dir / "student_init")
         data = proof_data(args, preset)
         args.train_data = args.train_data or str(data["train"])
