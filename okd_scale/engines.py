@@ -117,7 +117,6 @@ def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[li
     return engine
 
 
-
 def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
     """The teacher's DeepSpeed engine: frozen, with the online module (its only trainable part) when `online`."""
     import math
@@ -156,6 +155,7 @@ def student_engine(cfg: RunConfig, ds_student: dict, tokenizer):
     student.train()
     return student
 
+
 def _memory_budget(nvme_path: Optional[str]) -> tuple[plan.Budget, int, int]:
     """(the minimum over ranks of free device and host memory, nodes, most ranks on one node)."""
     import psutil
@@ -177,6 +177,20 @@ def _memory_budget(nvme_path: Optional[str]) -> tuple[plan.Budget, int, int]:
     return plan.Budget(device, host, device_is_host=on_host, nvme_path=nvme_path), len(set(hosts)), per_node
 
 
+def run_settings(cfg: RunConfig, student_ds: dict, cluster: plan.Cluster, flash_attention: bool) -> plan.Settings:
+    """The memory plan's settings of the run `cfg` describes, whose student has the DeepSpeed config `student_ds`,
+    on `cluster`; the teacher's engine is left at the plan's default (its placement is what is asked)."""
+    t = cfg.train
+    offload = student_ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return plan.Settings(
+        seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
+        grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,
+        student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
+        online=method_of(cfg).online, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
+        activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
+        flash_attention=flash_attention)
+
+
 def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     """deepspeed.teacher_config auto: the placement okd_scale.plan chooses for the run's teacher, student and
     batch with the free memory of every rank (the same numbers on every rank)."""
@@ -196,15 +210,8 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     stored = weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
     if stored is not None:
         teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
-    offload = student_ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    settings = plan.Settings(
-        seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
-        grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32",
-        cluster=plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB),
-        student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
-        online=method_of(cfg).online, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
-        activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
-        flash_attention=get_accelerator().device_name() != "cpu")
+    cluster = plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB)
+    settings = run_settings(cfg, student_ds, cluster, flash_attention=get_accelerator().device_name() != "cpu")
     try:
         return plan.teacher_placement(teacher, shape(cfg.model.student), settings, budget)
     except plan.PlacementError as e:

@@ -697,30 +697,31 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
-    """The flags' values that a run config gives (raises config.ConfigError naming the key)."""
+    """The flags' values that a run config gives (raises config.ConfigError naming the key): the settings the
+    trainer's own placement uses (engines.run_settings), the models and the teacher's engine when it is given."""
     import json
 
     from .config import ConfigError, load_config, resolve_path
+    from .engines import run_settings, zero_stage
     from .methods import METHODS
 
     cfg = load_config(path, list(overrides))
     if METHODS[cfg.method].teacher == "none":
         raise ConfigError(f'{path}: "method" {cfg.method} trains without a teacher engine: nothing to place')
-    t, ds = cfg.train, cfg.deepspeed
+    ds = cfg.deepspeed
 
-    def zero(ds_path: str, offload: str) -> tuple[int, str]:
-        section = json.loads(resolve_path(ds_path).read_text()).get("zero_optimization", {})
-        return int(section.get("stage", 0)), section.get(offload, {}).get("device", "none")
+    def ds_config(ds_path: str) -> dict:
+        return json.loads(resolve_path(ds_path).read_text())
 
-    student_zero, student_offload = zero(ds.student_config, "offload_optimizer")
-    out = dict(teacher=cfg.model.teacher, student=cfg.model.student, method=cfg.method, seq_len=cfg.data.max_length,
-               micro_batch=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
-               dtype="bf16" if t.bf16 else "fp32", activation_checkpointing=t.gradient_checkpointing,
-               chunk_size=cfg.loss.chunk_size, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
-               nvme_path=ds.nvme_path, student_zero=student_zero,
-               student_offload="cpu" if student_offload == "cpu" else "none")
+    s = run_settings(cfg, ds_config(ds.student_config), Cluster(), flash_attention=False)
+    out = dict(teacher=cfg.model.teacher, student=cfg.model.student, method=cfg.method, nvme_path=ds.nvme_path,
+               student_zero=s.student.zero, student_offload=s.student.offload,
+               **{k: getattr(s, k) for k in ("seq_len", "micro_batch", "grad_accum", "dtype", "chunk_size",
+                                             "activation_checkpointing", "online_blocks", "lora_r")})
     if ds.teacher_config != "auto":
-        out["teacher_zero"], out["teacher_offload"] = zero(ds.teacher_config, "offload_param")
+        teacher_ds = ds_config(ds.teacher_config)
+        out["teacher_zero"] = zero_stage(teacher_ds)
+        out["teacher_offload"] = teacher_ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
     return out
 
 
