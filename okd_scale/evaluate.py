@@ -226,7 +226,6 @@ def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_s
     return total / max(count, 1)
 
 
-
 def eval_loss(engine, loader, vocab_size: int) -> float:
     """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
     import torch
@@ -296,6 +295,7 @@ class Evaluator:
                     for o, r in zip(outs[:real], mine[:real]))
         total, count = all_reduce_sum([total, float(real)], engine.device)
         return total / max(count, 1.0)
+
 
 def format_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per label (a result of :func:`evaluate_model`), one column per set + average.

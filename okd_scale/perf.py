@@ -110,7 +110,6 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-
 def run_cost(history: list, teacher, student, world: int, sampled_tokens: float, n_online: int,
              online: bool) -> dict:
     """Median step time, mean time per phase, tokens/s, peak memory per rank, FLOPs and (on a known GPU)
@@ -138,6 +137,7 @@ def run_cost(history: list, teacher, student, world: int, sampled_tokens: float,
     if peak is not None:
         out["mfu"] = flops * len(history) / (total_time * world * peak)
     return out
+
 
 def phase_table(rows: list[dict]) -> str:
     """Markdown table of the mean seconds per step of each phase (keys "time/<phase>_s") and its share

@@ -102,7 +102,6 @@ def run_and_exit(fn: Callable, *args) -> None:
         exit_distributed(code)
 
 
-
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """`values` summed over every rank (float64), as a list."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

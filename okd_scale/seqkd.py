@@ -73,7 +73,6 @@ def teacher_examples(cfg: RunConfig, examples: list[dict], tokenizer, rank: int,
     return out, stats
 
 
-
 def generation_teacher(cfg: RunConfig, tokenizer, engine: Callable[[], object]) -> tuple[object, object]:
     """The frozen teacher SeqKD generates with, as (module, device): a whole copy on this rank's device
     (``seqkd.generate_with: copy``, or ``auto`` when its weights fit in half the free device memory),
@@ -100,6 +99,7 @@ def generation_teacher(cfg: RunConfig, tokenizer, engine: Callable[[], object]) 
     models.freeze(model)
     device = torch.device(accel.current_device_name())
     return model.to(device), device
+
 
 class GenerationStopped(Exception):
     """A stop signal arrived while the teacher generated; the responses so far are kept for the next run."""

@@ -13,7 +13,6 @@ import tiny
 from tiny import ROOT, TORCH_ADAM_JSON, clean_env
 
 
-
 @pytest.mark.slow
 def test_sweep_table_and_resume(tmp_path, pair):
     out = tmp_path / "results"

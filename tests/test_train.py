@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import tiny
 from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
 
+
 def student_ce(model_dir: Path, data_file: Path, tokenizer) -> float:
     """Mean response-token cross-entropy of a saved model over a data file (plain transformers, no DeepSpeed)."""
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,7 @@ def load_tool(name: str):
     spec.loader.exec_module(mod)
     return mod
 
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

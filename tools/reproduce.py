@@ -360,6 +360,7 @@ def cell_plan(args, preset: dict, methods: list[str], cells: dict) -> list[tuple
         first = [cells.get(c[0]) for c in plan]
         if any(c is None or "validation" not in c["eval"]["sets"] for c in first):
             return plan
+
         def validation(m):
             return cells[name(m, args.train_seeds[0])]["eval"]["sets"]["validation"]["rougeL"]
 
