@@ -202,29 +202,31 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------- parsing
 
 
-def _all_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
+def _leaf_fields(cls, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every leaf of the dataclass tree `cls`, in declaration order."""
+    leaves = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, prefix + f.name + ".")
+            leaves += _leaf_fields(hint, prefix + f.name + ".")
         else:
-            keys.append(prefix + f.name)
-    return keys
+            leaves.append((prefix + f.name, f))
+    return leaves
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    return [key for key, _ in _leaf_fields(cls, prefix)]
 
 
 def key_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key as the config file spells it, its default as YAML, its help) for every key, in order."""
     names = {v: k for k, v in _ALIASES.items()}
     rows = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows += key_help(hint, prefix + f.name + ".")
-            continue
+    for key, f in _leaf_fields(cls, prefix):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
-        rows.append((prefix + names.get(f.name, f.name), shown, f.metadata.get("help", "")))
+        *sections, name = key.split(".")
+        rows.append((".".join([*sections, names.get(name, name)]), shown, f.metadata.get("help", "")))
     return rows
 
 

@@ -290,7 +290,7 @@ class Method:
         return self.teacher == "online"
 
 
-# the registry every other module derives its method logic from; the first is the default
+# the registry every other module derives its method logic from
 METHODS: dict[str, Method] = {
     "okd": Method(okd_step, teacher="online"),
     "kd": Method(kd_step, teacher="frozen"),

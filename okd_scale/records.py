@@ -7,8 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from . import checkpoint
 from .config import RunConfig
 from .evaluate import Evaluator
@@ -20,12 +18,11 @@ class RunRecords:
     """A run's records on disk and on screen: run_config.yaml, log_history.jsonl, TensorBoard, the progress
     bar, evaluation and checkpoints."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world: int, tokenizer, student, online):
-        self.cfg, self.rank, self.world, self.tokenizer = cfg, rank, world, tokenizer
+    def __init__(self, cfg: RunConfig, run_config: str, rank: int, world: int, tokenizer, student, online):
+        self.cfg, self.run_config, self.rank, self.world, self.tokenizer = cfg, run_config, rank, world, tokenizer
         self.student, self.online = student, online  # the engines whose state a checkpoint holds
         self.out = Path(cfg.output_dir)
         self.history_file = self.out / "log_history.jsonl"  # one JSON row per optimizer step, appended as steps end
-        self.run_config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.evaluator = Evaluator(cfg, tokenizer, rank, world) if cfg.data.eval_file else None
         self.best: dict = {}
         self.writer = self.bar = None

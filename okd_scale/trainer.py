@@ -184,9 +184,10 @@ def train(cfg: RunConfig) -> TrainResult:
     resume_from = checkpoint.find_checkpoint(out, cfg.resume)
     if resume_from is not None:
         checkpoint.check_resume_config(resume_from, cfg.to_dict(), cfg.resume_ignore)
+    run_config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "run_config.yaml").write_text(run_config)
     checkpoint.clear_stop(out)
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     try:
@@ -200,7 +201,7 @@ def train(cfg: RunConfig) -> TrainResult:
     pos = data.DataPosition()
     loop = _Loop(cfg, student, teacher, tokenizer, world, make_scorer(cfg, teacher, student, len(tokenizer), rank,
                  world), data.batches_from(loader, pos))
-    run = RunRecords(cfg, rank, world, tokenizer, student, teacher if loop.method.online else None)
+    run = RunRecords(cfg, run_config, rank, world, tokenizer, student, teacher if loop.method.online else None)
     first_step, past = _resume(run, resume_from, loop, pos)
     run.open(first_step, past)
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
