@@ -147,6 +147,17 @@ def export_online_module(engine, out_dir: str | Path) -> Path:
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+TAG_PREFIX = "global_step"  # a tag is global_step<N>
+
+
+def _step(tag: Path) -> int:
+    return int(tag.name[len(TAG_PREFIX):])
+
+
+def _tag_dirs(root: Path) -> list[Path]:
+    """The tag directories under `root` (global_step<N>), in step order."""
+    return sorted((p for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
+                  key=_step)
 STOPPED = "stopped.json"  # output_dir/stopped.json: the run stopped on a signal (and where), until it runs again
 
 
@@ -381,7 +392,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         tokenizer.save_pretrained(str(tmp / "hf_student"))
     if teacher is not None:
         save_online_config(teacher.module, tmp / "hf_teacher")
-    tags = {p: _written(p) for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()}
+    tags = {p: _written(p) for p in _tag_dirs(root)}
     state.written = max(tags.values(), default=0) + 1
     write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
     write_manifest(tmp)
@@ -396,7 +407,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
         shutil.rmtree(replaced, ignore_errors=True)
     if keep_last:  # by write order (a rerun in an old directory may write lower steps), never latest or the best
         best = f"{TAG_PREFIX}{state.best['step']}" if state.best else None
-        older = sorted((p for p in tags if p.name != tag), key=lambda p: (tags[p], int(p.name[len("global_step"):])))
+        older = sorted((p for p in tags if p.name != tag), key=lambda p: (tags[p], _step(p)))
         for old in older[:max(0, len(older) - (keep_last - 1))]:
             if old.name != best:
                 shutil.rmtree(old, ignore_errors=True)
@@ -468,21 +479,18 @@ def find_checkpoint(out_dir: str | Path, resume: str) -> Optional[Path]:
     return path
 
 
-TAG_PREFIX = "global_step"  # a tag is global_step<N>
-
-
 def tag_dir(checkpoint_dir: Path, tag: Optional[str]) -> Path:
     """The tag directory `tag` (global_step<N>), or the one `latest` names, under a run's output_dir or its
     checkpoints/; CheckpointError naming the tags there otherwise."""
     root = checkpoint_dir / CHECKPOINTS if (checkpoint_dir / CHECKPOINTS).is_dir() else checkpoint_dir
     if not root.is_dir():
         raise CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
-    tags = sorted((p.name for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit()),
-                  key=lambda name: int(name[len(TAG_PREFIX):]))
+    tags = [p.name for p in _tag_dirs(root)]
     if tag is None:
-        if not (root / LATEST).is_file():
+        latest = _latest(root)
+        if latest is None:
             raise CheckpointError(f"{root}: no `{LATEST}` file; pass --tag (tags here: {', '.join(tags) or 'none'})")
-        tag = (root / LATEST).read_text().strip()
+        tag = latest.name
     if tag not in tags:
         raise CheckpointError(f"--tag {tag}: no such tag in {root} (tags here: {', '.join(tags) or 'none'})")
     return root / tag
