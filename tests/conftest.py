@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 # Set before anything imports deepspeed/transformers. DS_ACCELERATOR=cuda (as `make test` exports where
 # nvidia-smi exists) runs the tests on the GPU: they take their tensors' device from the `device` fixture.
@@ -10,10 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import tiny  # noqa: E402

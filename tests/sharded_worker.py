@@ -5,12 +5,9 @@ dense single-process computation. Inputs are built by `case_inputs`, shared with
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from okd_scale.divergences import DivergenceParams  # noqa: E402
 from okd_scale.process import run_and_exit  # noqa: E402

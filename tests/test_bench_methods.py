@@ -1,4 +1,4 @@
-"""tools/bench_methods.py on the tiny pair: every method runs, and the table has a row and a ratio each."""
+"""tools/bench/methods.py on the tiny pair: every method runs, and the table has a row and a ratio each."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_methods_table(tmp_path, pair):
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--teacher", str(pair / "teacher"),
+    cmd = [sys.executable, "-m", "tools.bench.methods", "--teacher", str(pair / "teacher"),
            "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
            "--methods", "sft,kd,seqkd,sgo,okd_head,okd", "--steps", "2", "--warmup", "1", "--batch-size", "2",
            "--max-length", "48", "--sgo-new-tokens", "8",
@@ -40,6 +40,6 @@ def test_bench_methods_table(tmp_path, pair):
 
 
 def test_bench_methods_refuses_unknown_methods():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--methods", "okd,ppo"],
+    proc = subprocess.run([sys.executable, "-m", "tools.bench.methods", "--methods", "okd,ppo"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--methods: unknown ['ppo']" in proc.stderr and "okd_head" in proc.stderr

@@ -1,4 +1,4 @@
-"""tools/bench_peers.py on the tiny pair: TRL's GKDTrainer and okd_scale's kd, okd, sgo each get a row, TRL sees
+"""tools/bench/peers.py on the tiny pair: TRL's GKDTrainer and okd_scale's kd, okd, sgo each get a row, TRL sees
 the same rows in the same order as okd_scale, and the target lines print."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_peers_table(tmp_path, pair):
     pytest.importorskip("trl", reason="the benchmark extra: pip install -e .[bench]")
     runs = tmp_path / "runs"
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--teacher", str(pair / "teacher"),
+    cmd = [sys.executable, "-m", "tools.bench.peers", "--teacher", str(pair / "teacher"),
            "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
            "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-length", "48", "--new-tokens", "8",
            "--out", str(runs), "--json", str(tmp_path / "peers.json"),
@@ -49,6 +49,6 @@ def test_bench_peers_table(tmp_path, pair):
 
 
 def test_bench_peers_refuses_bad_flag_values():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--new-tokens", "0"],
+    proc = subprocess.run([sys.executable, "-m", "tools.bench.peers", "--new-tokens", "0"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--new-tokens must be a positive integer, got 0" in proc.stderr

@@ -282,12 +282,13 @@ def test_help_prints_every_key_with_its_default():
 
 
 def test_readme_layout_names_every_module_and_tool():
-    """The README's layout section names every module of the package and every script of tools/."""
+    """The README's layout section names every module of the package and every script of tools/ with its folder."""
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout"):readme.index("## Tests")]
-    files = [p.name for p in sorted((ROOT / "okd_scale").glob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
+    names = [p.name for p in sorted((ROOT / "okd_scale").glob("*.py")) + sorted((ROOT / "tools").rglob("*.py"))
              if p.name != "__init__.py"]
-    assert [f for f in files if f not in layout] == []
+    folders = [f"{p.name}/" for p in sorted((ROOT / "tools").iterdir()) if (p / "__init__.py").is_file()]
+    assert [f for f in names + folders if f not in layout] == []
 
 
 def test_shipped_ds_configs_resolve_inside_the_package(tmp_path, monkeypatch):

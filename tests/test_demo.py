@@ -25,13 +25,13 @@ def test_demo_pipeline_tiny(tmp_path):
     env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547",
                PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--out", str(out), "--eval-examples", "3",
+    cmd = [sys.executable, "-m", "tools.demo.run", "--out", str(out), "--eval-examples", "3",
            "--max-new-tokens", "6", "--heal-steps", "2", "train.max_steps=2", "data.max_length=64",
            "train.warmup_steps=0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| teacher |" in proc.stdout and "| student after (OKD) |" in proc.stdout
-    assert "reproduce.py --preset gpu-proof" in proc.stdout  # what this budget buys, and what gives more
+    assert "tools.proof.reproduce --preset gpu-proof" in proc.stdout  # what this budget buys, and what gives more
     results = json.loads((out / "demo_results.json").read_text())["results"]
     assert list(results) == ["teacher", "student pruned", "student healed", "student after (OKD)"]
     for r in results.values():

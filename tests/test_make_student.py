@@ -1,4 +1,4 @@
-"""tools/make_student.py on a tiny 10-block teacher."""
+"""tools/demo/make_student.py on a tiny 10-block teacher."""
 import json
 from pathlib import Path
 
@@ -6,11 +6,9 @@ import pytest
 import torch
 
 import tiny
+from tools.demo import make_student as ms
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-ms = tiny.load_tool("make_student")
 
 
 @pytest.fixture(scope="module")

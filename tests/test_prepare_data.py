@@ -1,17 +1,14 @@
-"""tools/prepare_data.py: the real chatterbot corpus, and the ShareGPT object-by-object parser."""
+"""tools/demo/prepare_data.py: the real chatterbot corpus, and the ShareGPT object-by-object parser."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-import tiny
+from tools.demo import prepare_data as pdt
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "eval" / "dolly.jsonl"
-
-
-pdt = tiny.load_tool("prepare_data")
 
 needs_chatterbot = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None,

@@ -1,4 +1,4 @@
-"""tools/reproduce.py at a tiny size: two methods and the teacher, a few steps, one small set; the
+"""tools/proof/reproduce.py at a tiny size: two methods and the teacher, a few steps, one small set; the
 table files exist with a number in every cell, and a rerun skips finished cells."""
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import sys
 
 import pytest
 
-import tiny
 from tiny import ROOT, TORCH_ADAM_JSON, clean_env
 
 
 @pytest.mark.slow
 def test_sweep_table_and_resume(tmp_path, pair):
     out = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "--preset", "cpu-small",
+    cmd = [sys.executable, "-m", "tools.proof.reproduce", "--preset", "cpu-small",
            "--teacher", str(pair / "teacher"), "--student", str(pair / "student"),
            "--train-data", str(pair / "train.jsonl"), "--eval-sets", str(pair / "eval.jsonl"),
            "--prompt-format", "as-is", "--methods", "sft,okd", "--nproc", "1", "--steps", "3",
@@ -51,7 +50,8 @@ def test_sweep_table_and_resume(tmp_path, pair):
 @pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "cpu-okd-search", "gpu-proof", "gpu-paper"])
 def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
-    make_student, reproduce = tiny.load_tool("make_student"), tiny.load_tool("reproduce")
+    from tools.demo import make_student
+    from tools.proof import reproduce
     from okd_scale.config import load_config
 
     spec = reproduce.PRESETS[preset]
@@ -80,7 +80,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
     for name, src in (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("heal", "train.jsonl")):
         (data / f"{name}.jsonl").write_text((pair / src).read_text())
     out = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "--preset", "cpu-proof",
+    cmd = [sys.executable, "-m", "tools.proof.reproduce", "--preset", "cpu-proof",
            "--teacher", str(pair / "teacher"), "--data-dir", str(data), "--eval-sets", str(pair / "eval.jsonl"),
            "--prompt-format", "as-is", "--methods", "kd_fkl", "--train-seeds", "1,2", "--nproc", "1",
            "--steps", "3", "--heal-steps", "6", "--eval-examples", "4", "--out", str(out),
@@ -122,7 +122,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
 def test_table_pools_seeds_and_gives_the_verdict():
     """Hand-made cells: per-seed averages pooled (mean, population std), greedy and validation columns, and
     the verdict's spread against 3 x the largest seed std and the best student's share of the teacher."""
-    reproduce = tiny.load_tool("reproduce")
+    from tools.proof import reproduce
 
     def cell(name, method, seed, a, b, greedy=None):
         c = {"name": name, "eval": {"sets": {"x": {"rougeL": a, "std": 0.0, "n": 2},
@@ -155,7 +155,7 @@ def test_later_seeds_for_the_best_by_validation():
     for the 3 best by validation ROUGE-L (never by the evaluation sets); --all-seeds: every method."""
     import argparse
 
-    reproduce = tiny.load_tool("reproduce")
+    from tools.proof import reproduce
     preset = reproduce.PRESETS["cpu-proof"]
     methods = ["sft", "kd_fkl", "kd_rkl", "taid", "okd"]
     args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False)

@@ -88,7 +88,7 @@ def test_stop_by_signal_then_resume_equals_uninterrupted_two_processes(tmp_path,
 def deterministic(device):
     """On a GPU, torch's deterministic kernels where it has them (attention and embedding backward use atomics
     otherwise; cuBLAS also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the process starts, as
-    tools/gpu_check.py does); nothing changes on the CPU."""
+    tools/gpu/check.py does); nothing changes on the CPU."""
     if device.type == "cpu":
         yield
         return

@@ -1,7 +1,6 @@
 """okd_scale.sharded on 2 real gloo processes equals okd_scale.divergences on one, values and gradients."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -217,8 +216,7 @@ def test_shape_errors_are_clear():
 
 
 def test_bench_quick_prints_a_row_per_configuration(capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import bench_divergence
+    from tools.bench import divergence as bench_divergence
 
     rows = bench_divergence.main(["--quick", "--divergences", "fkl,akl"])
     table = capsys.readouterr().out

@@ -1,12 +1,9 @@
 #!/usr/bin/env python
 """Memory per GPU and node, the teacher's placement and the step-time floor of a run: okd_scale.plan's
-command line (`python -m okd_scale.plan --help`)."""
+command line, kept here for one release (`python -m okd_scale.plan --help`, or `okd plan`)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from okd_scale.plan import main  # noqa: E402
+from okd_scale.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

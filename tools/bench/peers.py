@@ -1,7 +1,7 @@
 """TRL's GKDTrainer and okd_scale side by side, on the same pair, rows, order and batch shapes: a table.
 
-    python tools/bench_peers.py                                    # the demo pair, 1 process, fp32
-    python tools/bench_peers.py --teacher T --student S --data train.jsonl --nproc 2 --bf16 \\
+    python -m tools.bench.peers                                    # the demo pair, 1 process, fp32
+    python -m tools.bench.peers --teacher T --student S --data train.jsonl --nproc 2 --bf16 \\
         --steps 10 --warmup 2 --batch-size 4 --max-length 128 --new-tokens 128 --out runs/peers --json peers.json
 
 Five runs of `--warmup + --steps` optimizer steps, each under torchrun with `--nproc` processes:
@@ -62,10 +62,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_methods import bench_rows, demo_pair, has_config_key, launch_env, pair_arguments, run_method  # noqa: E402
+from tools import ROOT
+from tools.bench.methods import bench_rows, demo_pair, has_config_key, launch_env, pair_arguments, run_method
 
 # (run, label, the TRL run it pairs with), in the table's order
 RUNS = (("trl_gkd", "TRL GKD lmbda=0", None), ("kd", "okd_scale kd", "trl_gkd"), ("okd", "okd_scale okd", "trl_gkd"),
@@ -171,7 +169,7 @@ def run_trl(name: str, args, cfg, out: Path) -> dict:
             "max_grad_norm": cfg.train.max_grad_norm}
     (run / "spec.json").write_text(json.dumps(spec, indent=2))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           str(Path(__file__).resolve()), "--worker", str(run / "spec.json")]
+           "-m", "tools.bench.peers", "--worker", str(run / "spec.json")]
     clock = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(args.nproc), capture_output=True, text=True)
     (run / "log.txt").write_text(proc.stdout + proc.stderr)

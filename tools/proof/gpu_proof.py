@@ -1,8 +1,8 @@
-"""The gpu-proof sweep (tools/reproduce.py --preset gpu-proof) on a GPU machine without network: its inputs
+"""The gpu-proof sweep (tools/proof/reproduce.py --preset gpu-proof) on a GPU machine without network: its inputs
 packed here into two folders that travel in two back-to-back device calls, then joined and run there.
 
-    python tools/gpu_proof.py pack [--dest .gpu_proof]            # here: `make gpu-proof-pack`
-    python tools/gpu_proof.py run [--src .gpu_proof] [--mirror DIR] [reproduce.py arguments ...]
+    python -m tools.proof.gpu_proof pack [--dest .gpu_proof]            # here: `make gpu-proof-pack`
+    python -m tools.proof.gpu_proof run [--src .gpu_proof] [--mirror DIR] [reproduce.py arguments ...]
                                                                   # there: `make gpu-proof`
 
 `pack` splits the teacher's GGUF file (98 MB, more than one call carries) into DEST/a (the first bytes, beside
@@ -10,7 +10,7 @@ the wheels of `make gpu-wheels`, which travel with it) and DEST/b (the rest, the
 sha256 and the ShareGPT splits of the preset, made here where the package is). The parts are sized so that
 each call, with the working tree, stays under the device's 64 MiB.
 
-`run` joins the parts, checks the sha256, imports the teacher (tools/import_gguf.py) and runs the sweep into
+`run` joins the parts, checks the sha256, imports the teacher (tools/demo/import_gguf.py) and runs the sweep into
 sweeps/gpu-proof; with --mirror every finished cell and the table are copied to DIR as they are written (the
 call's $OUT, which comes back even when the call runs out of time). A second call resumes: finished cells
 are skipped, a half-trained method resumes from its checkpoint while the machine is warm.
@@ -25,9 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from tools import ROOT
 CALL_LIMIT = 64 * 2**20  # what one device call carries: the working tree and its carried paths
 MARGIN = 2 * 2**20
 GGUF_NAME = "teacher.gguf"
@@ -59,9 +57,9 @@ def tree_bytes() -> int:
 
 def pack(dest: Path, demo_dir: Path, wheels: Path) -> dict:
     """DEST/a and DEST/b (see the module docstring); returns the manifest."""
-    import reproduce
-    from demo import prepare_assets
-    from import_gguf import default_gguf_path
+    from tools.demo.import_gguf import default_gguf_path
+    from tools.demo.run import prepare_assets
+    from tools.proof import reproduce
 
     if not any(wheels.glob("*.whl")):
         raise GpuProofError(f"no wheels in {wheels}: run `make gpu-wheels` first (they travel with part a)")
@@ -98,7 +96,7 @@ def pack(dest: Path, demo_dir: Path, wheels: Path) -> dict:
 
 def unpack(src: Path, demo_dir: Path) -> None:
     """The teacher imported from the joined GGUF into DEMO_DIR/teacher, the splits into DEMO_DIR/sharegpt."""
-    from import_gguf import import_gguf
+    from tools.demo.import_gguf import import_gguf
 
     manifest_file = src / "b" / "manifest.json"
     parts = [src / "a" / f"{GGUF_NAME}.0", src / "b" / f"{GGUF_NAME}.1"]
@@ -135,7 +133,7 @@ def main(argv=None) -> int:
     rn = sub.add_parser("run", help="there: join, import, sweep")
     rn.add_argument("--src", default=str(ROOT / ".gpu_proof"))
     rn.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
-    args, rest = p.parse_known_args(argv)  # run: the rest goes to tools/reproduce.py, e.g. --mirror $OUT
+    args, rest = p.parse_known_args(argv)  # run: the rest goes to tools/proof/reproduce.py, e.g. --mirror $OUT
     if rest and args.cmd == "pack":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -146,7 +144,7 @@ def main(argv=None) -> int:
     except GpuProofError as e:
         print(f"gpu_proof: error: {e}", file=sys.stderr)
         return 2
-    import reproduce
+    from tools.proof import reproduce
 
     return reproduce.main(["--preset", "gpu-proof", "--demo-dir", args.demo_dir, *rest])
 

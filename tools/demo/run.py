@@ -6,7 +6,7 @@ MiniLLM starts from an SFT student), distils it with OKD on 2 processes through 
 and prints a table of the teacher and each student: validation cross-entropy on the held-out split and
 ROUGE-L of greedy answers to its prompts.
 
-    python tools/demo.py [--out demo_out] [--nproc 2] [--eval-examples 24] [--heal-steps 80] [key=value ...]
+    python -m tools.demo.run [--out demo_out] [--nproc 2] [--eval-examples 24] [--heal-steps 80] [key=value ...]
 
 Extra key=value arguments go to the trainer (e.g. train.max_steps=300).
 """
@@ -21,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from tools import ROOT
 
 
 def _step(title: str) -> float:
@@ -46,9 +44,9 @@ def train_command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
 
 def prepare_assets(out: Path, keep_layers=None, announce=lambda title: time.perf_counter()) -> dict:
     """The demo's teacher, student and data under ``out`` (each made only when missing); seconds per part."""
-    from import_gguf import import_gguf
-    from make_student import make_student
-    from prepare_data import prepare_data
+    from tools.demo.import_gguf import import_gguf
+    from tools.demo.make_student import make_student
+    from tools.demo.prepare_data import prepare_data
 
     timings = {}
     t = announce("1/6 teacher: SmolLM2-135M-Instruct from its GGUF file")
@@ -79,7 +77,7 @@ def budget_line(ce: dict[str, float]) -> str:
     return (f"This budget (minutes on CPU cores) takes the 6-block student from validation CE "
             f"{ce['student pruned']:.2f} to {ce['student after (OKD)']:.2f} against the teacher's "
             f"{ce['teacher']:.2f}. A student that answers in sentences takes hours of healing and distillation: "
-            f"`python tools/reproduce.py --preset gpu-proof` on one GPU (README, \"On a GPU\").")
+            f"`python -m tools.proof.reproduce --preset gpu-proof` on one GPU (README, \"On a GPU\").")
 
 
 def results_table(rows: dict[str, dict], n: int) -> str:
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
     train_file, eval_file = out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
 
     t = _step(f"4/6 heal: the pruned student trained with {HEAL_METHOD} for {args.heal_steps} steps")
-    from make_student import heal
+    from tools.demo.make_student import heal
 
     healed = out / "student_healed"
     if not (healed / "heal_report.json").is_file():

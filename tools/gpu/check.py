@@ -1,12 +1,12 @@
 """The GPU check: okd_scale on the accelerator in one command, ending with one markdown table.
 
-    python tools/gpu_check.py [--out DIR] [--budget-s 280] [--dry-run] [--work DIR]     # `make gpu-check`
+    python -m tools.gpu.check [--out DIR] [--budget-s 280] [--dry-run] [--work DIR]     # `make gpu-check`
 
 1. the tests that run on the accelerator, on it (GROUPS, pytest with a JUnit report): the divergences
    (fp32, bf16, token-chunked, from hidden states) against float64 references, the vocabulary-sharded
    ones at world size 1, a run of every method in process (world size 1: NCCL on a GPU), bitwise resume
    in fp32, conversion of checkpoints to Hugging Face models (their logits), evaluation and generation;
-2. tools/bench_methods.py in one process, bf16, on two pairs built here from random weights (PAIRS;
+2. tools/bench/methods.py in one process, bf16, on two pairs built here from random weights (PAIRS;
    weights do not matter for speed): a 1B-class pair (a 24-block teacher, a 12-block student, hidden
    2048, vocabulary 32000) and a pair of the demo's size (SmolLM2-135M's shape, 30 blocks, and its
    6-block student, vocabulary 49152), each with a word-level tokenizer of the same vocabulary: step
@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
+from tools import ROOT
 
 CARRIED = ("deepspeed", "pydantic", "hjson", "rouge_score", "nltk", "datasets")  # what .whl brings there
 
@@ -290,7 +289,7 @@ def build_pair(pair: Pair, work: Path, dtype, device) -> tuple[Path, Path, Path]
 
     from transformers.utils import logging as hf_logging
 
-    import tiny
+    from tests import tiny
 
     hf_logging.disable_progress_bar()
     d = work / pair.name.split(" ")[0]
@@ -331,7 +330,7 @@ def teacher_config(cfg_dir: Path, base: dict, teacher: Path, student: Path, data
 
 
 def run_bench(pairs: list, dry: bool, clock: Clock, work: Path, logs: Path, report: Report) -> None:
-    """tools/bench_methods.py for each pair and method (one process each), with its plan beside it."""
+    """tools/bench/methods.py for each pair and method (one process each), with its plan beside it."""
     import torch
 
     accel = accelerator()
@@ -405,7 +404,7 @@ def bench_one(pair: Pair, method: str, teacher: Path, student: Path, data: Path,
     out = runs / pair.name.split(" ")[0]
     shutil.rmtree(out, ignore_errors=True)
     result = out / "result.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--teacher", str(teacher), "--student",
+    cmd = [sys.executable, "-m", "tools.bench.methods", "--teacher", str(teacher), "--student",
            str(student), "--data", str(data), "--config", str(cfg), "--methods", method, "--nproc", "1",
            "--steps", str(pair.steps), "--warmup", str(pair.warmup), "--batch-size", str(pair.batch),
            "--max-length", str(pair.seq), "--sgo-new-tokens", str(pair.new_tokens), "--out", str(out),
@@ -434,21 +433,13 @@ def bench_one(pair: Pair, method: str, teacher: Path, student: Path, data: Path,
 # --------------------------------------------------------------------------- 3. the plan
 
 
-def plan_module():
-    """okd_scale.plan (tools/plan.py before it moved into the package)."""
-    try:
-        from okd_scale import plan
-    except ImportError:
-        import plan
-    return plan
-
-
 def plan_row(pair: Pair, method: str, teacher: Path, student: Path, row: dict, t_cfg: str, bf16: bool) -> dict:
     """The memory plan of this run (okd_scale.plan) and its ratio to the measured peak, in percent."""
     if "error" in row or method in ("sft", "seqkd"):
         return {}  # the plan models a run with a teacher
     try:
-        plan = plan_module()
+        from okd_scale import plan
+
         if t_cfg == "auto" or "replica" in Path(t_cfg).name:
             spec = plan.EngineSpec(1)
         else:
@@ -515,7 +506,7 @@ def _tests_section(report: Report) -> list[str]:
 
 def _bench_section(report: Report) -> list[str]:
     dtypes = "/".join(sorted({r["dtype"] for r in report.bench if "dtype" in r})) or "-"
-    lines = ["", f"## Methods: tools/bench_methods.py, 1 process, {dtypes}, both engines on torch's Adam (no "
+    lines = ["", f"## Methods: tools/bench/methods.py, 1 process, {dtypes}, both engines on torch's Adam (no "
                  "fused-Adam build)", "",
              "| pair | method | batch x seq | step s | tokens/s | peak GiB | MFU | plan GiB | plan / peak | "
              "one-off s | run s | phases s/step |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build a student model directory from a teacher directory.
 
-    python tools/make_student.py TEACHER_DIR OUT_DIR [--keep-every 5 | --keep-layers 0,5,10,...]
+    python -m tools.demo.make_student TEACHER_DIR OUT_DIR [--keep-every 5 | --keep-layers 0,5,10,...]
         [--fresh [--num-layers N] [--hidden-size H] [--intermediate-size I] [--num-heads A] [--num-kv-heads K]]
         [--seed S] [--overwrite]
 
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from okd_scale.checkpoint import OutputDirError, check_output_dir, staged_dir
+from tools import ROOT
 
 FRESH_KEYS = {  # CLI name -> config attribute
     "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -197,7 +198,6 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
     return kept
 
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAL_METHODS = {"kd": ["method=kd", "loss.divergence=fkl"], "sft": ["method=sft"]}
 
 

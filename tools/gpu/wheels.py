@@ -1,6 +1,6 @@
 """The wheels the GPU machine lacks for okd_scale and its tests, in one folder that travels with a device run.
 
-    python tools/gpu_wheels.py [--dest .whl]            # `make gpu-wheels`
+    python -m tools.gpu.wheels [--dest .whl]            # `make gpu-wheels`
 
 The GPU machine (CPython 3.12 on x86-64 Linux, no network) has torch, transformers, peft and most of
 what okd_scale needs (DEVICE_HAS, from the machine's package list); WHEELS are the rest, at the versions
@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools import ROOT
 
 # package -> version: what okd_scale, its tools and its tests import that the machine does not have
 WHEELS = {
@@ -39,8 +39,8 @@ WHEELS = {
     "rouge-score": "0.1.2",
     "nltk": "3.10.4",  # rouge-score
     "defusedxml": "0.7.1",  # nltk
-    "trl": "1.16.0",  # tools/bench_peers.py (the `bench` extra) and its test
-    "gguf": "0.19.0",  # tools/import_gguf.py: the gpu-proof teacher (the `gguf` extra)
+    "trl": "1.16.0",  # tools/bench/peers.py (the `bench` extra) and its test
+    "gguf": "0.19.0",  # tools/demo/import_gguf.py: the gpu-proof teacher (the `gguf` extra)
 }
 BUILT = {"deepspeed", "rouge-score"}  # source distributions only: built here as pure-Python wheels
 

@@ -1,9 +1,9 @@
 """The paper's main comparison, on one shared budget: sft, kd (forward, reverse and skew KL), taid, sgo and
 okd (the config's settings, reverse KL for demo.yaml, and forward KL as okd_fkl).
 
-    python tools/reproduce.py --preset cpu-small                 # the demo pair on this machine
-    python tools/reproduce.py --preset gpu-paper --teacher T --student S --train-data dolly_train.jsonl
-    python tools/reproduce.py --preset cpu-small --methods sft,okd --steps 20 --out results_quick
+    python -m tools.proof.reproduce --preset cpu-small                 # the demo pair on this machine
+    python -m tools.proof.reproduce --preset gpu-paper --teacher T --student S --train-data dolly_train.jsonl
+    python -m tools.proof.reproduce --preset cpu-small --methods sft,okd --steps 20 --out results_quick
 
 Every method trains from the same student with the same data order, steps, batch, learning-rate
 schedule and seed (only `method` and its own settings differ), on `--nproc` processes; each student,
@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from tools import ROOT
+
 SHARED_EVAL = ROOT.parent / "shared" / "data" / "eval"
 
 # method cells: trainer overrides on top of the preset
@@ -60,7 +59,7 @@ METHODS = {
 }
 OKD_VARIANTS = [m for m in METHODS if m.startswith("okd_") and m != "okd_fkl"]
 
-# tools/prepare_data.py settings of the proof presets' data: ShareGPT's first turns in the teacher's chat
+# tools/demo/prepare_data.py settings of the proof presets' data: ShareGPT's first turns in the teacher's chat
 # format, English, bounded lengths, never an evaluation prompt; a validation split (model selection) and a
 # heal split (the init student) that the method comparison never trains on
 SHAREGPT = {"source": "sharegpt", "english": True, "max_prompt_chars": 1000, "max_output_chars": 1500,
@@ -178,8 +177,8 @@ def _formatted(sets: dict[str, Path], args, out: Path) -> dict[str, Path]:
 
 
 def proof_data(args, preset: dict) -> dict[str, Path]:
-    """The preset's training, validation and heal splits (tools/prepare_data.py, written once per machine)."""
-    from prepare_data import PrepareDataError, prepare_data
+    """The preset's training, validation and heal splits (tools/demo/prepare_data.py, written once per machine)."""
+    from tools.demo.prepare_data import PrepareDataError, prepare_data
 
     spec = dict(preset["data"])
     where = Path(args.data_dir or Path(args.demo_dir) / spec["source"])
@@ -202,12 +201,12 @@ def validation_set(src: Path, dst: Path, rows: int) -> Path:
 
 
 def init_cell(args, preset: dict, data: dict[str, Path], out: Path) -> dict:
-    """Heal the demo's pruned student once (tools/make_student.py --heal-*) into args.student (OUT/student_init, or
+    """Heal the demo's pruned student once (tools/demo/make_student.py --heal-*) into args.student (OUT/student_init, or
     the init_from preset's); its report."""
     heal, student = preset["heal"], Path(args.student)
     if not (student / "heal_report.json").is_file():
         steps = args.heal_steps or heal["steps"]
-        cmd = [sys.executable, str(ROOT / "tools" / "make_student.py"), args.teacher, str(student), "--overwrite",
+        cmd = [sys.executable, "-m", "tools.demo.make_student", args.teacher, str(student), "--overwrite",
                "--heal-train", str(data["heal"]), "--heal-eval", str(data["eval"]), "--heal-method", heal["method"],
                "--heal-steps", str(steps), "--heal-eval-every", str(min(heal["eval_every"], steps)),
                "--heal-nproc", str(args.nproc), *[x for kv in heal["set"] + [f"seed={args.train_seeds[0]}"]
@@ -410,7 +409,7 @@ def main(argv=None) -> int:
     if not args.teacher or not (proof or (args.student and args.train_data)):
         if args.preset == "gpu-paper":
             p.error("--teacher, --student and --train-data are required for gpu-paper")
-        from demo import prepare_assets
+        from tools.demo.run import prepare_assets
 
         demo = Path(args.demo_dir)
         prepare_assets(demo)

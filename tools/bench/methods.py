@@ -1,7 +1,7 @@
 """What each method's step costs on the same models and batches: a table.
 
-    python tools/bench_methods.py                                  # the demo pair (made when missing)
-    python tools/bench_methods.py --teacher T --student S --data train.jsonl --nproc 2 \
+    python -m tools.bench.methods                                  # the demo pair (made when missing)
+    python -m tools.bench.methods --teacher T --student S --data train.jsonl --nproc 2 \
         --methods sft,kd,seqkd,sgo,okd --steps 6 --warmup 2 --max-length 128 --batch-size 4 [--bf16]
 
 Each method runs `--warmup + --steps` optimizer steps of okd_scale/train.py under torchrun with
@@ -15,7 +15,7 @@ tokens of the global batch, for sgo including the sampled ones), the mean time p
 memory per rank (GPU: max allocated; CPU: peak RSS, which includes the offloaded teacher) and each
 method's step time over okd's.
 
-`--methods` also takes the OKD variants of tools/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the
+`--methods` also takes the OKD variants of tools/proof/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the
 online-module family), each a row of its own.
 
 Targets: sgo (lambda=1, 128 new tokens) at least 4x the step time of okd and of each OKD variant; each of them
@@ -33,16 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from tools import ROOT
 
 METHODS = ("sft", "kd", "seqkd", "sgo", "okd")
 OKD_TARGET = 1.15  # an OKD step at most this many kd steps
 
 
 def variants() -> dict[str, list[str]]:
-    """The OKD variants' trainer overrides (tools/reproduce.py METHODS)."""
-    from reproduce import METHODS as CELLS, OKD_VARIANTS
+    """The OKD variants' trainer overrides (tools/proof/reproduce.py METHODS)."""
+    from tools.proof.reproduce import METHODS as CELLS, OKD_VARIANTS
 
     return {name: CELLS[name] for name in OKD_VARIANTS}
 
@@ -67,7 +66,7 @@ def demo_pair(args) -> None:
     """Fill in whichever of args.teacher, args.student, args.data is unset from the demo pair (made when missing)."""
     if args.teacher and args.student and args.data:
         return
-    from demo import prepare_assets
+    from tools.demo.run import prepare_assets
 
     demo = Path(args.demo_dir).resolve()
     prepare_assets(demo)

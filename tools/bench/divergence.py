@@ -25,9 +25,9 @@ every value within 1e-5 relative of the float32 dense value. The "sharded" row h
 shards and their gradient for all tokens ([tokens, V / 2] each), which the token-chunked loss never
 does, so at these token counts it misses the 60% target; "sharded_hidden" is the comparable one.
 
-  python tools/bench_divergence.py                       # V = 32000, 49152 at 4096 tokens, 151936 at 2048
-  python tools/bench_divergence.py --quick               # tiny smoke run
-  python tools/bench_divergence.py --vocab 151936 --tokens 2048 --divergences fkl,akl
+  python -m tools.bench.divergence                       # V = 32000, 49152 at 4096 tokens, 151936 at 2048
+  python -m tools.bench.divergence --quick               # tiny smoke run
+  python -m tools.bench.divergence --vocab 151936 --tokens 2048 --divergences fkl,akl
 """
 from __future__ import annotations
 
@@ -46,11 +46,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from okd_scale import sharded  # noqa: E402
-from okd_scale.process import run_and_exit  # noqa: E402
-from okd_scale.divergences import DIVERGENCES, chunked_divergence_from_hidden, divergence_sum  # noqa: E402
+from okd_scale import sharded
+from okd_scale.process import run_and_exit
+from okd_scale.divergences import DIVERGENCES, chunked_divergence_from_hidden, divergence_sum
 
 FULL_SIZES = ((32000, 4096), (49152, 4096), (151936, 2048))  # (vocab, tokens)
 QUICK_SIZES = ((512, 64), (1001, 48))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write training data for the demo: OUT_DIR/train.jsonl, OUT_DIR/eval.jsonl and OUT_DIR/README.md.
 
-    python tools/prepare_data.py OUT_DIR [--source chatterbot|sharegpt] [--eval-fraction 0.1 | --num-eval N]
+    python -m tools.demo.prepare_data OUT_DIR [--source chatterbot|sharegpt] [--eval-fraction 0.1 | --num-eval N]
         [--max-examples N] [--seed S] [--english] [--max-prompt-chars N] [--max-output-chars N]
         [--exclude-prompts-from EVAL.jsonl ...] [--num-heal N]
 
@@ -26,7 +26,7 @@ and input, compared lowercased with whitespace collapsed), so training never see
 The split is by prompt (all the answers of one prompt land on the same side, so train and eval prompts
 are disjoint) and is deterministic for a seed: --num-eval / --eval-fraction count prompts, --max-examples
 caps pairs. --num-heal N sets N more prompts aside as OUT_DIR/heal.jsonl, for healing a pruned student
-(tools/make_student.py --heal-train) on data the method comparison does not use.
+(tools/demo/make_student.py --heal-train) on data the method comparison does not use.
 """
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = Non
     heal_note = f"; `heal.jsonl`: {len(heal)} rows ({num_heal} prompts, for healing a pruned student)" if heal else ""
     readme = f"""# Training data: {source}
 
-Written by `tools/prepare_data.py` (source `{source}`, seed {seed}, max_examples {max_examples},
+Written by `tools/demo/prepare_data.py` (source `{source}`, seed {seed}, max_examples {max_examples},
 {'num_eval ' + str(num_eval) if num_eval is not None else 'eval_fraction ' + str(eval_fraction)}).
 
 - Source package: `{counts['package']}` version {counts['version']} (PyPI; `{pip_command(source)}`)

