@@ -198,53 +198,40 @@ def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,),
 
 
 def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_size: int = 8) -> float:
-    """Mean cross-entropy per response token of ``model`` over a training-format data file (okd_scale.data:
-    the loss mask the trainer uses), on the model's device."""
-    import torch
-    import torch.nn.functional as F
-
+    """Mean cross-entropy per response token of a plain ``model`` over a training-format data file
+    (okd_scale.data: the loss mask the trainer uses), on the model's device, in this process alone."""
     from .data import build_dataloader, load_dataset
-    from .generation import model_device
-    from .methods import targets
 
     examples, _ = load_dataset(data_file, tokenizer, max_length)
     loader = build_dataloader(examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, rank=0,
                               world_size=1, seed=0, shuffle=False, drop_last=False)
-    device, was_training = model_device(model), model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                labels, mask = targets(batch)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-                total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
-                count += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+    return eval_loss(model, loader, model.config.vocab_size, all_ranks=False)
 
 
-def eval_loss(engine, loader, vocab_size: int) -> float:
-    """Mean cross-entropy per counted token of `engine`'s model over a loader (all ranks)."""
+def eval_loss(model, loader, vocab_size: int, *, all_ranks: bool = True) -> float:
+    """Mean cross-entropy per counted token of ``model`` (a DeepSpeed engine or a plain model) over a loader,
+    over every rank's share when ``all_ranks``."""
     import torch
 
     from .divergences import ce_sum
     from .methods import forward_counted, with_counted
     from .process import all_reduce_sum
 
-    was_training = engine.training
-    engine.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0.0
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in with_counted(batch).items()}
-            total += ce_sum(forward_counted(engine, batch, vocab_size, hidden=False), batch["counted_labels"]).double()
-            count += batch["counted_labels"].numel()
-    engine.train(was_training)
-    total, count = all_reduce_sum([float(total), count], engine.device)
-    return total / max(count, 1.0)
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=model.device), 0.0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(model.device, non_blocking=True) for k, v in with_counted(batch).items()}
+                logits = forward_counted(model, batch, vocab_size, hidden=False)
+                total += ce_sum(logits, batch["counted_labels"]).double()
+                count += batch["counted_labels"].numel()
+    finally:
+        model.train(was_training)
+    if all_ranks:
+        total, count = all_reduce_sum([float(total), count], model.device)
+    return float(total) / max(count, 1.0)
 
 
 class Evaluator:

@@ -152,13 +152,14 @@ def test_table_pools_seeds_and_gives_the_verdict():
 
 def test_later_seeds_for_the_best_by_validation():
     """cpu-proof's plan: every method at the first seed; the second seed, once those cells are all in, only
-    for the 3 best by validation ROUGE-L (never by the evaluation sets); --all-seeds: every method."""
+    for the 3 best by validation ROUGE-L (never by the evaluation sets); --reseed: these too, outside the ranking;
+    --all-seeds: every method."""
     import argparse
 
     from tools.proof import reproduce
     preset = reproduce.PRESETS["cpu-proof"]
     methods = ["sft", "kd_fkl", "kd_rkl", "taid", "okd"]
-    args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False)
+    args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False, reseed=[])
     first = [(f"{m}-seed42", m, 42) for m in methods]
     assert reproduce.cell_plan(args, preset, methods, {}) == first
     score = {"sft": 1.0, "kd_fkl": 4.0, "kd_rkl": 3.0, "taid": 5.0, "okd": 2.0}
@@ -169,5 +170,13 @@ def test_later_seeds_for_the_best_by_validation():
     assert reproduce.cell_plan(args, preset, methods, partial) == first
     assert reproduce.cell_plan(args, preset, methods, cells) == first + [
         ("taid-seed43", "taid", 43), ("kd_fkl-seed43", "kd_fkl", 43), ("kd_rkl-seed43", "kd_rkl", 43)]
-    args.all_seeds = True
+    args.reseed = ["okd"]  # outside the ranking: the 3 best of the others stay the same
+    assert reproduce.cell_plan(args, preset, methods, cells) == first + [
+        ("taid-seed43", "taid", 43), ("kd_fkl-seed43", "kd_fkl", 43), ("kd_rkl-seed43", "kd_rkl", 43),
+        ("okd-seed43", "okd", 43)]
+    args.reseed = ["taid"]  # ranked first: kd_fkl, kd_rkl and okd are the 3 best of the others
+    assert reproduce.cell_plan(args, preset, methods, cells) == first + [
+        ("kd_fkl-seed43", "kd_fkl", 43), ("kd_rkl-seed43", "kd_rkl", 43), ("okd-seed43", "okd", 43),
+        ("taid-seed43", "taid", 43)]
+    args.reseed, args.all_seeds = [], True
     assert reproduce.cell_plan(args, preset, methods, {}) == first + [(f"{m}-seed43", m, 43) for m in methods]

@@ -351,11 +351,13 @@ def verdict(data: dict) -> list[str]:
 def cell_plan(args, preset: dict, methods: list[str], cells: dict) -> list[tuple[str, str, int]]:
     """(cell name, method, training seed) in running order: every method at the first seed, then the other
     seeds, for every method or (the preset's ``reseed_top`` k) for the k methods whose first-seed cells score
-    best on the validation rows, once those cells are all finished (they decide the ranking)."""
+    best on the validation rows, once those cells are all finished (they decide the ranking), and for the
+    methods of ``--reseed`` whatever their rank (they are not ranked)."""
     name = (lambda m, seed: m) if len(args.train_seeds) == 1 else (lambda m, seed: f"{m}-seed{seed}")
     plan = [(name(m, args.train_seeds[0]), m, args.train_seeds[0]) for m in methods]
     top = preset.get("reseed_top")
     if top and not args.all_seeds:
+        ranked = [m for m in methods if m not in args.reseed]
         first = [cells.get(c[0]) for c in plan]
         if any(c is None or "validation" not in c["eval"]["sets"] for c in first):
             return plan
@@ -363,7 +365,7 @@ def cell_plan(args, preset: dict, methods: list[str], cells: dict) -> list[tuple
         def validation(m):
             return cells[name(m, args.train_seeds[0])]["eval"]["sets"]["validation"]["rougeL"]
 
-        methods = sorted(methods, key=lambda m: -validation(m))[:top]
+        methods = sorted(ranked, key=lambda m: -validation(m))[:top] + [m for m in methods if m in args.reseed]
     return plan + [(name(m, seed), m, seed) for seed in args.train_seeds[1:] for m in methods]
 
 
@@ -390,6 +392,9 @@ def main(argv=None) -> int:
                    help="training seeds, e.g. 42,43 (default: the preset's; one cell per method and seed)")
     p.add_argument("--all-seeds", action="store_true", help="every training seed for every method (cpu-proof runs "
                                                              "the later seeds for its best 3 by validation only)")
+    p.add_argument("--reseed", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="methods that get every training seed whatever their rank, e.g. an OKD variant chosen by "
+                        "cpu-okd-search beside cpu-proof's baselines (the ranking of the others stays theirs)")
     p.add_argument("--seed", type=int, help="one training seed (the same as --train-seeds SEED)")
     p.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
     p.add_argument("--out", help="default: results (cpu-small, gpu-paper) or sweeps/<preset> (proof presets, "
@@ -402,6 +407,8 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m] if args.methods else preset.get("methods", list(METHODS))
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"--methods: unknown {unknown}; expected a subset of {','.join(METHODS)}")
+    if stray := [m for m in args.reseed if m not in methods]:
+        p.error(f"--reseed: {stray} not among the methods run ({','.join(methods)})")
     args.nproc = args.nproc or preset["nproc"]
     args.prompt_format = args.prompt_format or preset["prompt_format"]
     args.train_seeds = [args.seed] if args.seed is not None else args.train_seeds or preset["train_seeds"]
