@@ -89,6 +89,11 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offload_device(ds_config: dict, kind: str) -> str:
+    """Where a DeepSpeed config offloads `kind` (offload_param or offload_optimizer): none, cpu or nvme."""
+    return ds_config.get("zero_optimization", {}).get(kind, {}).get("device", "none")
+
+
 def make_scheduler(kind: str, warmup_steps: int, total_steps: int) -> Callable:
     """A callable optimizer -> transformers LR schedule, for DeepSpeed to step at each boundary."""
     from transformers import get_scheduler
@@ -181,7 +186,7 @@ def run_settings(cfg: RunConfig, student_ds: dict, cluster: plan.Cluster, flash_
     """The memory plan's settings of the run `cfg` describes, whose student has the DeepSpeed config `student_ds`,
     on `cluster`; the teacher's engine is left at the plan's default (its placement is what is asked)."""
     t = cfg.train
-    offload = student_ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    offload = offload_device(student_ds, "offload_optimizer")
     return plan.Settings(
         seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
         grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,

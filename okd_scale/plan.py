@@ -702,7 +702,7 @@ def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
     import json
 
     from .config import ConfigError, load_config, resolve_path
-    from .engines import run_settings, zero_stage
+    from .engines import offload_device, run_settings, zero_stage
     from .methods import METHODS
 
     cfg = load_config(path, list(overrides))
@@ -721,7 +721,7 @@ def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
     if ds.teacher_config != "auto":
         teacher_ds = ds_config(ds.teacher_config)
         out["teacher_zero"] = zero_stage(teacher_ds)
-        out["teacher_offload"] = teacher_ds.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+        out["teacher_offload"] = offload_device(teacher_ds, "offload_param")
     return out
 
 

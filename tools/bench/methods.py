@@ -41,9 +41,9 @@ OKD_TARGET = 1.15  # an OKD step at most this many kd steps
 
 def variants() -> dict[str, list[str]]:
     """The OKD variants' trainer overrides (tools/proof/reproduce.py METHODS: the searched ones and the old default)."""
-    from tools.proof.reproduce import METHODS as CELLS
+    from tools.proof.reproduce import METHODS as CELLS, OKD_CELLS
 
-    return {name: CELLS[name] for name in CELLS if name.startswith("okd_") and name != "okd_fkl"}
+    return {name: CELLS[name] for name in OKD_CELLS}
 
 
 def has_config_key(key: str) -> bool:

@@ -439,12 +439,13 @@ def plan_row(pair: Pair, method: str, teacher: Path, student: Path, row: dict, t
         return {}  # the plan models a run with a teacher
     try:
         from okd_scale import plan
+        from okd_scale.engines import offload_device, zero_stage
 
         if t_cfg == "auto" or "replica" in Path(t_cfg).name:
             spec = plan.EngineSpec(1)
         else:
-            zero = json.loads(Path(t_cfg).read_text()).get("zero_optimization", {})
-            spec = plan.EngineSpec(int(zero.get("stage", 0)), zero.get("offload_param", {}).get("device", "none"))
+            teacher_ds = json.loads(Path(t_cfg).read_text())
+            spec = plan.EngineSpec(zero_stage(teacher_ds), offload_device(teacher_ds, "offload_param"))
         accel = accelerator()
         gpu_gib = accel.total_memory() / 2**30 if accel.device_name() != "cpu" else 1e6
         settings = plan.Settings(seq_len=pair.seq, micro_batch=pair.batch, cluster=plan.Cluster(1, 1, gpu_gib, 1e6),

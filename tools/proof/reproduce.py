@@ -59,7 +59,8 @@ METHODS = {
     "okd_temp_joint": ["method=okd", "online.placement=temperature", "online.objective=joint",
                        "online.learning_rate=1e-2"],
 }
-OKD_VARIANTS = [m for m in METHODS if m.startswith("okd_") and m not in ("okd_fkl", "okd_blocks_lr1e5")]
+OKD_CELLS = [m for m in METHODS if m.startswith("okd_") and m != "okd_fkl"]  # the variants and the old default
+OKD_VARIANTS = [m for m in OKD_CELLS if m != "okd_blocks_lr1e5"]  # what cpu-okd-search searches
 
 # tools/demo/prepare_data.py settings of the proof presets' data: ShareGPT's first turns in the teacher's chat
 # format, English, bounded lengths, never an evaluation prompt; a validation split (model selection) and a
