@@ -19,6 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent  # holds the shipped DeepSpeed con
 _ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER_TARGETS = ["q_proj", "v_proj"]  # the paper's online LoRA: attention query and value
 
 
 class ConfigError(ValueError):
@@ -94,35 +95,41 @@ class LossArgs:
 @dataclass
 class OnlineArgs:
     """The teacher's online module (method okd), zero-initialised so that step 0's teacher is the given one,
-    trained with LT while the rest of the teacher stays frozen.
+    trained with LT while the rest of the teacher stays frozen. The defaults are the paper's OKD (arXiv
+    2409.12512 v2, section V): a rank-32 LoRA (scale lora_alpha / r = 1) on q_proj and v_proj of every block, at
+    the student's learning rate and schedule, LT = 0.5 KL(sg[pS] || pT) + 0.5 CE(zT, y).
 
     placement (what the module is, and what its backward costs):
-      blocks       a LoRA (r, lora_alpha, target_modules) on the last num_blocks blocks; backward through them
+      blocks       a LoRA (r, lora_alpha, target_modules) on the last num_blocks blocks (all: the paper's);
+                   backward through them (online.gradient_checkpointing recomputes their activations)
       head         a LoRA on the lm_head: zT = h (W + lora_alpha/r B A)^T; the blocks run without gradient,
                    so OKD costs about what KD costs (one [V, H] product more per step)
       temperature  one learnable temperature: zT = h W^T / T_online (T_online = exp(s), s = 0 at step 0)
     objective (LT, over the counted tokens; pS = student, pT = adapted teacher, sg = no gradient):
       decoupled    LT = ce_weight CE(zT, y) + divergence_weight D_T(sg[pS] || pT), D_T = online.divergence
+                   (the paper's, with alpha = divergence_weight = 1 - ce_weight)
       joint        LT = ce_weight CE(zT, y) + divergence_weight kd_ratio D(pT || sg[pS]), D = loss.divergence:
                    the student's own distillation loss also trains the module (PESF-KD's form)
     """
 
     placement: str = arg("blocks", "what the module is: blocks | head | temperature")
     objective: str = arg("decoupled", "the module's loss LT: decoupled | joint")
-    r: int = arg(8, "the LoRA rank")
-    lora_alpha: int = arg(16, "the LoRA scale numerator (scale lora_alpha / r)")
+    r: int = arg(32, "the LoRA rank")
+    lora_alpha: int = arg(32, "the LoRA scale numerator (scale lora_alpha / r)")
     lora_dropout: float = arg(0.0, "LoRA dropout")
-    num_blocks: Optional[int] = arg(None, "k, the teacher's last blocks that carry it (null: a quarter, at least "
-                                          "1)")
-    target_modules: list = arg(help="the modules of those blocks that get a LoRA", factory=lambda: list(LLAMA_TARGETS))
-    learning_rate: Union[float, str] = arg(1e-4, "the module's peak learning rate, or ratio:R (R x "
-                                                 "train.learning_rate); 0: the module stays as it starts")
+    num_blocks: Optional[int] = arg(None, "k, the teacher's last blocks that carry it (null: every block)")
+    target_modules: list = arg(help="the modules of those blocks that get a LoRA",
+                               factory=lambda: list(PAPER_TARGETS))
+    learning_rate: Union[float, str] = arg("ratio:1", "the module's peak learning rate, or ratio:R (R x "
+                                                      "train.learning_rate); 0: the module stays as it starts")
     warmup_steps: Optional[int] = arg(None, "the module's warm-up steps (null: train.warmup_steps)")
     weight_decay: float = arg(0.0, "the module's AdamW weight decay")
     update_every: int = arg(1, "update the module every N optimizer steps")
     divergence: str = arg("fkl", "D_T of the decoupled objective")
-    divergence_weight: float = arg(1.0, "the weight on LT's divergence term")
-    ce_weight: float = arg(1.0, "the weight on LT's CE(zT, y) term")
+    divergence_weight: float = arg(0.5, "the weight on LT's divergence term (the paper's alpha)")
+    ce_weight: float = arg(0.5, "the weight on LT's CE(zT, y) term (the paper's 1 - alpha)")
+    gradient_checkpointing: bool = arg(False, "recompute the teacher's block activations in the module's backward "
+                                              "instead of keeping them (placements whose backward reaches blocks)")
     drift_every: int = arg(10, "log teacher/drift = KL(original teacher || adapted teacher) every N steps (0: "
                                "never)")
 
@@ -226,8 +233,18 @@ def key_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
         *sections, name = key.split(".")
-        rows.append((".".join([*sections, names.get(name, name)]), shown, f.metadata.get("help", "")))
+        rows.append((".".join([*sections, names.get(name, name)]), shown,
+                     f.metadata.get("help", "") + _per_method(key)))
     return rows
+
+
+def _per_method(key: str) -> str:
+    """" (method okd: 1.0)" for each method whose registry entry declares its own default of `key`."""
+    from .methods import METHODS
+
+    own = [f"{name}: {yaml.safe_dump(m.defaults[key], default_flow_style=True).strip().removesuffix('...').strip()}"
+           for name, m in METHODS.items() if key in m.defaults]
+    return f" (method {'; '.join(own)})" if own else ""
 
 
 def key_table() -> str:
@@ -325,21 +342,41 @@ def set_override(cfg: RunConfig, item: str) -> None:
     setattr(obj, parts[-1], _coerce(value, hints[parts[-1]], key, origin))
 
 
+def method_defaults(method: str) -> dict:
+    """The defaults the method registry declares for `method` ({dotted key: value}; {} for an unknown name, which
+    validate reports)."""
+    from .methods import METHODS
+
+    entry = METHODS.get(method)
+    return dict(entry.defaults) if entry is not None else {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config (optional), apply `key=value` overrides, validate."""
-    cfg = RunConfig()
+    """Read a YAML run config (optional), apply `key=value` overrides over the method's own defaults, validate."""
+    values, origin = {}, "config"
     if path is not None:
-        path = Path(path)
+        path, origin = Path(path), str(path)
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {path}")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _apply(cfg, values, str(path))
-    for item in overrides:
-        set_override(cfg, item)
-    validate(cfg, origin=str(path) if path else "config")
+
+    def parsed(defaults: dict) -> RunConfig:
+        cfg = RunConfig()
+        for key, value in defaults.items():
+            set_override(cfg, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...')}")
+        _apply(cfg, values, origin)
+        for item in overrides:
+            set_override(cfg, item)
+        return cfg
+
+    cfg = parsed({})
+    defaults = method_defaults(cfg.method)
+    if defaults:
+        cfg = parsed(defaults)
+    validate(cfg, origin=origin)
     return cfg
 
 

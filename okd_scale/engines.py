@@ -134,6 +134,9 @@ def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool)
     models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
     if online:
         tmodel = models.add_online_module(tmodel, cfg.online)
+        if cfg.online.gradient_checkpointing and models.online_module(cfg.online).blocks(
+                tmodel.config.num_hidden_layers, cfg.online):
+            tmodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         every = cfg.online.update_every
         warmup = t.warmup_steps if cfg.online.warmup_steps is None else cfg.online.warmup_steps
         sched = make_scheduler(t.lr_scheduler_type, warmup // every, max(1, math.ceil(t.max_steps / every)))

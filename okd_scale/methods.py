@@ -278,6 +278,8 @@ class Method:
     state: Optional[Callable[[RunConfig], object]] = None  # state across steps: a factory of an object with
     # after_step(row, step), state_dict() and load_state_dict(), saved in checkpoints
     vocab_shards: bool = True  # its loss runs split over the vocabulary (loss.vocab_shards > 1)
+    defaults: dict = field(default_factory=dict)  # {config key: value}: the method's own defaults, under the run's
+    # config file and overrides (config.load_config)
 
     @property
     def needs_teacher(self) -> bool:
@@ -292,7 +294,9 @@ class Method:
 
 # the registry every other module derives its method logic from
 METHODS: dict[str, Method] = {
-    "okd": Method(okd_step, teacher="online"),
+    # the paper's OKD (arXiv 2409.12512 v2, section V): the student learns forward KL to the adapted teacher alone
+    # (no CE); the online module's own defaults (config.OnlineArgs) are the paper's LoRA and LT
+    "okd": Method(okd_step, teacher="online", defaults={"loss.divergence": "fkl", "loss.kd_ratio": 1.0}),
     "kd": Method(kd_step, teacher="frozen"),
     "sft": Method(sft_step),
     "seqkd": Method(sft_step, teacher_data=True),  # sft on the teacher's cached responses

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -94,8 +95,8 @@ def weight_bytes(path: str, bf16: bool) -> Optional[int]:
 
 
 def online_block_ids(num_layers: int, num_blocks: Optional[int]) -> list[int]:
-    """The last k block indices; k defaults to a quarter of the blocks, at least 1."""
-    k = num_blocks if num_blocks is not None else max(1, num_layers // 4)
+    """The last k block indices; k defaults to every block (the paper's LoRA on every block)."""
+    k = num_blocks if num_blocks is not None else num_layers
     if k > num_layers:
         raise ModelError(f'"online.num_blocks" is {k} but the teacher has {num_layers} blocks')
     return list(range(num_layers - k, num_layers))
@@ -130,10 +131,36 @@ def _lora(teacher, args: OnlineArgs, **where):
     return model
 
 
+def _block_ids(num_layers: int, args: OnlineArgs) -> list[int]:
+    return online_block_ids(num_layers, args.num_blocks)
+
+
+def _no_blocks(num_layers: int, args: OnlineArgs) -> list[int]:
+    return []
+
+
 def _add_blocks(teacher, args: OnlineArgs):
-    blocks = online_block_ids(teacher.config.num_hidden_layers, args.num_blocks)
+    blocks = _block_ids(teacher.config.num_hidden_layers, args)
     return _lora(teacher, args, target_modules=list(args.target_modules), layers_to_transform=blocks,
                  layers_pattern="layers")
+
+
+def _target_shapes(shape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a Llama-layout block, from a model shape (plan.ModelShape)."""
+    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _blocks_params(shape, args: OnlineArgs) -> int:
+    """A rank-r LoRA on target_modules of each carrying block: r (in + out) per matrix."""
+    shapes = _target_shapes(shape)
+    unknown = [t for t in args.target_modules if t not in shapes]
+    if unknown:
+        raise ModelError(f"online.target_modules: {unknown} are not linear layers of a Llama-layout block "
+                         f"({', '.join(shapes)}); their size is unknown")
+    per_block = sum(args.r * sum(shapes[t]) for t in args.target_modules)
+    return len(online_block_ids(shape.layers, args.num_blocks)) * per_block
 
 
 def _output_name(teacher) -> str:
@@ -145,6 +172,11 @@ def _add_head(teacher, args: OnlineArgs):
     return _lora(teacher, args, target_modules=[_output_name(teacher)])
 
 
+def _head_params(shape, args: OnlineArgs) -> int:
+    """A rank-r LoRA on the [V, h] lm_head."""
+    return args.r * (shape.hidden + shape.vocab)
+
+
 def _head_rows(model, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """W + (alpha / r) B A, rows [start, end): computed by calling the LoRA's layers (so that ZeRO-3 gathers them)."""
     layer = model.get_output_embeddings()
@@ -152,6 +184,29 @@ def _head_rows(model, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
     eye = torch.eye(a.in_features, device=rows.device, dtype=a.weight.dtype)
     delta = b(a(eye))[:, start:end].t() * layer.scaling["default"]  # (B A)^T's columns = B A's rows
     return rows + delta.to(rows.dtype)
+
+
+def _untie_head(base) -> None:
+    """Give the lm_head its own copy of tied input embeddings (merging an output-side module must not change them)."""
+    head = base.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    if getattr(base.config, "tie_word_embeddings", False):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+        if hasattr(base, "_tied_weights_keys"):
+            base._tied_weights_keys = None
+
+
+def _merge_peft(model):
+    """W + s B A folded into the base weights (the lm_head untied first when the LoRA is on it)."""
+    _untie_head(model.get_base_model())
+    return model.merge_and_unload()
+
+
+def _load_peft(base, directory: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(directory))
 
 
 def _add_temperature(teacher, args: OnlineArgs):
@@ -162,8 +217,44 @@ def _add_temperature(teacher, args: OnlineArgs):
     return teacher
 
 
+def _temperature_params(shape, args: OnlineArgs) -> int:
+    return 1
+
+
 def _temperature_rows(model, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return rows * model.get_submodule("online_temperature")().to(rows.dtype)
+
+
+def _merge_temperature(model):
+    """A plain model whose lm_head is W / T (untied from the input embeddings), the module and its hook removed."""
+    module = model.get_submodule("online_temperature")
+    scale = module().detach()
+    head = model.get_output_embeddings()
+    _untie_head(model)
+    with torch.no_grad():
+        head.weight.mul_(scale.to(head.weight.dtype))
+    head._forward_hooks.clear()
+    del model.online_temperature
+    return model
+
+
+TEMPERATURE_FILE = "online_module.safetensors"  # a module that is not a PEFT adapter: its weights ...
+ONLINE_CONFIG = "online_config.json"  # ... and what it is ({"placement": ..., its values})
+
+
+def _load_file_module(placement: str):
+    def load(base, directory: Path):
+        from safetensors.torch import load_file
+
+        model = ONLINE_MODULES[placement].add(base, OnlineArgs(placement=placement))
+        state = load_file(str(Path(directory) / TEMPERATURE_FILE))
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ModelError(f"{directory}: {TEMPERATURE_FILE} holds {sorted(missing)}, which the "
+                             f"{placement} module does not have")
+        model.load_state_dict(state, strict=False)
+        return model
+    return load
 
 
 @contextmanager
@@ -184,20 +275,47 @@ def _temperature_disabled(model):
 
 @dataclass(frozen=True)
 class OnlineModule:
-    """One online.placement: ``add(teacher, args)`` gives the teacher with the module (all else frozen);
-    ``head_rows(model, W rows, start, end)`` the lm_head rows as the module changes them (None: the module is in
-    the blocks, the lm_head is W); ``disabled(model)`` a context in which the model is the original teacher."""
+    """One online.placement, declared whole.
+
+    add(teacher, args)            the teacher with the module, zero-initialised (step 0's teacher is the given
+                                  one), the module's parameters the only trainable ones
+    blocks(num_layers, args)      the teacher blocks that carry it: its backward runs from the lowest of them to
+                                  the top, and their activations are kept for it ([]: the blocks run without
+                                  gradient)
+    params(shape, args)           its trainable parameters, from a model shape (hidden, heads, head_dim, kv_heads,
+                                  intermediate, vocab, layers), for the plan
+    head_rows(model, W rows, s, e) the lm_head rows [s, e) as the module changes them (None: in the blocks, the
+                                  lm_head is W)
+    disabled(model)               a context in which the model is the original teacher
+    adapter                       saved, exported and converted as a PEFT adapter (adapter_config.json +
+                                  adapter_model.safetensors); else as ONLINE_CONFIG + TEMPERATURE_FILE
+    load(base, directory)         the base model with an exported module attached
+    merge(model)                  a plain transformers model with the module folded into its weights
+    """
 
     add: Callable
+    blocks: Callable
+    params: Callable
     head_rows: Optional[Callable]
     disabled: Callable
+    adapter: bool
+    load: Callable
+    merge: Callable
 
 
 ONLINE_MODULES: dict[str, OnlineModule] = {
-    "blocks": OnlineModule(_add_blocks, None, _peft_disabled),
-    "head": OnlineModule(_add_head, _head_rows, _peft_disabled),
-    "temperature": OnlineModule(_add_temperature, _temperature_rows, _temperature_disabled),
+    "blocks": OnlineModule(_add_blocks, _block_ids, _blocks_params, None, _peft_disabled, True, _load_peft,
+                           _merge_peft),
+    "head": OnlineModule(_add_head, _no_blocks, _head_params, _head_rows, _peft_disabled, True, _load_peft,
+                         _merge_peft),
+    "temperature": OnlineModule(_add_temperature, _no_blocks, _temperature_params, _temperature_rows,
+                                _temperature_disabled, False, _load_file_module("temperature"), _merge_temperature),
 }
+
+
+def online_module(args: OnlineArgs) -> OnlineModule:
+    """The registry's declaration of args.placement."""
+    return ONLINE_MODULES[args.placement]
 
 
 def add_online_module(teacher, args: OnlineArgs):

@@ -285,9 +285,10 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, s
     if result.history:
         metrics["final"] = {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")}
         n_online = 0
-        if loop.method.online and models.ONLINE_MODULES[cfg.online.placement].head_rows is None:  # in the blocks
-            blocks = models.online_block_ids(teacher.module.config.num_hidden_layers, cfg.online.num_blocks)
-            n_online = models.block_parameter_count(teacher.module, blocks)
+        if loop.method.online:  # the blocks the module's backward runs through: from its lowest block to the top
+            layers = teacher.module.config.num_hidden_layers
+            blocks = models.online_module(cfg.online).blocks(layers, cfg.online)
+            n_online = models.block_parameter_count(teacher.module, range(min(blocks), layers)) if blocks else 0
         metrics.update(perf.run_cost(result.history, teacher, student, run.world, loop.sampled_tokens, n_online,
                                      loop.method.online))
         if run.rank == 0:

@@ -123,10 +123,10 @@ def test_ds_config_auto_filled_and_conflicts_refused(tmp_path, assets):
     teacher, student = ds_configs_for(cfg, world_size=2)
     assert student["train_batch_size"] == 4 * 3 * 2 and student["bf16"]["enabled"] is True
     assert teacher["zero_optimization"]["stage"] == 3
-    assert teacher["optimizer"]["params"]["lr"] == cfg.online.learning_rate
+    assert teacher["optimizer"]["params"]["lr"] == cfg.train.learning_rate  # the paper: the student's rate (ratio:1)
     assert student["data_types"] == teacher["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 accumulates in fp32
     auto, _ = ds_configs_for(load_config(write(tmp_path, base(assets))), world_size=1)  # a tiny teacher: a replica
-    assert auto["zero_optimization"] == {"stage": 1} and auto["optimizer"]["params"]["lr"] == cfg.online.learning_rate
+    assert auto["zero_optimization"] == {"stage": 1} and auto["optimizer"]["params"]["lr"] == cfg.train.learning_rate
     assert student["optimizer"]["params"]["lr"] == cfg.train.learning_rate
     kd_teacher, _ = ds_configs_for(load_config(write(tmp_path, {**base(assets), "method": "kd"})), world_size=1)
     assert "optimizer" not in kd_teacher
