@@ -30,7 +30,7 @@ def _teacher_with_module(pair: Path, placement: str, dtype=torch.float32, tie: b
         path = tmp / "tied"
     base = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     original = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return add_online_module(base, OnlineArgs(placement=placement, num_blocks=2)), original
+    return add_online_module(base, OnlineArgs(placement=placement)), original  # blocks: the paper's module
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -94,16 +94,81 @@ def _assert_grad_close(got, want, name):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("objective", ["decoupled", "joint"])
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_objective_matches_float64_reference(tmp_path, pair, placement, objective):
+def paper_config(path: Path, pair: Path) -> Path:
+    """An okd run config on the tiny pair with no loss.* or online.* key: the package's own defaults."""
+    import yaml
+
+    cfg = yaml.safe_load(write_config(path, pair, "okd").read_text())
+    del cfg["online"]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_okd_defaults_are_the_papers(tmp_path, pair):
+    """method okd with no loss.* or online.* key is the paper's OKD: LS = KL(pT' || pS) alone, LT = 0.5 KL(sg[pS] ||
+    pT') + 0.5 CE, a rank-32 LoRA with scale 1 on q_proj and v_proj of every block, at the student's learning rate
+    and schedule. The registry's defaults sit under the config file and the command line, for okd alone."""
+    import re
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from okd_scale.config import load_config, online_learning_rate
+    from okd_scale.models import add_online_module
+
+    path = paper_config(tmp_path / "paper.yaml", pair)
+    cfg = load_config(path)
+    lo, on = cfg.loss, cfg.online
+    assert (lo.divergence, lo.kd_ratio) == ("fkl", 1.0)
+    assert (on.placement, on.num_blocks, on.target_modules, on.r, on.lora_alpha / on.r) == (
+        "blocks", None, ["q_proj", "v_proj"], 32, 1.0)
+    assert (on.objective, on.divergence, on.divergence_weight, on.ce_weight) == ("decoupled", "fkl", 0.5, 0.5)
+    assert online_learning_rate(cfg) == cfg.train.learning_rate and on.warmup_steps is None
+    assert load_config(path, ["loss.kd_ratio=0.3"]).loss.kd_ratio == 0.3
+    assert load_config(path, ["method=kd"]).loss.kd_ratio == 0.5
+    from_file = yaml.safe_load(path.read_text())
+    from_file["loss"] = {"kd_ratio": 0.2, "divergence": "rkl"}
+    (tmp_path / "set.yaml").write_text(yaml.safe_dump(from_file))
+    assert (load_config(tmp_path / "set.yaml").loss.kd_ratio, load_config(tmp_path / "set.yaml").loss.divergence) == (
+        0.2, "rkl")
+    model = add_online_module(AutoModelForCausalLM.from_pretrained(str(pair / "teacher")), on)
+    carried = {re.search(r"layers\.(\d+)\..*\.(\w+_proj)\.lora_", n).groups() for n, p in model.named_parameters()
+               if p.requires_grad}
+    assert carried == {(str(i), proj) for i in range(4) for proj in ("q_proj", "v_proj")}
+
+
+def test_paper_module_trains_at_the_students_rate(tmp_path, pair):
+    """The paper's module follows the student's learning rate at every step, warm-up and decay included, and moves
+    the teacher away from the original."""
+    from dist_worker import run_and_dump
+
+    from okd_scale.config import load_config
+
+    cfg = load_config(paper_config(tmp_path / "paper.yaml", pair),
+                      ["train.max_steps=4", "train.lr_scheduler_type=cosine", "train.warmup_steps=2",
+                       "online.drift_every=3", "data.eval_file=null"])
+    history = run_and_dump(cfg)["history"]
+    assert [r["lr/online"] for r in history] == pytest.approx([r["lr/student"] for r in history], rel=1e-12)
+    assert [r["lr/student"] for r in history] == pytest.approx([2.5e-3, 5e-3, 2.5e-3, 0.0], abs=1e-12)  # after each
+    assert history[0]["teacher/drift"] == 0 and history[3]["teacher/drift"] > 0
+
+
+CUSTOM = ["loss.kd_ratio=0.6", "online.divergence_weight=0.7", "online.ce_weight=0.4", "online.divergence=fkl"]
+PAPER = ["online.num_blocks=null"]  # the paper's OKD: no loss.* or online.* setting but every block
+OBJECTIVES = [pytest.param(p, o, CUSTOM, id=f"{p}-{o}") for p in PLACEMENTS for o in ("decoupled", "joint")] + [
+    pytest.param("blocks", "decoupled", PAPER, id="paper-hidden"),
+    pytest.param("blocks", "decoupled", PAPER + ["loss.from_hidden=false"], id="paper-logits")]
+
+
+@pytest.mark.parametrize("placement,objective,settings", OBJECTIVES)
+def test_objective_matches_float64_reference(tmp_path, pair, placement, objective, settings):
     """One okd step on a moved module: the student's and the module's DeepSpeed gradients, the logged LT and the
-    entropies / top-1 equal a float64 autograd reference of the step's losses; no base weight of the teacher
-    receives a gradient."""
+    entropies / top-1 equal a float64 autograd reference of the step's losses (with the paper's defaults too, from
+    hidden states and from logits); no base weight of the teacher receives a gradient."""
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
-    from okd_scale.config import OnlineArgs, load_config
+    from okd_scale.config import load_config
     from okd_scale.process import init_distributed
     from okd_scale.methods import StepContext, loss_normaliser, okd_step
     from okd_scale.models import add_online_module
@@ -111,9 +176,8 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
     from okd_scale.trainer import build
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
-                      ["train.per_device_train_batch_size=3", "train.max_grad_norm=0", "loss.kd_ratio=0.6",
-                       "loss.chunk_size=7", f"online.placement={placement}", f"online.objective={objective}",
-                       "online.divergence_weight=0.7", "online.ce_weight=0.4", "online.divergence=fkl"])
+                      ["train.per_device_train_batch_size=3", "train.max_grad_norm=0", "loss.chunk_size=7",
+                       f"online.placement={placement}", f"online.objective={objective}", *settings])
     init_distributed()
     tokenizer, loader, _, teacher, student = build(cfg, 0, 1)
     torch.manual_seed(0)
@@ -133,7 +197,7 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
     assert all(p.grad is None for p in teacher.module.parameters() if not p.requires_grad)
 
     ref_t = add_online_module(AutoModelForCausalLM.from_pretrained(str(pair / "teacher"), dtype=torch.float64),
-                              OnlineArgs(placement=placement, num_blocks=2))
+                              cfg.online)
     ref_t.load_state_dict(module_state, strict=False)
     ref_s = AutoModelForCausalLM.from_pretrained(str(pair / "student"), dtype=torch.float64)
     ls, lt, stats, n = _reference_losses(ref_t, ref_s, batch, cfg)
@@ -151,16 +215,14 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
         _assert_grad_close(got_s[name], p.grad, name)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_teacher_activations_kept_for_backward(tmp_path, pair, placement):
-    """The teacher's forward on an update step keeps, for backward, activations of the blocks only when the module
-    is in the blocks: with head or temperature it saves nothing larger than the module's own parameters."""
+def _saved_by_teacher_forward(tmp_path, pair, overrides: list) -> tuple[list, int]:
+    """(numel of each tensor the teacher's forward on an update step saves for backward, the module's numel)."""
     from okd_scale.config import load_config
     from okd_scale.process import init_distributed
     from okd_scale.methods import forward_counted
     from okd_scale.trainer import build
 
-    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), [f"online.placement={placement}"])
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), overrides)
     init_distributed()
     tokenizer, loader, _, teacher, _student = build(cfg, 0, 1)
     batch = next(iter(loader))
@@ -168,10 +230,20 @@ def test_teacher_activations_kept_for_backward(tmp_path, pair, placement):
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
                                                                        lambda t: t):
         forward_counted(teacher, batch, len(tokenizer), hidden=True)
-    module_numel = sum(p.numel() for p in teacher.module.parameters() if p.requires_grad)
+    return saved, sum(p.numel() for p in teacher.module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_teacher_activations_kept_for_backward(tmp_path, pair, placement):
+    """The teacher's forward on an update step keeps, for backward, activations of the blocks only when the module
+    is in the blocks: with head or temperature it saves nothing larger than the module's own parameters; with
+    online.gradient_checkpointing the blocks keep none of their inner activations (recomputed in backward)."""
+    saved, module_numel = _saved_by_teacher_forward(tmp_path, pair, [f"online.placement={placement}"])
     big = [k for k in saved if k > module_numel]
     if placement == "blocks":
         assert len(big) > 4  # the last 2 blocks' activations
+        ckpt, _ = _saved_by_teacher_forward(tmp_path, pair, ["online.gradient_checkpointing=true"])
+        assert len([k for k in ckpt if k > module_numel]) < len(big) / 4
     else:
         assert big == []
 
