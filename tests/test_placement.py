@@ -144,33 +144,46 @@ def test_nvme_offload_needs_a_path():
         "zero_optimization"]["stage"] == 0
 
 
+# the paper's OKD (its module on every block, at the student's rate); with checkpointed teacher blocks too
+PAPER = {"okd": ["online.num_blocks=null", "online.learning_rate=ratio:1"], "kd": []}
+CHECKPOINTED = ["online.gradient_checkpointing=true"]
+ONE_PROCESS = {"offload": (OFFLOAD, []), "replica": ("ds_configs/teacher_replica.json", []),
+               "zero3": ("ds_configs/teacher_zero3.json", []), "offload_ckpt": (OFFLOAD, CHECKPOINTED),
+               "replica_ckpt": ("ds_configs/teacher_replica.json", CHECKPOINTED)}
+
+
 @pytest.mark.parametrize("method", ["okd", "kd"])
 def test_each_placement_trains_as_zero3_offload_one_process(tmp_path, pair, method):
+    """Replica, ZeRO-3 and ZeRO-3 + CPU offload teachers, with and without checkpointed teacher blocks (okd), give
+    the same losses and final weights."""
     from dist_worker import run_and_dump
 
     from okd_scale.config import load_config
 
-    for name in ("offload", "replica", "zero3"):
-        path = {"offload": OFFLOAD, "replica": "ds_configs/teacher_replica.json",
-                "zero3": "ds_configs/teacher_zero3.json"}[name]
+    names = list(ONE_PROCESS) if method == "okd" else ["offload", "replica", "zero3"]
+    for name in names:
+        path, extra = ONE_PROCESS[name]
         run_and_dump(load_config(write_config(tmp_path / f"{name}.yaml", pair, method),
                                  [f"output_dir={tmp_path / name}", f"deepspeed.teacher_config={path}",
-                                  "data.eval_file=null"]))
-    for name in ("replica", "zero3"):
+                                  "data.eval_file=null", *PAPER[method], *extra]))
+    for name in names[1:]:
         assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["okd", "kd"])
 def test_each_placement_trains_as_zero3_offload_two_processes(tmp_path, pair, method):
-    for name, path in (("offload", OFFLOAD), ("auto", "auto"), ("zero3", "ds_configs/teacher_zero3.json")):
+    runs = [("offload", OFFLOAD, []), ("auto", "auto", []), ("zero3", "ds_configs/teacher_zero3.json", [])]
+    if method == "okd":
+        runs.append(("offload_ckpt", OFFLOAD, CHECKPOINTED))
+    for name, path, extra in runs:
         cfg = write_config(tmp_path / f"{name}.yaml", pair, method)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / name}",
-               f"deepspeed.teacher_config={path}", "data.eval_file=null"]
+               f"deepspeed.teacher_config={path}", "data.eval_file=null", *PAPER[method], *extra]
         proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         if name == "auto":
             assert "teacher placement: replica" in proc.stderr
-    for name in ("auto", "zero3"):
+    for name, *_ in runs[1:]:
         assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
