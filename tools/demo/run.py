@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         "## Where things are", "",
         f"- healed student (the distillation's start; heal_report.json): {healed}",
         f"- exported student (Hugging Face dir): {run_dir / 'student'}",
-        f"- online module (a PEFT adapter, or the learned temperature): {run_dir / 'online_module'}",
+        f"- the teacher's online module (the paper's LoRA, as a PEFT adapter): {run_dir / 'online_module'}",
         f"- TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}",
         f"- metrics: {run_dir / 'metrics.json'}", "",
         "## Wall time (s)", "", *[f"- {k}: {v:.0f}" for k, v in timings.items()], ""])
