@@ -1,5 +1,6 @@
 """What a run writes and reads back: resumable checkpoints of both engines, the student as a Hugging Face
-directory, the online module as a PEFT adapter.
+directory, the online module as its declaration (models.online_module) says: a PEFT adapter, or
+models.ONLINE_CONFIG + models.TEMPERATURE_FILE.
 
 Checkpoint layout (DeepSpeed's: one directory of tags and a `latest` file naming the newest):
 
@@ -7,8 +8,8 @@ Checkpoint layout (DeepSpeed's: one directory of tags and a `latest` file naming
     output_dir/checkpoints/global_step{N}/student/     student.save_checkpoint: weights, optimizer, scheduler
     output_dir/checkpoints/global_step{N}/teacher/     okd: the online module and its optimizer (frozen base left out)
     output_dir/checkpoints/global_step{N}/hf_student/  the student's config, generation config and tokenizer
-    output_dir/checkpoints/global_step{N}/hf_teacher/  okd: the online module's adapter_config.json (online_config.json
-                                                       for a learned temperature)
+    output_dir/checkpoints/global_step{N}/hf_teacher/  okd: what the online module is: its adapter_config.json, or
+                                                       else online_config.json ({"placement": ...})
     output_dir/checkpoints/global_step{N}/trainer_state.json   step, data position, world size, method
     output_dir/checkpoints/global_step{N}/rng_state_{rank}.pth python, numpy, torch and accelerator RNG states
 
@@ -32,7 +33,9 @@ import torch
 from safetensors.torch import save_file
 
 from . import faults
+from .config import OnlineArgs
 from .engines import zero_stage
+from .models import ONLINE_CONFIG, ONLINE_MODULES, TEMPERATURE_FILE, online_module
 
 
 def _is_rank0() -> bool:
@@ -111,33 +114,51 @@ def online_state_dict(engine) -> dict | None:
         return {n: p.detach().cpu().clone() for n, p in named} if _is_rank0() else None
 
 
-ONLINE_CONFIG = "online_config.json"  # a module that is not a PEFT adapter (online.placement=temperature)
+def _online_values(args: OnlineArgs, state: dict) -> dict:
+    """What ONLINE_CONFIG says of a module that is not a PEFT adapter: its placement (and a learned temperature's
+    value, T = exp(s))."""
+    values = {"placement": args.placement}
+    if args.placement == "temperature":
+        (log_t,) = state.values()
+        values["temperature"] = float(log_t.float().exp())
+    return values
 
 
-def save_online_config(model, out_dir: Path) -> None:
-    """What the online module is: PEFT's adapter_config.json for a LoRA, else ONLINE_CONFIG."""
-    if hasattr(model, "peft_config"):
+def save_online_config(model, args: OnlineArgs, out_dir: Path) -> None:
+    """What the online module of ``model`` (the run's ``args``) is: PEFT's adapter_config.json for an adapter, else
+    ONLINE_CONFIG naming its placement."""
+    if online_module(args).adapter:
         model.peft_config["default"].save_pretrained(str(out_dir))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / ONLINE_CONFIG, json.dumps({"placement": "temperature"}))
+        write_atomic(out_dir / ONLINE_CONFIG, json.dumps({"placement": args.placement}))
 
 
-def export_online_module(engine, out_dir: str | Path) -> Path:
-    """Write the teacher's online module: a PEFT adapter directory (adapter_config.json + safetensors) for a
-    LoRA; for the learned temperature, online_config.json (with its value) and online_module.safetensors."""
+def write_online_module(model, args: OnlineArgs, out_dir: str | Path, *, state: Optional[dict] = None) -> Path:
+    """The online module of ``model`` (the teacher with it, as online_module(args).add gives it) in the form
+    online_module(args).load reads: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors),
+    else ONLINE_CONFIG ({"placement": ..., its values}) and TEMPERATURE_FILE. ``state``: the module's weights
+    (default: the model's trainable parameters). Written staged, so ``out_dir`` is never half written. One process
+    calls this."""
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        if online_module(args).adapter:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True, save_embedding_layers=False)
+        else:
+            if state is None:
+                state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / TEMPERATURE_FILE))
+            (tmp / ONLINE_CONFIG).write_text(json.dumps(_online_values(args, state)))
+    return out_dir
+
+
+def export_online_module(engine, args: OnlineArgs, out_dir: str | Path) -> Path:
+    """Write the teacher engine's online module (the run's ``args``) as ``write_online_module`` does, gathered under
+    ZeRO-3. Every rank calls this."""
     out_dir = Path(out_dir)
     state = online_state_dict(engine)
     if _is_rank0():
-        with staged_dir(out_dir) as tmp:
-            if hasattr(engine.module, "peft_config"):
-                engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True,
-                                              save_embedding_layers=False)
-            else:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "online_module.safetensors"))
-                (log_t,) = state.values()
-                (tmp / ONLINE_CONFIG).write_text(json.dumps({"placement": "temperature",
-                                                             "temperature": float(log_t.float().exp())}))
+        write_online_module(engine.module, args, out_dir, state=state)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out_dir
@@ -279,8 +300,12 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
                     run_config: str = "", keep_last: int = 0) -> Path:
     """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
     teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all), never
-    the best one of `state.best`. Every rank calls this."""
+    the best one of `state.best`. ``run_config``: the run's config as YAML (its online section says what the
+    teacher's module is). Every rank calls this."""
+    import yaml
+
     root = Path(out_dir) / CHECKPOINTS
+    online = online_args(yaml.safe_load(run_config) or {}, "the run config") if teacher is not None else None
     tag = f"{TAG_PREFIX}{state.step}"
     final, tmp = root / tag, root / f".{tag}.tmp"
     previous = _latest(root)
@@ -313,7 +338,8 @@ def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=N
     _agree(error, f"checkpoint {final} ({kept})", tmp)
     if _rank() == 0:
         try:
-            _finish_tag(tmp, final, root, tag, state, student, teacher, tokenizer, run_config, keep_last)
+            _finish_tag(tmp, final, root, tag, state, student, teacher, online, tokenizer, run_config,
+                        keep_last)
         except OSError as e:
             error = f"{e.strerror or e}: {e.filename or tmp}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -381,8 +407,8 @@ def estimated_bytes(student, teacher=None) -> int:
     return 16 * count
 
 
-def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerState, student, teacher, tokenizer,
-                run_config: str, keep_last: int) -> None:
+def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerState, student, teacher,
+                online: Optional[OnlineArgs], tokenizer, run_config: str, keep_last: int) -> None:
     """Rank 0, once every rank wrote its part: the small files, the rename, `latest`, pruning."""
     (tmp / "run_config.yaml").write_text(run_config)
     student.module.config.save_pretrained(str(tmp / "hf_student"))  # what okd_scale.convert rebuilds it from
@@ -391,7 +417,7 @@ def _finish_tag(tmp: Path, final: Path, root: Path, tag: str, state: TrainerStat
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "hf_student"))
     if teacher is not None:
-        save_online_config(teacher.module, tmp / "hf_teacher")
+        save_online_config(teacher.module, online, tmp / "hf_teacher")
     tags = {p: _written(p) for p in _tag_dirs(root)}
     state.written = max(tags.values(), default=0) + 1
     write_atomic(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1))
@@ -436,6 +462,25 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def online_args(run_config: dict, origin: str) -> OnlineArgs:
+    """The online section of a run config (``run_config``: run_config.yaml's mapping) over OnlineArgs' defaults."""
+    from .config import ConfigError, RunConfig, set_override
+
+    cfg = RunConfig()
+    section = run_config.get("online") or {}
+    if not isinstance(section, dict):
+        raise CheckpointError(f'{origin}: "online" must be a mapping of online.* keys, got {section!r}')
+    try:
+        for key, value in section.items():
+            set_override(cfg, f"online.{key}={json.dumps(value)}")
+    except ConfigError as e:
+        raise CheckpointError(f"{origin}: {e}") from None
+    if cfg.online.placement not in ONLINE_MODULES:
+        raise CheckpointError(f'{origin}: "online.placement" must be one of {" | ".join(ONLINE_MODULES)}, got '
+                              f"{cfg.online.placement!r}")
+    return cfg.online
 
 
 def check_resume_config(path: Path, run_config: dict, ignore: list) -> None:

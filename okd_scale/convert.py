@@ -11,20 +11,26 @@ saved with is not needed.
 - `--model student` (default): OUT_DIR gets config.json, generation_config.json, the tokenizer files
   (with the chat template) and safetensors weights, sharded with an index above `--max-shard-size`;
   tied embeddings stay tied. The trainer's final export writes the same way (`checkpoint.write_hf`).
-- `--model teacher` (okd runs): the teacher base (from the run's `model.teacher` directory) with the
-  checkpoint's online module, either as a PEFT adapter in OUT_DIR/online_module next to the base in
-  OUT_DIR, or merged into the base weights with `--merge-online-module`.
+- `--model teacher` (okd runs, any `online.placement`): the teacher base (the run's `model.teacher`
+  directory) with the checkpoint's online module, as the run's `online` section (in the tag's
+  run_config.yaml) declares it (`models.online_module`): either the base in OUT_DIR with the module in
+  OUT_DIR/online_module, in the form the trainer exports it (a PEFT adapter, or online_config.json +
+  online_module.safetensors for a module that is no adapter, such as the learned temperature), or, with
+  `--merge-online-module`, one plain model with the module folded into its weights (a learned
+  temperature: the lm_head becomes W / T, untied from the input embeddings).
 
-Then OUT_DIR is loaded back with `AutoModelForCausalLM.from_pretrained` (offline) and its logits on a
-probe batch are compared with the checkpoint's model (in `--dtype`); the maximum absolute difference is
-printed and the command fails (exit 1) above the dtype's tolerance, relative to the largest logit:
-fp32 1e-5 (1e-4 merged), fp16 1e-2, bf16 5e-2. Exit 2: an incomplete checkpoint, a tag that does not
-exist, a non-empty OUT_DIR without `--overwrite`, a teacher base that is gone; the message says which.
+Then OUT_DIR is loaded back with `AutoModelForCausalLM.from_pretrained` (offline; the online module
+attached by its declaration's `load`) and its logits on a probe batch are compared with the checkpoint's
+model (in `--dtype`); the maximum absolute difference is printed and the command fails (exit 1) above
+the dtype's tolerance, relative to the largest logit: fp32 1e-5 (1e-4 merged), fp16 1e-2, bf16 5e-2.
+Exit 2: an incomplete checkpoint, a tag that does not exist, a non-empty OUT_DIR without `--overwrite`,
+a teacher base that is gone, a run config that does not say what the module is; the message says which.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,12 +62,16 @@ def consolidated(path: Path, part: str, exclude_frozen: bool = False) -> dict:
         raise ConvertError(str(e)) from None
 
 
-def _load_into(model, state: dict, what: str, only: str | None = None) -> None:
-    """Load `state` into `model`, refusing anything missing (other than tied weights) or unexpected."""
-    result = model.load_state_dict(state, strict=False)
+def _load_into(model, state: dict, what: str, only: set | None = None) -> None:
+    """Load `state` into `model`, refusing any of its weights (those named in `only`, default all; tied ones aside)
+    that `state` lacks or mis-shapes, and anything unexpected."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a size mismatch
+        raise ConvertError(f"{what}: the checkpoint does not match the model: {str(e)[:500]}") from None
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")} \
         if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied and (only is None or only in k)]
+    missing = [k for k in result.missing_keys if k not in tied and (only is None or k in only)]
     if missing or result.unexpected_keys:
         raise ConvertError(f"{what}: the checkpoint does not match the model: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
@@ -89,37 +99,43 @@ def _generation_config(hf: Path, default):
     return GenerationConfig.from_pretrained(str(hf)) if (hf / "generation_config.json").is_file() else default
 
 
-def teacher_model(path: Path):
-    """(the teacher base with the checkpoint's online module, as a PEFT model in fp32, its tokenizer)."""
-    import torch
+def run_teacher(path: Path):
+    """(the run's teacher base directory, its online section) from the tag's run_config.yaml."""
     import yaml
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = Path(yaml.safe_load((path / "run_config.yaml").read_text())["model"]["teacher"])
+    from okd_scale.checkpoint import CheckpointError, online_args
+
+    file = path / "run_config.yaml"
+    try:
+        run_config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConvertError(f"{file}: unreadable ({e}); expected the run's config, which says what the teacher and "
+                           "its online module are") from None
+    try:
+        base_dir = Path(run_config["model"]["teacher"])
+    except (TypeError, KeyError):
+        raise ConvertError(f'{file}: expected a run config with "model.teacher" (the teacher base directory)') from None
     if not (base_dir / "config.json").is_file():
-        raise ConvertError(f"the run's teacher base {base_dir} (model.teacher in {path / 'run_config.yaml'}) is gone; "
+        raise ConvertError(f"the run's teacher base {base_dir} (model.teacher in {file}) is gone; "
                            "the checkpoint holds only the online module")
-    if not (path / "hf_teacher" / "adapter_config.json").is_file():
-        raise ConvertError(f"{path}: the online module is a learned temperature (online.placement=temperature), "
-                           "which changes no weights; the teacher is model.teacher as it was, and the run's "
-                           "online_module/online_config.json holds the temperature")
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig.from_pretrained(str(path / "hf_teacher")))
-    _load_into(model, consolidated(path, "teacher", exclude_frozen=True), str(path / "teacher"), only="lora_")
-    return model.eval(), AutoTokenizer.from_pretrained(str(base_dir))
+    try:
+        return base_dir, online_args(run_config, str(file))
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
-def untied_head(model):
-    """The PEFT model, its lm_head given its own copy of the weights when they are tied to the input embeddings
-    and the online module is on the lm_head (online.placement=head): merging must not change the embeddings."""
+def teacher_model(path: Path, base_dir: Path, online):
+    """The teacher base (``base_dir``) in fp32 with the online module ``online`` declares, holding the checkpoint's
+    module weights."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    base, head = model.get_base_model(), model.get_base_model().get_output_embeddings()
-    if getattr(base.config, "tie_word_embeddings", False) and hasattr(head, "base_layer"):
-        head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone())
-        base.config.tie_word_embeddings = False
-    return model
+    from okd_scale.models import online_module
+
+    model = online_module(online).add(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), online)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    _load_into(model, consolidated(path, "teacher", exclude_frozen=True), str(path / "teacher"), only=trainable)
+    return model.eval()
 
 
 def probe_logits(model, vocab: int, dtype):
@@ -162,22 +178,31 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
         write_hf(reference, tokenizer, out_dir, max_shard_size=max_shard_size)
         got = probe_logits(AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype), vocab, torch_dtype)
     else:
-        from peft import PeftModel
+        from transformers import AutoTokenizer
 
-        reference, tokenizer = teacher_model(path)
+        from okd_scale.checkpoint import write_online_module
+        from okd_scale.models import online_module
+
+        base_dir, online = run_teacher(path)
+        module = online_module(online)
+        reference, tokenizer = teacher_model(path, base_dir, online), AutoTokenizer.from_pretrained(str(base_dir))
         vocab = reference.config.vocab_size
         want = probe_logits(reference, vocab, torch_dtype)
         if merge_online_module:
-            write_hf(untied_head(reference).merge_and_unload(), tokenizer, out_dir, max_shard_size=max_shard_size)
+            write_hf(module.merge(reference), tokenizer, out_dir, max_shard_size=max_shard_size)
             reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
             tolerance = MERGED_FP32_TOLERANCE if dtype == "fp32" else tolerance
         else:
-            adapter_tmp = out_dir.with_name(out_dir.name + ".adapter.tmp")
-            reference.save_pretrained(str(adapter_tmp), safe_serialization=True)
-            write_hf(reference.unload(), tokenizer, out_dir, max_shard_size=max_shard_size)  # the base, LoRA removed
-            os.rename(adapter_tmp, out_dir / "online_module")
+            staged = write_online_module(reference, online, out_dir.with_name(out_dir.name + ".online_module"))
+            del reference
+            try:  # the base as the run's model.teacher holds it, in --dtype
+                write_hf(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype), tokenizer, out_dir,
+                         max_shard_size=max_shard_size)
+                os.rename(staged, out_dir / "online_module")
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
             base = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
-            reloaded = PeftModel.from_pretrained(base, str(out_dir / "online_module"))
+            reloaded = module.load(base, out_dir / "online_module")
         got = probe_logits(reloaded, vocab, torch_dtype)
     diff = float((got - want).abs().max())
     scale = max(1.0, float(want.abs().max()))
@@ -197,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", help="global_step<N> (default: the one `latest` names)")
     p.add_argument("--model", choices=("student", "teacher"), default="student")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--merge-online-module", action="store_true", help="teacher: merge the LoRA into the base")
+    p.add_argument("--merge-online-module", action="store_true",
+                   help="teacher: fold the online module (any online.placement) into the base weights")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = p.parse_args(argv)

@@ -199,7 +199,9 @@ def _untie_head(base) -> None:
 
 def _merge_peft(model):
     """W + s B A folded into the base weights (the lm_head untied first when the LoRA is on it)."""
-    _untie_head(model.get_base_model())
+    base = model.get_base_model()
+    if hasattr(base.get_output_embeddings(), "base_layer"):
+        _untie_head(base)
     return model.merge_and_unload()
 
 

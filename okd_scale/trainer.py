@@ -300,7 +300,7 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, s
         log.info("eval: %s", {k: round(v, 4) for k, v in scores.items()})
     checkpoint.export_hf(student, result.tokenizer, out / "student")
     if loop.method.online:
-        checkpoint.export_online_module(teacher, out / "online_module")
+        checkpoint.export_online_module(teacher, cfg.online, out / "online_module")
     result.metrics = metrics
     if run.rank == 0:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,7 +1,8 @@
 """tools/convert_to_hf.py: checkpoints of 1- and 2-process runs, ZeRO-2 and ZeRO-3 students, become
-Hugging Face directories whose logits are the trained model's; the teacher with its online module,
-merged or as an adapter; sharded output; and every refusal. The runs train on the accelerator (2-process
-runs on the CPU where it has fewer than 2 devices); conversion and the logits compared run on the host."""
+Hugging Face directories whose logits are the trained model's; the teacher with each online module (the
+paper's, blocks, head, temperature; on tied embeddings too), merged or beside the base as the trainer
+exports it; sharded output; and every refusal. The runs train on the accelerator (2-process runs on the
+CPU where it has fewer than 2 devices); conversion and the logits compared run on the host."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import tiny
+from okd_scale.config import LLAMA_TARGETS
 from tiny import ROOT, write_config
 
 TOOL = ROOT / "tools" / "convert_to_hf.py"
@@ -54,17 +56,25 @@ def convert(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, cwd=ROOT)
 
 
-def logits(model_dir: Path, dtype=torch.float32, adapter: Path | None = None) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+def probe(model) -> torch.Tensor:
+    """The model's logits on a fixed batch, in fp32."""
     ids = torch.arange(40).reshape(2, 20) % model.config.vocab_size
     with torch.no_grad():
         return model.eval()(input_ids=ids).logits.float()
+
+
+def logits(model_dir: Path, dtype=torch.float32, module: Path | None = None, online=None) -> torch.Tensor:
+    """``probe`` of the model in `model_dir`, with the online module exported to `module` attached by the
+    declaration of `online` (an OnlineArgs; default the blocks placement's)."""
+    from transformers import AutoModelForCausalLM
+
+    from okd_scale.config import OnlineArgs
+    from okd_scale.models import online_module
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if module is not None:
+        model = online_module(online or OnlineArgs()).load(model, module)
+    return probe(model)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -108,35 +118,97 @@ def test_teacher_merged_equals_teacher_with_adapter(runs, pair, tmp_path):
     for out, extra in ((merged, ["--merge-online-module"]), (adapter, [])):
         proc = convert(run, out, "--model", "teacher", "--dtype", "fp32", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    want = logits(pair / "teacher", adapter=run / "online_module")  # the trainer's own adapter export
+    want = logits(pair / "teacher", module=run / "online_module")  # the trainer's own adapter export
     assert float((want - logits(pair / "teacher")).abs().max()) > 0  # the online module changed the teacher
     torch.testing.assert_close(logits(merged), want, rtol=0, atol=1e-4)
-    torch.testing.assert_close(logits(adapter, adapter=adapter / "online_module"), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(adapter, module=adapter / "online_module"), want, rtol=0, atol=1e-6)
 
 
-def test_teacher_head_module_on_tied_embeddings(tmp_path, tokenizer):
-    """online.placement=head on a teacher whose lm_head is tied to its input embeddings: merged, the lm_head gets
-    its own weights and the embeddings stay the original ones; the logits equal the adapter's."""
+MODULES = {  # name -> the online.* overrides of write_config's run (whose online section sets num_blocks 2)
+    "paper": ["online.num_blocks=null"],  # the defaults: blocks, every block, q_proj + v_proj, r 32, alpha 32
+    "blocks-last2-all7": ["online.num_blocks=2", f"online.target_modules={json.dumps(LLAMA_TARGETS)}"],
+    "head": ["online.placement=head"],
+    "temperature": ["online.placement=temperature"],
+}
+
+
+def okd_run(cfg_file: Path, out: Path, overrides: list) -> tuple:
+    """A 3-step okd run (in this process) to `out`: (its config, its teacher's logits as the run left it: the base
+    with the module its declaration adds, holding the trained weights)."""
+    from dist_worker import run_and_dump
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from okd_scale.config import load_config
+    from okd_scale.models import online_module
+
+    cfg = load_config(cfg_file, [f"output_dir={out}", "train.max_steps=3", "data.eval_file=null", *overrides])
+    run_and_dump(cfg)
+    teacher = online_module(cfg.online).add(AutoModelForCausalLM.from_pretrained(cfg.model.teacher,
+                                                                                dtype=torch.float32), cfg.online)
+    teacher.load_state_dict(load_file(str(out / "teacher_after.safetensors")))
+    want = probe(teacher)
+    assert float((want - logits(Path(cfg.model.teacher))).abs().max()) > 1e-3  # the module changed the teacher
+    return cfg, want
+
+
+def assert_round_trips(cfg, want: torch.Tensor, tmp_path: Path) -> dict:
+    """The run's exported online_module/ on the base, `okd convert --model teacher` (the base with online_module/
+    beside it) and `okd convert --model teacher --merge-online-module` (one plain model) give the trained teacher's
+    logits; each module directory is in the form its declaration names. Returns {"module", "merged"}: the outputs."""
+    from okd_scale.convert import main
+    from okd_scale.models import ONLINE_CONFIG, TEMPERATURE_FILE, online_module
+
+    out, base = Path(cfg.output_dir), Path(cfg.model.teacher)
+    converted = {"module": tmp_path / "module", "merged": tmp_path / "merged"}
+    for kind, extra in (("module", []), ("merged", ["--merge-online-module"])):
+        assert main([str(out), str(converted[kind]), "--model", "teacher", "--dtype", "fp32", *extra]) == 0
+    for module in (out / "online_module", converted["module"] / "online_module"):
+        files = {p.name for p in module.iterdir()}
+        if online_module(cfg.online).adapter:
+            assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        else:
+            assert {ONLINE_CONFIG, TEMPERATURE_FILE} <= files
+            assert json.loads((module / ONLINE_CONFIG).read_text())["placement"] == cfg.online.placement
+    torch.testing.assert_close(logits(base, module=out / "online_module", online=cfg.online), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(converted["module"], module=converted["module"] / "online_module",
+                                      online=cfg.online), want, rtol=0, atol=1e-6)
+    assert not (converted["merged"] / "online_module").exists()
+    torch.testing.assert_close(logits(converted["merged"]), want, rtol=0, atol=1e-4)
+    return converted
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_teacher_module_round_trips(tmp_path, pair, name):
+    """Each online module: exported by the trainer and converted (beside the base or merged), reloaded, it gives the
+    trained teacher's logits; the adapter says where the module is."""
+    cfg, want = okd_run(write_config(tmp_path / "cfg.yaml", pair, "okd"), tmp_path / "run", MODULES[name])
+    assert_round_trips(cfg, want, tmp_path)
+    if cfg.online.placement == "blocks":
+        adapter = json.loads((tmp_path / "module" / "online_module" / "adapter_config.json").read_text())
+        blocks = list(range(4)) if name == "paper" else [2, 3]
+        assert (adapter["r"], adapter["lora_alpha"], adapter["layers_to_transform"]) == (32, 32, blocks)
+        assert set(adapter["target_modules"]) == set(cfg.online.target_modules)
+    if cfg.online.placement == "temperature":
+        exported = json.loads((tmp_path / "run" / "online_module" / "online_config.json").read_text())
+        assert exported["temperature"] != 1.0
+
+
+@pytest.mark.parametrize("placement", ["head", "temperature"])
+def test_teacher_output_module_on_tied_embeddings(tmp_path, tokenizer, placement):
+    """A module on the output side of a teacher whose lm_head is tied to its input embeddings: merged, the lm_head
+    gets its own weights and the embeddings stay the original ones; the logits equal the trained teacher's."""
     from safetensors.torch import load_file
 
     pair = tmp_path / "pair"
     tiny.make_llama(pair / "teacher", tokenizer, num_layers=2, hidden=32, seed=6, tie=True)
     tiny.make_llama(pair / "student", tokenizer, num_layers=1, hidden=32, seed=7)
     tiny.write_jsonl(pair / "train.jsonl", tiny.make_rows(16, seed=3))
-    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / 'run'}", "train.max_steps=3",
-           "data.eval_file=null", "online.placement=head"]
-    proc = subprocess.run(cmd, env=tiny.subprocess_env(1), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = convert(tmp_path / "run", tmp_path / "merged", "--model", "teacher", "--dtype", "fp32",
-                   "--merge-online-module")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    want = logits(pair / "teacher", adapter=tmp_path / "run" / "online_module")
-    assert float((want - logits(pair / "teacher")).abs().max()) > 0
-    torch.testing.assert_close(logits(tmp_path / "merged"), want, rtol=0, atol=1e-4)
+    cfg, want = okd_run(write_config(tmp_path / "cfg.yaml", pair, "okd"), tmp_path / "run",
+                        [f"online.placement={placement}"])
+    converted = assert_round_trips(cfg, want, tmp_path)
     original = load_file(str(pair / "teacher" / "model.safetensors"))["model.embed_tokens.weight"]
-    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    merged = load_file(str(converted["merged"] / "model.safetensors"))
     assert torch.equal(merged["model.embed_tokens.weight"], original)
     assert not torch.equal(merged["lm_head.weight"], original)
 

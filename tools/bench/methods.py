@@ -18,8 +18,8 @@ method's step time over okd's.
 `--methods` also takes the OKD variants of tools/proof/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the
 online-module family), each a row of its own.
 
-Targets: sgo (lambda=1, 128 new tokens) at least 4x the step time of okd and of each OKD variant; each of them
-at most 1.15x kd's.
+Targets: sgo (lambda=1, 128 new tokens) at least 4x the step time of okd and of each OKD variant; the paper's
+okd (its backward runs through the whole teacher) at most 1.3x kd's, each variant at most 1.15x.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from pathlib import Path
 from tools import ROOT
 
 METHODS = ("sft", "kd", "seqkd", "sgo", "okd")
-OKD_TARGET = 1.15  # an OKD step at most this many kd steps
+OKD_TARGETS = {"okd": 1.3}  # an OKD step at most this many kd steps: the paper's OKD,
+VARIANT_TARGET = 1.15  # and each earlier variant
 
 
 def variants() -> dict[str, list[str]]:
@@ -142,8 +143,9 @@ def table(results: list[dict]) -> str:
         if r["method"] == "okd" or r["method"].startswith("okd_"):
             t, name = r["step_s"], r["method"]
             if kd:
-                checks.append(f"{name} / kd = {t / kd:.2f} (target <= {OKD_TARGET}): "
-                              f"{'PASS' if t <= OKD_TARGET * kd else 'FAIL'}")
+                target = OKD_TARGETS.get(name, VARIANT_TARGET)
+                checks.append(f"{name} / kd = {t / kd:.2f} (target <= {target}): "
+                              f"{'PASS' if t <= target * kd else 'FAIL'}")
             if sgo and name != "okd":
                 checks.append(f"sgo / {name} = {sgo / t:.2f} (target >= 4): {'PASS' if sgo >= 4 * t else 'FAIL'}")
     return "\n".join(lines + [""] + checks)
