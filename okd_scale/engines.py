@@ -194,7 +194,7 @@ def run_settings(cfg: RunConfig, student_ds: dict, cluster: plan.Cluster, flash_
         seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
         grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,
         student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
-        online=method_of(cfg).online, online_blocks=cfg.online.num_blocks, lora_r=cfg.online.r,
+        online=method_of(cfg).online, module=cfg.online,
         activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
         flash_attention=flash_attention)
 

@@ -163,6 +163,20 @@ def _blocks_params(shape, args: OnlineArgs) -> int:
     return len(online_block_ids(shape.layers, args.num_blocks)) * per_block
 
 
+def _describe_blocks(args: OnlineArgs, layers: int) -> str:
+    k = len(_block_ids(layers, args))
+    where = f"all {layers} blocks" if k == layers else f"the last {k} of {layers} blocks"
+    return f"LoRA r={args.r} on {','.join(args.target_modules)} of {where}"
+
+
+def _describe_head(args: OnlineArgs, layers: int) -> str:
+    return f"LoRA r={args.r} on the lm_head"
+
+
+def _describe_temperature(args: OnlineArgs, layers: int) -> str:
+    return "one learned temperature"
+
+
 def _output_name(teacher) -> str:
     head = teacher.get_output_embeddings()
     return next(name for name, m in teacher.named_modules() if m is head)
@@ -286,6 +300,7 @@ class OnlineModule:
                                   gradient)
     params(shape, args)           its trainable parameters, from a model shape (hidden, heads, head_dim, kv_heads,
                                   intermediate, vocab, layers), for the plan
+    describe(args, layers)        what it is, in words (okd plan)
     head_rows(model, W rows, s, e) the lm_head rows [s, e) as the module changes them (None: in the blocks, the
                                   lm_head is W)
     disabled(model)               a context in which the model is the original teacher
@@ -298,6 +313,7 @@ class OnlineModule:
     add: Callable
     blocks: Callable
     params: Callable
+    describe: Callable
     head_rows: Optional[Callable]
     disabled: Callable
     adapter: bool
@@ -306,12 +322,13 @@ class OnlineModule:
 
 
 ONLINE_MODULES: dict[str, OnlineModule] = {
-    "blocks": OnlineModule(_add_blocks, _block_ids, _blocks_params, None, _peft_disabled, True, _load_peft,
-                           _merge_peft),
-    "head": OnlineModule(_add_head, _no_blocks, _head_params, _head_rows, _peft_disabled, True, _load_peft,
-                         _merge_peft),
-    "temperature": OnlineModule(_add_temperature, _no_blocks, _temperature_params, _temperature_rows,
-                                _temperature_disabled, False, _load_file_module("temperature"), _merge_temperature),
+    "blocks": OnlineModule(_add_blocks, _block_ids, _blocks_params, _describe_blocks, None, _peft_disabled, True,
+                           _load_peft, _merge_peft),
+    "head": OnlineModule(_add_head, _no_blocks, _head_params, _describe_head, _head_rows, _peft_disabled, True,
+                         _load_peft, _merge_peft),
+    "temperature": OnlineModule(_add_temperature, _no_blocks, _temperature_params, _describe_temperature,
+                                _temperature_rows, _temperature_disabled, False, _load_file_module("temperature"),
+                                _merge_temperature),
 }
 
 

@@ -5,12 +5,16 @@ sequence-quadratic term is left out, as in Kaplan et al. and PaLM's MFU for shor
 
     student   6 * N_student * tokens                    forward + backward (sft, seqkd, kd, sgo, okd)
     teacher   2 * N_teacher * tokens                    forward (kd, sgo, okd)
-    online    4 * N_online * tokens                     okd's backward through the teacher's top k blocks
-                                                        (activation and LoRA gradients of those blocks)
+    online    2 * N_online * tokens                     okd's backward through the teacher blocks it reaches:
+                                                        input gradients only (their weights are frozen; the
+                                                        online module's own gradients are left out)
+              + 2 * N_online * tokens                   their forward again, when those blocks are checkpointed
+                                                        (online.gradient_checkpointing)
     sampling  2 * N_student * (prompt + new tokens)     sgo's generation, per generated sequence batch
 
 where tokens are all non-padding positions of the global batch and N_online is the parameter count of
-the teacher's blocks that carry the online module. MFU = FLOPs / (step time * ranks * peak FLOP/s).
+the teacher blocks the online module's backward reaches (from the lowest block that carries it to the top;
+none for a module on the lm_head or a temperature). MFU = FLOPs / (step time * ranks * peak FLOP/s).
 """
 from __future__ import annotations
 
@@ -70,13 +74,14 @@ def num_parameters(model) -> int:
 
 
 def step_flops(*, n_student: int, n_teacher: int = 0, n_online: int = 0, tokens: int, teacher: bool,
-               online: bool, sampled_tokens: int = 0) -> float:
-    """FLOPs of one optimizer step (module docstring's formula)."""
+               online: bool, sampled_tokens: int = 0, recompute: bool = False) -> float:
+    """FLOPs of one optimizer step (module docstring's formula); `recompute`: the reached teacher blocks are
+    checkpointed."""
     flops = 6.0 * n_student * tokens + 2.0 * n_student * sampled_tokens
     if teacher:
         flops += 2.0 * n_teacher * tokens
     if online:
-        flops += 4.0 * n_online * tokens
+        flops += (4.0 if recompute else 2.0) * n_online * tokens
     return flops
 
 
@@ -111,9 +116,10 @@ def peak_memory_bytes() -> int:
 
 
 def run_cost(history: list, teacher, student, world: int, sampled_tokens: float, n_online: int,
-             online: bool) -> dict:
+             online: bool, recompute: bool = False) -> dict:
     """Median step time, mean time per phase, tokens/s, peak memory per rank, FLOPs and (on a known GPU)
-    model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars."""
+    model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars; n_online, online and
+    recompute as for step_flops."""
     import torch
 
     from .process import all_reduce_sum
@@ -127,7 +133,8 @@ def run_cost(history: list, teacher, student, world: int, sampled_tokens: float,
     n_teacher = num_parameters(teacher.module) if teacher is not None else 0
     seen = sum(r["tokens/seen"] for r in history)
     flops = step_flops(n_student=n_student, n_teacher=n_teacher, n_online=n_online, tokens=seen / len(history),
-                       teacher=teacher is not None, online=online, sampled_tokens=sampled_tokens / len(history))
+                       teacher=teacher is not None, online=online, sampled_tokens=sampled_tokens / len(history),
+                       recompute=recompute)
     total_time = sum(r["time/step_s"] for r in history)
     device = device_name()
     peak = peak_flops(device)

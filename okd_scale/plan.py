@@ -1,9 +1,9 @@
 """Memory and step-time plan for a distillation run, and where the teacher goes (`teacher_placement`).
 
 A teacher (a whole replica, ZeRO-3, or ZeRO-3 with its parameters offloaded to CPU or NVMe) with, for
-OKD, a LoRA online module on its last k blocks, and a student under ZeRO-0/1/2/3, both data-parallel
-over every GPU. The trainer's `deepspeed.teacher_config: auto` and the command line use the same
-formulas and the same choice:
+OKD, its online module (the run's `online` section, as okd_scale.models.ONLINE_MODULES declares it), and a
+student under ZeRO-0/1/2/3, both data-parallel over every GPU. The trainer's `deepspeed.teacher_config: auto`
+and the command line use the same formulas and the same choice:
 
     python -m okd_scale.plan --teacher-params 7e9 --student-params 1.1e9 --seq-len 2048 --nodes 2
     okd plan --teacher demo_out/teacher --student demo_out/student_init --gpus-per-node 2
@@ -11,7 +11,7 @@ formulas and the same choice:
 Each model is a Hugging Face directory (or its config.json, read with transformers.AutoConfig, local
 files only) or a parameter count. Notation: V vocab, h hidden, L blocks, a heads, kv key/value heads,
 d head dim, I intermediate size, s sequence length, b micro-batch per GPU, N = nodes * gpus-per-node
-(the data-parallel size), G = gpus-per-node, k online blocks, r LoRA rank.
+(the data-parallel size), G = gpus-per-node, R the teacher blocks the online module's backward reaches.
 
 Parameters (Llama layout; exact for llama, mistral, qwen2, qwen3 configs):
     embeddings V*h; per block: attention h*a*d (q) + 2*h*kv*d (k, v) + a*d*h (o) [+ q, k, v biases for
@@ -20,23 +20,28 @@ Parameters (Llama layout; exact for llama, mistral, qwen2, qwen3 configs):
     A bare count gets an assumed shape (printed) for the items that need one: untied, head dim 128
     (64 below h = 1024), a = kv = h / head dim, I = 8h/3, L = h/128, h the multiple of the head dim
     whose 12*L*h^2 + 2*V*h is nearest the count. The count itself is used as given.
-LoRA (online module, targets q,k,v,o,gate,up,down of the last k blocks): k * sum over those matrices
-    of r*(in + out) trainable parameters.
+Online module (online.placement, as its declaration's `params` and `blocks` count; R = L - the lowest block
+that carries it, 0 when none does):
+    blocks       a rank-r LoRA on target_modules (default q_proj, v_proj) of the last k blocks (default all L):
+                 k * sum over those matrices of r*(in + out) trainable parameters; R = k
+    head         a rank-r LoRA on the lm_head: r*(h + V); R = 0
+    temperature  one learned temperature: 1; R = 0
 
 Model states (ZeRO paper accounting, Adam), bytes per parameter:
     bf16 mixed precision: 2 params + 2 grads + 12 optimizer (fp32 master, exp_avg, exp_avg_sq) = 16;
     fp32: 4 params + 4 grads + 8 optimizer (exp_avg, exp_avg_sq) = 16.
-    The teacher's frozen base has parameters only; grads and optimizer states are the LoRA's.
+    The teacher's frozen base has parameters only; grads and optimizer states are the online module's.
     ZeRO stage >= 1 divides optimizer states by N, >= 2 also gradients, 3 also parameters (partitions
     rounded up). Offload to CPU moves the partitioned ones to CPU memory: per node G partitions; offload
-    to NVMe moves the teacher's partitioned parameters to NVMe (its LoRA states stay in CPU memory).
-Without an online module (kd, sgo) the teacher has no LoRA, no gradients, and keeps no activations.
+    to NVMe moves the teacher's partitioned parameters to NVMe (its online module's states stay in CPU memory).
+Without an online module (kd, sgo) the teacher has no trainable parameters and keeps no activations.
 Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation", bf16):
     per block s*b*h*(34 + 5*a*s/h) bytes; --flash-attention drops the 5*a*s/h term (no stored a*s^2
-    scores); fp32 doubles it. With --activation-checkpointing (the student only, as in the trainer):
-    each block keeps its input, 2*s*b*h bytes (fp32: 4*s*b*h), plus one block's full activations while
-    it is recomputed. Student: all L blocks. Teacher: the k online blocks are kept for the online
-    module's backward; below them the forward keeps nothing, so one block's activations, once.
+    scores); fp32 doubles it. Checkpointed (the student's --activation-checkpointing, the teacher's
+    --teacher-gradient-checkpointing): each block keeps its input, 2*s*b*h bytes (fp32: 4*s*b*h), plus one
+    block's full activations while it is recomputed. Student: all L blocks. Teacher: the R reached blocks are
+    kept (checkpointed or not) for the online module's backward; below them the forward keeps nothing, so
+    one block's activations, once (not checkpointed: added to the R blocks' as a bound).
 Working sets:
     ZeRO-3 gathered layers: 2 (prefetch) * the largest layer (a block or the V*h embedding) in the
     compute dtype, for each ZeRO-3 engine.
@@ -51,14 +56,15 @@ Working sets:
 Step-time floor, per optimizer step, T = s*b*grad_accum*N tokens (N_student, N_teacher, N_block:
 parameter counts of the student, the teacher and one teacher block):
     FLOPs = 6*N_student*T (student forward + backward) + 2*N_teacher*T (teacher forward)
-            + 4*N_block*k*T (online module's backward through the top k teacher blocks)
+            + 2*N_block*R*T (the online module's backward through the R reached teacher blocks: input
+              gradients only, their weights being frozen) [+ 2*N_block*R*T: their forward again, checkpointed]
     time  = FLOPs / (N * peak_tflops * 1e12 * mfu); mfu = 1 gives the floor.
 
 Teacher placement (`teacher_placement`): the first of replica, ZeRO-3, ZeRO-3 + CPU offload, ZeRO-3 +
 NVMe offload whose plan fits HEADROOM of the free memory (per device: the minimum over ranks; per node:
 host memory; on the CPU accelerator the ranks of a node share host memory as their device).
 
-tests/test_plan.py checks the counts against the models transformers builds (and peft's LoRA), and the
+tests/test_plan.py checks the counts against the models transformers builds (and each online module), and the
 fp32 model states against the tensors of a real torch AdamW step on this machine.
 """
 from __future__ import annotations
@@ -71,6 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .config import OnlineArgs
+from .models import ONLINE_MODULES, ModelError, online_module
 from .perf import step_flops  # the trainer's formula, shared
 
 GIB = 2 ** 30
@@ -150,8 +158,7 @@ class Settings:
     teacher: EngineSpec = field(default_factory=lambda: EngineSpec(3, "cpu"))
     student: EngineSpec = field(default_factory=lambda: EngineSpec(2, "none"))
     online: bool = True  # the teacher carries the online module (okd); False: a frozen teacher (kd, sgo)
-    online_blocks: Optional[int] = None  # default: a quarter of the teacher's blocks, at least 1
-    lora_r: int = 8
+    module: OnlineArgs = field(default_factory=OnlineArgs)  # the run's `online` section: what the module is
     dtype: str = "bf16"
     peak_tflops: float = 989.0
     mfu: float = 1.0
@@ -178,8 +185,8 @@ class Plan:
     teacher: ModelShape
     student: ModelShape
     settings: Settings
-    online_blocks: int
-    lora_params: int
+    online_params: int  # the online module's trainable parameters (0: a frozen teacher)
+    reached_blocks: int  # the teacher blocks its backward reaches
     items: list[Item]
     tokens_per_step: int
     flops_per_step: float
@@ -290,13 +297,6 @@ def shape_from_count(params: int, vocab: int = 32000) -> ModelShape:
                       assumed=True)
 
 
-def lora_params(shape: ModelShape, blocks: int, r: int) -> int:
-    """Trainable parameters of a rank-r LoRA on q,k,v,o,gate,up,down of `blocks` blocks."""
-    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
-    in_out = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-    return blocks * sum(r * (a + b) for a, b in in_out)
-
-
 # --------------------------------------------------------------------------- memory
 
 
@@ -346,21 +346,30 @@ def largest_layer(shape: ModelShape) -> int:
     return max(shape.block_params, shape.vocab * shape.hidden)
 
 
-def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, k: int, n_lora: int) -> list[Item]:
+def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reached: int,
+                 n_online: int) -> list[Item]:
     """Per-GPU and per-node CPU bytes of every item, teacher first."""
     c, dt, db = cfg.cluster, cfg.dtype, DTYPE_BYTES[cfg.dtype]
     s, b = cfg.seq_len, cfg.micro_batch
     items = []
-    t_states = model_states(teacher.params + n_lora, n_lora, dt, cfg.teacher, c)
-    labels = {"parameters": "teacher parameters (frozen base + LoRA)", "gradients": "teacher gradients (LoRA)",
-              "optimizer states": "teacher optimizer states (LoRA)"}
+    t_states = model_states(teacher.params + n_online, n_online, dt, cfg.teacher, c)
+    labels = {"parameters": "teacher parameters (frozen base + online module)",
+              "gradients": "teacher gradients (online module)",
+              "optimizer states": "teacher optimizer states (online module)"}
     for kind, it in t_states.items():
         items.append(Item(labels[kind], it.gpu, it.cpu_node, key=f"teacher {kind}"))
-    below = k < teacher.layers
-    items.append(Item(f"teacher activations ({k} online blocks kept" + (" + 1 forward block)" if below else ")")
-                      if k else "teacher activations (1 forward block)",
-                      gpu=activation_bytes(teacher, s, b, dt, kept_blocks=k, flash=cfg.flash_attention,
-                                           transient_block=below), key="teacher activations"))
+    ckpt = cfg.module.gradient_checkpointing and reached > 0
+    below = reached < teacher.layers and not ckpt  # checkpointed: the recomputed block bounds the forward's too
+    if not reached:
+        what = "1 forward block"
+    elif ckpt:
+        what = f"{reached} reached blocks checkpointed: inputs + 1 recomputed block"
+    else:
+        what = f"{reached} reached blocks kept" + (" + 1 forward block" if below else "")
+    items.append(Item(f"teacher activations ({what})",
+                      gpu=activation_bytes(teacher, s, b, dt, kept_blocks=reached, checkpointing=ckpt,
+                                           flash=cfg.flash_attention, transient_block=below),
+                      key="teacher activations"))
     if cfg.teacher.zero == 3:
         items.append(Item("teacher ZeRO-3 gathered layers (2 x largest)", gpu=2 * largest_layer(teacher) * db,
                           key="teacher gathered layers"))
@@ -396,14 +405,21 @@ def step_time(flops: float, gpus: int, peak_tflops: float, mfu: float = 1.0) -> 
     return flops / (gpus * peak_tflops * 1e12 * mfu)
 
 
-def online_block_count(teacher: ModelShape, k: Optional[int]) -> int:
-    """k: as given, else the trainer's default (okd_scale.models.online_block_ids)."""
-    from okd_scale.models import ModelError, online_block_ids
-
+def online_cost(teacher: ModelShape, cfg: Settings) -> tuple[int, int]:
+    """(the online module's trainable parameters, the teacher blocks its backward reaches); (0, 0) without one."""
+    if not cfg.online:
+        return 0, 0
+    args = cfg.module
+    module = online_module(args)
     try:
-        return len(online_block_ids(teacher.layers, k))
-    except ModelError:
-        raise PlanError("--online-blocks", f"expected at most the teacher's {teacher.layers} blocks, got {k}") from None
+        blocks = module.blocks(teacher.layers, args)
+    except ModelError as e:
+        raise PlanError("--online-blocks", str(e)) from None
+    try:
+        params = module.params(teacher, args)
+    except ModelError as e:
+        raise PlanError("--online-targets", str(e)) from None
+    return params, teacher.layers - min(blocks) if blocks else 0
 
 
 def make_plan(teacher: ModelShape, student: ModelShape, cfg: Settings) -> Plan:
@@ -414,14 +430,13 @@ def make_plan(teacher: ModelShape, student: ModelShape, cfg: Settings) -> Plan:
         raise PlanError("--teacher-offload", "cpu offload needs --teacher-zero 1, 2 or 3")
     if cfg.teacher.offload == "nvme" and cfg.teacher.zero != 3:
         raise PlanError("--teacher-offload", "nvme offload needs --teacher-zero 3")
-    k = online_block_count(teacher, cfg.online_blocks) if cfg.online else 0
-    n_lora = lora_params(teacher, k, cfg.lora_r)
+    n_online, reached = online_cost(teacher, cfg)
     tokens = cfg.seq_len * cfg.micro_batch * cfg.grad_accum * cfg.cluster.gpus
-    flops = step_flops(n_student=student.params, n_teacher=teacher.params, n_online=teacher.block_params * k,
-                       tokens=tokens, teacher=True, online=cfg.online)
-    return Plan(teacher=teacher, student=student, settings=cfg, online_blocks=k, lora_params=n_lora,
-                items=memory_items(teacher, student, cfg, k, n_lora), tokens_per_step=tokens, flops_per_step=flops,
-                step_time_s=step_time(flops, cfg.cluster.gpus, cfg.peak_tflops, cfg.mfu))
+    flops = step_flops(n_student=student.params, n_teacher=teacher.params, n_online=teacher.block_params * reached,
+                       tokens=tokens, teacher=True, online=cfg.online, recompute=cfg.module.gradient_checkpointing)
+    return Plan(teacher=teacher, student=student, settings=cfg, online_params=n_online, reached_blocks=reached,
+                items=memory_items(teacher, student, cfg, reached, n_online), tokens_per_step=tokens,
+                flops_per_step=flops, step_time_s=step_time(flops, cfg.cluster.gpus, cfg.peak_tflops, cfg.mfu))
 
 
 # --------------------------------------------------------------------------- teacher placement
@@ -548,19 +563,33 @@ def _engine(e: EngineSpec) -> str:
     return f"ZeRO-{e.zero}" + (f", offload {e.offload}" if e.offload != "none" else "")
 
 
+def module_text(plan: Plan) -> str:
+    """What the teacher's online module is, its size and what its backward reaches."""
+    cfg, layers = plan.settings, plan.teacher.layers
+    if not cfg.online:
+        return "none (a frozen teacher)"
+    n = plan.online_params
+    text = f"{online_module(cfg.module).describe(cfg.module, layers)}, {n:,} trainable parameter{'s' * (n != 1)}; "
+    if not plan.reached_blocks:
+        return text + "its backward reaches no teacher block"
+    return (text + f"its backward reaches {plan.reached_blocks} of {layers} teacher blocks"
+            + (", checkpointed" if cfg.module.gradient_checkpointing else ""))
+
+
 def render(plan: Plan) -> str:
     """The plan as markdown: settings, the memory table, fit verdicts, FLOPs and the step-time floor."""
     cfg, c = plan.settings, plan.settings.cluster
+    factor = 4 if cfg.module.gradient_checkpointing else 2
+    online_term = f" + {factor}*N_block*{plan.reached_blocks}" if plan.reached_blocks else ""
     run = (f"{c.nodes} node(s) x {c.gpus_per_node} GPUs = {c.gpus} GPUs; seq {cfg.seq_len}, micro-batch "
            f"{cfg.micro_batch}, grad-accum {cfg.grad_accum}, {cfg.dtype}")
-    run += ", activation checkpointing" if cfg.activation_checkpointing else ""
+    run += ", student activation checkpointing" if cfg.activation_checkpointing else ""
     run += ", flash attention" if cfg.flash_attention else ""
     lines = [
         "## OKD plan",
         "",
         f"- teacher: {plan.teacher.describe()}; {_engine(cfg.teacher)}",
-        (f"- online module: LoRA r={cfg.lora_r} on the last {plan.online_blocks} blocks, "
-         f"{plan.lora_params:,} trainable params" if cfg.online else "- online module: none (a frozen teacher)"),
+        f"- online module: {module_text(plan)}",
         f"- student: {plan.student.describe()}; {_engine(cfg.student)}",
         f"- {run}",
         "",
@@ -578,7 +607,7 @@ def render(plan: Plan) -> str:
         f"- overall: {'FITS' if plan.fits else 'DOES NOT FIT'}",
         "",
         f"- tokens per step: {plan.tokens_per_step:,}",
-        f"- FLOPs per step: {plan.flops_per_step:.4e} (6*N_student + 2*N_teacher + 4*N_block*k per token)",
+        f"- FLOPs per step: {plan.flops_per_step:.4e} (6*N_student + 2*N_teacher{online_term} per token)",
         f"- step time: {plan.step_time_s:.6g} s at mfu {cfg.mfu:g} of {cfg.peak_tflops:g} TFLOP/s per GPU"
         + (" (the floor)" if cfg.mfu == 1.0 else ""),
         f"- throughput: {plan.tokens_per_step / plan.step_time_s:,.0f} tokens/s",
@@ -616,6 +645,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names such as q_proj,v_proj, got {text!r}")
+    return names
+
+
+# the command line's online-module flags (argparse dests) -> the OnlineArgs keys they set
+ONLINE_FLAGS = {"online_placement": "placement", "online_blocks": "num_blocks", "online_targets": "target_modules",
+                "lora_r": "r", "teacher_gradient_checkpointing": "gradient_checkpointing"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Per-GPU / per-node memory, the teacher's placement and the step-time "
                                 "floor of a distillation run (formulas: the docstring of okd_scale/plan.py).",
@@ -643,8 +684,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--activation-checkpointing", action="store_true", help="student gradient checkpointing")
     r.add_argument("--flash-attention", action="store_true", help="attention keeps no a*s^2 scores")
     r.add_argument("--chunk-size", type=POS_INT, default=1024, help="loss.chunk_size: tokens per logits chunk")
-    r.add_argument("--online-blocks", type=POS_INT, help="k; None: a quarter of the teacher's blocks, at least 1")
-    r.add_argument("--lora-r", type=POS_INT, default=8, help="the online module's LoRA rank")
+    o = p.add_argument_group("the online module (the run config's online section)")
+    paper = OnlineArgs()
+    o.add_argument("--online-placement", choices=list(ONLINE_MODULES), default=paper.placement,
+                   help="online.placement: a LoRA on the teacher's blocks or on its lm_head, or a learned temperature")
+    o.add_argument("--online-blocks", type=POS_INT,
+                   help="online.num_blocks: k, the last blocks that carry the blocks LoRA (default: every block)")
+    o.add_argument("--online-targets", type=_names, default=",".join(paper.target_modules),
+                   help="online.target_modules: the blocks' linear layers that get a LoRA")
+    o.add_argument("--lora-r", type=POS_INT, default=paper.r, help="online.r: the LoRA rank")
+    o.add_argument("--teacher-gradient-checkpointing", action="store_true",
+                   help="online.gradient_checkpointing: recompute the reached teacher blocks in the module's backward")
+    p.set_defaults(online_module=paper)  # the run config's online section when --config gives one
     k = p.add_argument_group("cluster")
     k.add_argument("--nodes", type=POS_INT, default=1, help="nodes")
     k.add_argument("--gpus-per-node", type=POS_INT, default=8, help="GPUs per node")
@@ -687,18 +738,19 @@ def _online(method: str) -> bool:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The Settings the flags give; the teacher's engine as given (ZeRO-3 and no offload by default)."""
     teacher = EngineSpec(3 if args.teacher_zero is None else args.teacher_zero, args.teacher_offload or "none")
+    module = dataclasses.replace(args.online_module, **{key: getattr(args, dest) for dest, key in ONLINE_FLAGS.items()})
     return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
                     cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib),
                     teacher=teacher, online=_online(args.method),
-                    student=EngineSpec(args.student_zero, args.student_offload),
-                    online_blocks=args.online_blocks, lora_r=args.lora_r, dtype=args.dtype,
+                    student=EngineSpec(args.student_zero, args.student_offload), module=module, dtype=args.dtype,
                     peak_tflops=args.peak_tflops, mfu=args.mfu, activation_checkpointing=args.activation_checkpointing,
                     flash_attention=args.flash_attention, chunk_size=args.chunk_size)
 
 
 def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
     """The flags' values that a run config gives (raises config.ConfigError naming the key): the settings the
-    trainer's own placement uses (engines.run_settings), the models and the teacher's engine when it is given."""
+    trainer's own placement uses (engines.run_settings), its online section whole, the models and the teacher's
+    engine when it is given."""
     import json
 
     from .config import ConfigError, load_config, resolve_path
@@ -716,8 +768,9 @@ def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
     s = run_settings(cfg, ds_config(ds.student_config), Cluster(), flash_attention=False)
     out = dict(teacher=cfg.model.teacher, student=cfg.model.student, method=cfg.method, nvme_path=ds.nvme_path,
                student_zero=s.student.zero, student_offload=s.student.offload,
+               online_module=s.module, **{dest: getattr(s.module, key) for dest, key in ONLINE_FLAGS.items()},
                **{k: getattr(s, k) for k in ("seq_len", "micro_batch", "grad_accum", "dtype", "chunk_size",
-                                             "activation_checkpointing", "online_blocks", "lora_r")})
+                                             "activation_checkpointing")})
     if ds.teacher_config != "auto":
         teacher_ds = ds_config(ds.teacher_config)
         out["teacher_zero"] = zero_stage(teacher_ds)

@@ -290,7 +290,7 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, s
             blocks = models.online_module(cfg.online).blocks(layers, cfg.online)
             n_online = models.block_parameter_count(teacher.module, range(min(blocks), layers)) if blocks else 0
         metrics.update(perf.run_cost(result.history, teacher, student, run.world, loop.sampled_tokens, n_online,
-                                     loop.method.online))
+                                     loop.method.online, recompute=cfg.online.gradient_checkpointing))
         if run.rank == 0:
             log.info("time per step (mean over %d steps):\n%s", len(result.history), perf.phase_table(result.history))
     if run.evaluator is not None:

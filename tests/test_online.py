@@ -255,7 +255,8 @@ def test_temperature_with_lr_0_equals_kd(tmp_path, pair):
     from okd_scale.config import load_config
 
     runs = {}
-    for method, extra in (("kd", []), ("okd", ["online.placement=temperature", "online.learning_rate=0"])):
+    for method, extra in (("kd", []), ("okd", ["online.placement=temperature", "online.learning_rate=0",
+                                               "loss.kd_ratio=0.5"])):  # kd's student loss
         runs[method] = run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, method),
                                                 [f"output_dir={tmp_path / method}", "data.eval_file=null", *extra]))
     for a, b in zip(runs["kd"]["history"], runs["okd"]["history"], strict=True):

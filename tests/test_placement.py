@@ -17,9 +17,13 @@ OFFLOAD = "ds_configs/teacher_zero3_offload.json"
 
 
 def _choose(teacher: float, student: float, *, gpus: int, gpu_gib: float, host_gib: float, nvme=None,
-            seq=512, micro=1) -> str:
+            seq=512, micro=1, checkpointed=False) -> str:
+    """The placement of the paper's OKD teacher (its module on every block), `checkpointed`: its blocks."""
+    from okd_scale.config import OnlineArgs
+
     t, s = plan.shape_from_count(int(teacher)), plan.shape_from_count(int(student))
-    settings = plan.Settings(seq_len=seq, micro_batch=micro, cluster=plan.Cluster(1, gpus), flash_attention=True)
+    settings = plan.Settings(seq_len=seq, micro_batch=micro, cluster=plan.Cluster(1, gpus), flash_attention=True,
+                             module=OnlineArgs(gradient_checkpointing=checkpointed))
     budget = plan.Budget(int(gpu_gib * GIB), int(host_gib * GIB), nvme_path=nvme)
     return plan.teacher_placement(t, s, settings, budget).placement.name
 
@@ -30,15 +34,20 @@ def test_hand_computed_cases():
     assert _choose(7e9, 1e9, gpus=8, gpu_gib=80, host_gib=512) == "replica"
     # on 16 GB GPUs 14 GB of weights leave no room for the student: ZeRO-3 puts 1.75 GB on each of 8
     assert _choose(7e9, 1e9, gpus=8, gpu_gib=16, host_gib=512) == "zero3"
-    # a 70B teacher (140 GB) on 2 x 24 GB GPUs: 70 GB per partition does not fit; 140 GB fits 512 GB of host
-    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=512) == "zero3_offload_cpu"
+    # a 70B teacher (140 GB) on 2 x 24 GB GPUs, its 80 blocks checkpointed: 70 GB per partition does not fit;
+    # 140 GB fits 512 GB of host
+    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=512, checkpointed=True) == "zero3_offload_cpu"
     # ... nor 64 GB of host: NVMe when there is a path, else refused with the numbers and what to change
-    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64, nvme="/local_nvme") == "zero3_offload_nvme"
+    assert _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64, nvme="/local_nvme",
+                   checkpointed=True) == "zero3_offload_nvme"
     with pytest.raises(plan.PlacementError) as err:
-        _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64)
+        _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=64, checkpointed=True)
     text = str(err.value)
     assert "130.39 GiB of weights" in text and "fits nowhere" in text and "deepspeed.nvme_path" in text
     assert "replica needs" in text and "24.00 GiB free" in text and "64.00 GiB free" in text
+    # not checkpointed, the 80 blocks' activations (11 GB) leave no room on a 24 GB GPU, even offloaded
+    with pytest.raises(plan.PlacementError, match=r"zero3_offload_cpu needs 24\.\d\d GiB per device"):
+        _choose(70e9, 1e9, gpus=2, gpu_gib=24, host_gib=512)
 
 
 def _settings(**kw) -> plan.Settings:

@@ -2,6 +2,7 @@
 and allocate on this machine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -19,6 +20,9 @@ DEMO = ROOT / "demo_out"
 
 
 from okd_scale import plan  # noqa: E402
+from okd_scale.config import OnlineArgs  # noqa: E402
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -106,21 +110,32 @@ def test_demo_pair_counts(name):
     assert plan.read_shape(path.parent).params == _numel(_meta_model(AutoConfig.from_pretrained(str(path.parent))))
 
 
-def test_lora_count_equals_peft(tiny_dirs):
+@pytest.mark.parametrize("name, args, reached", [
+    ("gqa", OnlineArgs(r=4), 2),  # the paper's: q_proj, v_proj of every block
+    ("untied", OnlineArgs(r=8, num_blocks=2, target_modules=SEVEN), 2),  # the last 2 of 4 blocks
+    ("gqa", OnlineArgs(r=8, num_blocks=1, target_modules=SEVEN), 1),
+    ("untied", OnlineArgs(placement="head", r=4), 0),
+    ("gqa", OnlineArgs(placement="head", r=4), 0),  # a tied lm_head
+    ("gqa", OnlineArgs(placement="temperature"), 0),
+], ids=["blocks-paper", "blocks-seven-k2", "blocks-seven-k1-gqa", "head", "head-tied", "temperature"])
+def test_online_module_count_equals_the_module_built(tiny_dirs, name, args, reached):
+    """The plan's trainable count is that of the module okd_scale.models builds on the teacher, for every placement;
+    the blocks its backward reaches are those from its lowest block to the top."""
     from transformers import LlamaForCausalLM
 
-    from okd_scale.config import OnlineArgs
-    from okd_scale.models import add_online_module
+    from okd_scale.models import add_online_module, online_module
 
-    path, _ = tiny_dirs["gqa"]
+    path, _ = tiny_dirs[name]
     shape = plan.read_shape(path)
-    for k, r in ((1, 4), (2, 8)):
-        peft_model = add_online_module(LlamaForCausalLM.from_pretrained(str(path)), OnlineArgs(r=r, num_blocks=k))
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        assert plan.lora_params(shape, k, r) == trainable
-        got = plan.make_plan(shape, shape, plan.Settings(online_blocks=k, lora_r=r))
-        assert got.lora_params == trainable
-        assert got.online_blocks == k
+    model = add_online_module(LlamaForCausalLM.from_pretrained(str(path)), args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert online_module(args).params(shape, args) == trainable
+    cfg = plan.Settings(module=args, teacher=plan.EngineSpec(0), cluster=plan.Cluster(1, 1))
+    got = plan.make_plan(shape, shape, cfg)
+    assert (got.online_params, got.reached_blocks) == (trainable, reached)
+    assert got.item("teacher gradients").gpu == 2 * trainable
+    frozen = plan.make_plan(shape, shape, dataclasses.replace(cfg, online=False))
+    assert (frozen.online_params, frozen.reached_blocks, frozen.item("teacher gradients").gpu) == (0, 0, 0)
 
 
 # --------------------------------------------------------------------------- model states
@@ -194,13 +209,13 @@ def test_zero_stages_divide_by_world_size_and_offload_to_cpu():
             else:
                 assert (it.gpu, it.cpu_node) == (base[kind], 0), (zero, kind)
 
-    # the teacher (ZeRO-3, offload cpu by default): frozen base params only, the LoRA's grads and Adam states
+    # the teacher (ZeRO-3, offload cpu by default): frozen base params only, the online module's grads and Adam states
     p = plan.make_plan(teacher, student, plan.Settings(cluster=cluster))
     t = _states(p, "teacher")
-    n_t = teacher.params + p.lora_params
+    n_t = teacher.params + p.online_params
     assert (t["parameters"].gpu, t["parameters"].cpu_node) == (0, 4 * math.ceil(2 * n_t / 8))
-    assert t["gradients"].cpu_node == 4 * math.ceil(2 * p.lora_params / 8)
-    assert t["optimizer states"].cpu_node == 4 * math.ceil(12 * p.lora_params / 8)
+    assert t["gradients"].cpu_node == 4 * math.ceil(2 * p.online_params / 8)
+    assert t["optimizer states"].cpu_node == 4 * math.ceil(12 * p.online_params / 8)
     on_gpu = _states(plan.make_plan(teacher, student, plan.Settings(cluster=cluster,
                                                                     teacher=plan.EngineSpec(3, "none"))), "teacher")
     assert on_gpu["parameters"].gpu * 4 == t["parameters"].cpu_node and on_gpu["parameters"].cpu_node == 0
@@ -215,18 +230,35 @@ def test_offload_needs_zero():
 def test_activation_items_follow_the_settings():
     teacher, student = plan.shape_from_count(7_000_000_000), plan.shape_from_count(1_000_000_000)
 
-    def acts(**kw):
-        p = plan.make_plan(teacher, student, plan.Settings(**kw))
+    def acts(module=None, **kw):
+        p = plan.make_plan(teacher, student, plan.Settings(module=module or OnlineArgs(num_blocks=2), **kw))
         return p.item("teacher activations").gpu, p.item("student activations").gpu
 
-    t, s = acts(online_blocks=2)
-    t_ckpt, s_ckpt = acts(online_blocks=2, activation_checkpointing=True)
-    assert t_ckpt == t and s_ckpt < s / 4  # checkpointing is the student's only
+    t, s = acts()
+    t_ckpt, s_ckpt = acts(activation_checkpointing=True)
+    assert t_ckpt == t and s_ckpt < s / 4  # the student's checkpointing leaves the teacher's alone
     per_block = plan.block_activation_bytes(teacher, 512, 4, "bf16")
-    assert acts(online_blocks=4)[0] - t == 2 * per_block  # each extra online block keeps one block's activations
-    t_flash, _ = acts(online_blocks=2, flash_attention=True)
+    assert t == 3 * per_block  # 2 reached blocks kept + 1 forward block below them
+    assert acts(OnlineArgs(num_blocks=4))[0] - t == 2 * per_block  # each extra reached block keeps its activations
+    assert acts(OnlineArgs())[0] == teacher.layers * per_block  # the paper's module reaches every block
+    t_flash, _ = acts(flash_attention=True)
     assert t_flash < t
-    assert acts(online_blocks=2, seq_len=1024)[1] > 2 * s  # the a*s^2 scores grow faster than s
+    assert acts(seq_len=1024)[1] > 2 * s  # the a*s^2 scores grow faster than s
+
+    # the teacher checkpointed: the reached blocks' inputs (2*s*b*h bytes in bf16) + one block being recomputed
+    inputs = 512 * 4 * teacher.hidden * 2
+    for k in (2, None):
+        kept = acts(OnlineArgs(num_blocks=k, gradient_checkpointing=True))[0]
+        reached = k or teacher.layers
+        assert kept == plan.activation_bytes(teacher, 512, 4, "bf16", kept_blocks=reached, checkpointing=True)
+        assert kept == reached * inputs + per_block
+    assert acts(OnlineArgs(gradient_checkpointing=True))[0] < acts(OnlineArgs())[0] / 4
+
+    # a module whose backward reaches no block, or no module: one block's activations while it runs forward
+    for module in (OnlineArgs(placement="head"), OnlineArgs(placement="temperature"),
+                   OnlineArgs(placement="head", gradient_checkpointing=True)):
+        assert acts(module)[0] == per_block
+    assert acts(online=False)[0] == per_block
 
 
 # --------------------------------------------------------------------------- step time and the CLI
@@ -245,26 +277,57 @@ def test_flop_floor_printed_for_configs(tiny_dirs, capsys):
     """Step time printed for two saved models equals the formula on the counts torch reports."""
     (t_path, t_model), (s_path, s_model) = tiny_dirs["untied"], tiny_dirs["tied"]
     k, nodes, gpus, seq, micro, accum, peak, mfu = 2, 2, 4, 64, 3, 5, 1e-6, 0.5
-    assert plan.main(["--teacher", str(t_path), "--student", str(s_path), "--online-blocks", str(k),
-                      "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--seq-len", str(seq), "--micro-batch",
-                      str(micro), "--grad-accum", str(accum), "--peak-tflops", str(peak), "--mfu", str(mfu)]) == 0
-    out = capsys.readouterr().out
+    common = ["--teacher", str(t_path), "--student", str(s_path), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+              "--seq-len", str(seq), "--micro-batch", str(micro), "--grad-accum", str(accum), "--peak-tflops",
+              str(peak), "--mfu", str(mfu)]
     tokens = seq * micro * accum * nodes * gpus
-    flops = (6 * _numel(s_model) + 2 * _numel(t_model) + 4 * _numel(t_model.model.layers[0]) * k) * tokens
-    expected = flops / (nodes * gpus * peak * 1e12 * mfu)
-    assert _printed_step_time(out) == pytest.approx(expected, rel=1e-5)
-    assert f"tokens per step: {tokens:,}" in out
+    block = _numel(t_model.model.layers[0])
+    # the backward through the k reached blocks: input gradients (2 per parameter per token); checkpointed, their
+    # forward again (2 more); a module that reaches no block adds nothing to the forwards
+    for extra, online in (([], 2 * block * k), (["--teacher-gradient-checkpointing"], 4 * block * k),
+                          (["--online-placement", "head"], 0)):
+        assert plan.main([*common, "--online-blocks", str(k), *extra]) == 0
+        out = capsys.readouterr().out
+        flops = (6 * _numel(s_model) + 2 * _numel(t_model) + online) * tokens
+        expected = flops / (nodes * gpus * peak * 1e12 * mfu)
+        assert _printed_step_time(out) == pytest.approx(expected, rel=1e-5), extra
+        assert f"tokens per step: {tokens:,}" in out
 
 
 def test_flop_floor_for_counts():
     teacher, student = plan.shape_from_count(7_000_000_000), plan.shape_from_count(1_100_000_000)
-    cfg = plan.Settings(seq_len=2048, micro_batch=2, grad_accum=4, cluster=plan.Cluster(2, 8), online_blocks=3)
-    p = plan.make_plan(teacher, student, cfg)
     tokens = 2048 * 2 * 4 * 16
-    flops = (6 * 1_100_000_000 + 2 * 7_000_000_000 + 4 * teacher.block_params * 3) * tokens
-    assert p.tokens_per_step == tokens
-    assert p.step_time_s == pytest.approx(flops / (16 * 989e12))
-    assert _printed_step_time(plan.render(p)) == pytest.approx(p.step_time_s, rel=1e-5)
+    for module, online in ((OnlineArgs(num_blocks=3), 2 * teacher.block_params * 3),
+                           (OnlineArgs(num_blocks=3, gradient_checkpointing=True), 4 * teacher.block_params * 3),
+                           (OnlineArgs(), 2 * teacher.block_params * teacher.layers),
+                           (OnlineArgs(placement="temperature", gradient_checkpointing=True), 0)):
+        cfg = plan.Settings(seq_len=2048, micro_batch=2, grad_accum=4, cluster=plan.Cluster(2, 8), module=module)
+        p = plan.make_plan(teacher, student, cfg)
+        flops = (6 * 1_100_000_000 + 2 * 7_000_000_000 + online) * tokens
+        assert p.tokens_per_step == tokens
+        assert p.flops_per_step == pytest.approx(flops)
+        assert p.step_time_s == pytest.approx(flops / (16 * 989e12))
+        assert _printed_step_time(plan.render(p)) == pytest.approx(p.step_time_s, rel=1e-5)
+    frozen = plan.make_plan(teacher, student, dataclasses.replace(cfg, online=False, module=OnlineArgs()))
+    assert frozen.flops_per_step == pytest.approx((6 * 1_100_000_000 + 2 * 7_000_000_000) * tokens)
+
+
+def test_the_printed_module_says_what_it_is(capsys):
+    """The registry's words for each placement; the flags name the config keys."""
+    common = ["--teacher-params", "7e9", "--student-params", "1e9"]  # an assumed shape of 32 blocks
+    for flags, words in (
+            ([], "LoRA r=32 on q_proj,v_proj of all 32 blocks, 16,777,216 trainable parameters; its backward "
+                 "reaches 32 of 32 teacher blocks"),
+            (["--online-blocks", "4", "--online-targets", "q_proj,o_proj", "--lora-r", "8",
+              "--teacher-gradient-checkpointing"],
+             "LoRA r=8 on q_proj,o_proj of the last 4 of 32 blocks, 524,288 trainable parameters; its backward "
+             "reaches 4 of 32 teacher blocks, checkpointed"),
+            (["--online-placement", "head", "--lora-r", "8"],
+             "LoRA r=8 on the lm_head, 288,768 trainable parameters; its backward reaches no teacher block"),
+            (["--online-placement", "temperature"], "one learned temperature, 1 trainable parameter;"),
+            (["--method", "kd"], "online module: none (a frozen teacher)")):
+        assert plan.main([*common, *flags]) == 0
+        assert words in capsys.readouterr().out, flags
 
 
 def test_cli_prints_a_table_and_a_verdict(capsys):
@@ -297,6 +360,12 @@ def test_cli_bad_flag_exits_2():
     (["--teacher-params", "7e9", "--student-params", "1e9", "--student-zero", "0", "--student-offload", "cpu"],
      ["--student-offload", "--student-zero"]),
     (["--teacher-params", "7e9", "--student-params", "1e9", "--online-blocks", "99"], ["--online-blocks", "32"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--online-targets", "q_proj,wq"],
+     ["--online-targets", "wq"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--online-targets", "q_proj,"],
+     ["--online-targets", "comma-separated"]),
+    (["--teacher-params", "7e9", "--student-params", "1e9", "--online-placement", "prefix"],
+     ["--online-placement", "temperature"]),
 ])
 def test_bad_input_names_the_flag(capsys, argv, words):
     with pytest.raises(SystemExit) as e:
@@ -325,7 +394,8 @@ def test_cli_reads_a_run_config(tmp_path, pair, capsys):
            "model": {"teacher": str(pair / "teacher"), "student": str(pair / "student")},
            "data": {"train_file": str(pair / "train.jsonl"), "max_length": 64},
            "train": {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "bf16": True},
-           "online": {"num_blocks": 2, "r": 4}, "loss": {"chunk_size": 16},
+           "online": {"num_blocks": 2, "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "up_proj"],
+                      "gradient_checkpointing": True}, "loss": {"chunk_size": 16},
            "deepspeed": {"teacher_config": "ds_configs/teacher_zero3_offload.json",
                          "student_config": "ds_configs/student_zero3.json"}}
     path = tmp_path / "run.yaml"
@@ -335,9 +405,19 @@ def test_cli_reads_a_run_config(tmp_path, pair, capsys):
     from_config = capsys.readouterr().out
     flags = ["--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "--method", "okd",
              "--seq-len", "64", "--micro-batch", "3", "--grad-accum", "4", "--dtype", "bf16", "--chunk-size", "16",
-             "--online-blocks", "2", "--lora-r", "4", "--teacher-zero", "3", "--teacher-offload", "cpu",
+             "--online-blocks", "2", "--lora-r", "4", "--online-targets", "q_proj,k_proj,up_proj",
+             "--teacher-gradient-checkpointing", "--teacher-zero", "3", "--teacher-offload", "cpu",
              "--student-zero", "3", *cluster]
     assert plan.main(flags) == 0
     assert from_config == capsys.readouterr().out
+    assert "LoRA r=4 on q_proj,k_proj,up_proj of the last 2 of" in from_config and "checkpointed" in from_config
+    # the run's online section whole (its keys the flags do not name too); a flag given as well wins
+    from okd_scale.config import load_config
+
+    parser = plan.build_parser()
+    parser.set_defaults(**plan.defaults_from_config(str(path), []))
+    assert plan.settings_from_args(parser.parse_args([])).module == load_config(str(path)).online
+    head = plan.settings_from_args(parser.parse_args(["--online-placement", "head", "--lora-r", "16"])).module
+    assert (head.placement, head.r, head.lora_alpha, head.num_blocks) == ("head", 16, 8, 2)
     res = _cli("--config", str(path), "method=sft")
     assert res.returncode == 2 and '"method" sft trains without a teacher engine' in res.stderr

@@ -197,7 +197,8 @@ def test_resume_refusals(tmp_path, pair):
     changed = ["train.per_device_train_batch_size=2", "online.r=4", f"data.train_file={pair / 'eval.jsonl'}"]
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"), [f"output_dir={out}", *changed])
     with pytest.raises(CheckpointError, match=r"saved with another data.train_file, online.r, "
-                                              r"train.per_device_train_batch_size \(.*online.r: 32 -> 4.*resume_ignore"):
+                                              r"train.per_device_train_batch_size \(.*online.r: 32 -> 4"
+                                              r".*resume_ignore"):
         train(cfg)
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "kd"),
                       [f"output_dir={out}", "train.max_steps=3", "data.eval_file=null", *changed[1:],
