@@ -297,15 +297,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, state: TrainerState, student, teacher=None, *, tokenizer=None,
-                    run_config: str = "", keep_last: int = 0) -> Path:
+                    run_config: str = "", keep_last: int = 0, online: Optional[OnlineArgs] = None) -> Path:
     """Write tag global_step{state.step} of both engines (the teacher's trainable part only; None: no
     teacher state), then point `latest` at it and prune to the newest `keep_last` tags (0: keep all), never
-    the best one of `state.best`. ``run_config``: the run's config as YAML (its online section says what the
-    teacher's module is). Every rank calls this."""
-    import yaml
-
+    the best one of `state.best`. ``online``: the run's online section, what the teacher's module is (the
+    default's with none given). Every rank calls this."""
     root = Path(out_dir) / CHECKPOINTS
-    online = online_args(yaml.safe_load(run_config) or {}, "the run config") if teacher is not None else None
+    online = online or OnlineArgs()
     tag = f"{TAG_PREFIX}{state.step}"
     final, tmp = root / tag, root / f".{tag}.tmp"
     previous = _latest(root)

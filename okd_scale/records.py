@@ -70,7 +70,8 @@ class RunRecords:
                                         method=self.cfg.method, best=self.best,
                                         method_state=method_state.state_dict() if method_state else {})
         path = checkpoint.save_checkpoint(self.out, state, self.student, self.online, tokenizer=self.tokenizer,
-                                          run_config=self.run_config, keep_last=self.cfg.train.keep_last)
+                                          run_config=self.run_config, keep_last=self.cfg.train.keep_last,
+                                          online=self.cfg.online)
         log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - clock)
         return path
 

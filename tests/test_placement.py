@@ -154,7 +154,7 @@ def test_nvme_offload_needs_a_path():
 
 
 # the paper's OKD (its module on every block, at the student's rate); with checkpointed teacher blocks too
-PAPER = {"okd": ["online.num_blocks=null", "online.learning_rate=ratio:1"], "kd": []}
+PAPER = {"okd": ["online.num_blocks=null", "online.learning_rate=ratio:1", "loss.kd_ratio=1"], "kd": []}
 CHECKPOINTED = ["online.gradient_checkpointing=true"]
 ONE_PROCESS = {"offload": (OFFLOAD, []), "replica": ("ds_configs/teacher_replica.json", []),
                "zero3": ("ds_configs/teacher_zero3.json", []), "offload_ckpt": (OFFLOAD, CHECKPOINTED),
