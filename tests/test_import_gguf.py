@@ -45,11 +45,9 @@ def test_default_gguf_path():
     assert p.read_bytes()[:4] == b"GGUF"
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "teacher"
-    summary = ig.import_gguf(None, out, verbose=False)
-    return out, summary
+@pytest.fixture
+def imported(smollm2_import):
+    return smollm2_import
 
 
 @pytest.mark.slow
