@@ -156,12 +156,14 @@ def _named_sets(sets) -> dict[str, Path]:
 
 
 def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,), max_examples=None,
-                   num_samples: int = 3, **gen_kw) -> dict:
+                   num_samples: int = 3, keep_generations: bool = False, **gen_kw) -> dict:
     """Generate on each set for each seed and score ROUGE-L.
 
     Returns {"settings": {...}, "sets": {name: {"path", "n", "rougeL", "std", "seeds", "per_seed",
-    "samples": [{"prompt", "references", "generation", "rougeL"}]}}, "average": mean of the set means,
-    "seconds"}. Greedy decoding is seed-independent, so it is generated once and reused for every seed."""
+    "per_prompt": each prompt's ROUGE-L (mean over the seeds), "samples": [{"prompt", "references", "generation",
+    "rougeL"}] (the first num_samples)[, "generations": the first seed's answer to every prompt, with
+    keep_generations]}}, "average": mean of the set means, "seconds"}. Greedy decoding is seed-independent, so it
+    is generated once and reused for every seed."""
     t0 = time.time()
     seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
     if not seeds:
@@ -174,7 +176,7 @@ def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,),
     for name, path in named.items():
         rows = read_eval_set(path, max_examples=max_examples)
         prompts = [r["prompt"] for r in rows]
-        per_seed, samples, greedy_cache = [], [], None
+        per_seed, samples, greedy_cache, per_prompt, first = [], [], None, [0.0] * len(rows), []
         for i, seed in enumerate(seeds):
             if gen_kw.get("do_sample") or greedy_cache is None:
                 gens = generate(model, tokenizer, prompts, seed=seed, **gen_kw)
@@ -184,13 +186,16 @@ def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,),
                 gens = greedy_cache
             scores = [rouge_l(g, r["references"]) for g, r in zip(gens, rows)]
             per_seed.append(sum(scores) / len(scores))
+            per_prompt = [total + x / len(seeds) for total, x in zip(per_prompt, scores)]
             if i == 0:
+                first = gens
                 samples = [{"prompt": r["prompt"], "references": r["references"], "generation": g, "rougeL": s}
                            for r, g, s in list(zip(rows, gens, scores))[:num_samples]]
         out_sets[name] = {
             "path": str(path), "n": len(rows), "rougeL": statistics.fmean(per_seed),
             "std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
-            "seeds": seeds, "per_seed": per_seed, "samples": samples,
+            "seeds": seeds, "per_seed": per_seed, "per_prompt": per_prompt, "samples": samples,
+            **({"generations": first} if keep_generations else {}),
         }
     means = [v["rougeL"] for v in out_sets.values()]
     return {"settings": settings, "sets": out_sets, "average": statistics.fmean(means) if means else math.nan,
@@ -206,6 +211,57 @@ def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_s
     loader = build_dataloader(examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, rank=0,
                               world_size=1, seed=0, shuffle=False, drop_last=False)
     return eval_loss(model, loader, model.config.vocab_size, all_ranks=False)
+
+
+TERCILES = ("confident", "middle", "uncertain")
+
+
+def teacher_forced(student, teacher, tokenizer, data_file, *, max_length: int = 512, max_rows: int | None = None,
+                   batch_size: int = 8) -> dict:
+    """A student against a teacher (the original, frozen one) at every response token y of a training-format data
+    file, teacher-forced, in this process alone: the teacher's uncertainty u = 1 - pT(y); by tercile of u (cut at the
+    teacher's own tercile edges, the same tokens for every student): the student's top-1 agreement with the teacher
+    (argmax zS = argmax zT), KL(pT || pS) = sum_v pT(v) (log pT(v) - log pS(v)), and the std over the vocabulary of
+    the student's logits zS; over all tokens, the student's cross-entropy -log pS(y).
+
+    Returns {"tokens", "ce", "edges": [u at 1/3, u at 2/3], "terciles": {name: {"tokens", "u", "agreement", "kl",
+    "logit_std"}}} (each a mean over the tercile's tokens)."""
+    import torch
+
+    from .data import build_dataloader, load_dataset
+    from .methods import forward_counted, with_counted
+
+    examples, _ = load_dataset(data_file, tokenizer, max_length)
+    loader = build_dataloader(examples[:max_rows] if max_rows else examples, batch_size=batch_size,
+                              pad_token_id=tokenizer.pad_token_id, rank=0, world_size=1, seed=0, shuffle=False,
+                              drop_last=False)
+    vocab = len(tokenizer)
+    cols = {k: [] for k in ("u", "agree", "kl", "std", "ce")}
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(student.device) for k, v in with_counted(batch).items()}
+            y = batch["counted_labels"]
+            zs = forward_counted(student, batch, vocab, hidden=False).float()
+            zt = forward_counted(teacher, {k: v.to(teacher.device) for k, v in batch.items()}, vocab,
+                                 hidden=False).float().to(zs.device)
+            ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
+            cols["u"].append(1 - lt.gather(1, y[:, None]).squeeze(1).exp())
+            cols["agree"].append((zs.argmax(-1) == zt.argmax(-1)).float())
+            cols["kl"].append((lt.exp() * (lt - ls)).sum(-1))
+            cols["std"].append(zs.std(-1))
+            cols["ce"].append(-ls.gather(1, y[:, None]).squeeze(1))
+    t = {k: torch.cat(v).double().cpu() for k, v in cols.items()}
+    if not len(t["u"]):
+        raise EvaluateError(f"{data_file}: no response tokens to analyse")
+    edges = torch.quantile(t["u"], torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    which = torch.bucketize(t["u"], edges, right=True)  # 0: u < edge 1, 1: between, 2: u >= edge 2
+    terciles = {}
+    for i, name in enumerate(TERCILES):
+        m = which == i
+        terciles[name] = {"tokens": int(m.sum()), **{key: float(t[col][m].mean()) if m.any() else math.nan
+                                                      for key, col in (("u", "u"), ("agreement", "agree"),
+                                                                       ("kl", "kl"), ("logit_std", "std"))}}
+    return {"tokens": len(t["u"]), "ce": float(t["ce"].mean()), "edges": edges.tolist(), "terciles": terciles}
 
 
 def eval_loss(model, loader, vocab_size: int, *, all_ranks: bool = True) -> float:

@@ -148,7 +148,7 @@ def test_evaluate_model_and_table(tiny_model, tokenizer, tmp_path):
     a = tiny.write_jsonl(tmp_path / "a.jsonl", tiny.make_rows(6, seed=1))
     b = tiny.write_jsonl(tmp_path / "b.jsonl", tiny.make_rows(4, seed=2))
     res = ev.evaluate_model(model, tokenizer, {"a": a, "b": b}, seeds=(1, 2), max_examples=5, max_new_tokens=4,
-                            do_sample=True, batch_size=3)
+                            do_sample=True, batch_size=3, keep_generations=True)
     assert set(res["sets"]) == {"a", "b"}
     assert res["sets"]["a"]["n"] == 5 and res["sets"]["b"]["n"] == 4
     for v in res["sets"].values():
@@ -162,6 +162,14 @@ def test_evaluate_model_and_table(tiny_model, tokenizer, tmp_path):
                        batch_size=3)
     want = statistics.fmean(ev.rouge_l(g, r["references"]) for g, r in zip(gens, rows))
     assert res["sets"]["a"]["per_seed"][1] == pytest.approx(want)
+    # per prompt: the mean over the seeds of that prompt's ROUGE-L; every answer of the first seed is kept
+    first = ev.generate(model, tokenizer, [r["prompt"] for r in rows], seed=1, max_new_tokens=4, do_sample=True,
+                        batch_size=3)
+    assert res["sets"]["a"]["generations"] == first
+    assert res["sets"]["a"]["per_prompt"] == pytest.approx(
+        [(ev.rouge_l(g1, r["references"]) + ev.rouge_l(g2, r["references"])) / 2
+         for g1, g2, r in zip(first, gens, rows)])
+    assert statistics.fmean(res["sets"]["a"]["per_prompt"]) == pytest.approx(res["sets"]["a"]["rougeL"])
     assert res["average"] == pytest.approx((res["sets"]["a"]["rougeL"] + res["sets"]["b"]["rougeL"]) / 2)
 
     table = ev.format_table({"tiny": res, "other": {"sets": {"a": {"n": 5, "rougeL": 12.345, "std": 0.0,
@@ -217,3 +225,51 @@ def test_load_model_on_the_host_when_asked(tiny_model):
     assert next(model.parameters()).device.type == "cpu" and not model.training
     with pytest.raises(ev.EvaluateError, match="device must be a torch device.*'gpu9'"):
         ev.load_model(model_dir, device="gpu9")
+
+
+def test_teacher_forced_analysis_against_float64(tiny_model, tokenizer, tmp_path, device):
+    """Every number of the teacher-forced analysis (batched, padded, fp32) against a float64 computation one row at a
+    time on the full logits; the teacher against itself agrees everywhere with KL 0."""
+    import copy
+
+    import torch
+
+    from okd_scale.data import collate, load_dataset
+
+    _, teacher = tiny_model
+    student = tiny.make_llama(tmp_path / "s", tokenizer, num_layers=1, hidden=32, seed=7).to(device).eval()
+    data = tiny.write_jsonl(tmp_path / "val.jsonl", tiny.make_rows(7, seed=5))
+    got = ev.teacher_forced(student, teacher, tokenizer, data, max_length=48, batch_size=3)
+
+    s64, t64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    cols = {k: [] for k in ("u", "agree", "kl", "std", "ce")}
+    examples, _ = load_dataset(data, tokenizer, 48)
+    with torch.no_grad():
+        for ex in examples:
+            b = {k: v.to(device) for k, v in collate([ex], tokenizer.pad_token_id).items()}
+            mask = b["labels"][0, 1:] != -100
+            y = b["labels"][0, 1:][mask]
+            zs = s64(input_ids=b["input_ids"]).logits[0, :-1][mask][:, :len(tokenizer)]
+            zt = t64(input_ids=b["input_ids"]).logits[0, :-1][mask][:, :len(tokenizer)]
+            ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
+            cols["u"].append(1 - lt.gather(1, y[:, None]).squeeze(1).exp())
+            cols["agree"].append((zs.argmax(-1) == zt.argmax(-1)).double())
+            cols["kl"].append((lt.exp() * (lt - ls)).sum(-1))
+            cols["std"].append(zs.std(-1))
+            cols["ce"].append(-ls.gather(1, y[:, None]).squeeze(1))
+    t = {k: torch.cat(v).cpu() for k, v in cols.items()}
+    edges = torch.quantile(t["u"], torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    assert got["tokens"] == len(t["u"]) and got["ce"] == pytest.approx(float(t["ce"].mean()), rel=1e-4)
+    assert got["edges"] == pytest.approx(edges.tolist(), rel=1e-4)
+    which = torch.bucketize(t["u"], edges, right=True)
+    assert sum(v["tokens"] for v in got["terciles"].values()) == len(t["u"])
+    for i, name in enumerate(ev.TERCILES):
+        m = which == i
+        g = got["terciles"][name]
+        assert g["tokens"] == int(m.sum()) > 0
+        for key, col in (("u", "u"), ("agreement", "agree"), ("kl", "kl"), ("logit_std", "std")):
+            assert g[key] == pytest.approx(float(t[col][m].mean()), rel=1e-4, abs=1e-6), (name, key)
+    assert got["terciles"]["confident"]["u"] < got["terciles"]["uncertain"]["u"]
+
+    itself = ev.teacher_forced(teacher, teacher, tokenizer, data, max_length=48, batch_size=3)
+    assert all(v["agreement"] == 1.0 and abs(v["kl"]) < 1e-5 for v in itself["terciles"].values())

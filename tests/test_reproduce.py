@@ -47,7 +47,8 @@ def test_sweep_table_and_resume(tmp_path, pair):
     assert json.loads((out / "table.json").read_text())["rows"].keys() == table["rows"].keys()
 
 
-@pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "cpu-okd-search", "gpu-proof", "gpu-paper"])
+@pytest.mark.parametrize("preset", ["cpu-small", "cpu-proof", "cpu-okd-search", "cpu-paper", "gpu-proof",
+                                    "gpu-paper"])
 def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
     from tools.demo import make_student
@@ -63,6 +64,15 @@ def test_presets_resolve(preset, pair):
     if preset == "cpu-okd-search":  # OKD variants only, chosen on the validation rows alone, from cpu-proof's init
         assert spec["methods"] and all(reproduce.METHODS[m][0] == "method=okd" for m in spec["methods"])
         assert spec["shared_sets"] == [] and spec["init_from"] == "cpu-proof"
+    if preset == "cpu-paper":  # fp32 on this machine, the rate chosen on validation: never set by the preset
+        assert "train.bf16=false" in spec["train"] and "train.bf16=false" in spec["heal"]["set"]
+        assert not any(x.startswith("train.learning_rate=") for x in spec["train"])
+        for rate in spec["select_lr"]["grid"]:
+            cfg = load_config(ROOT / spec["config"], [*paths, *spec["train"], *spec["select_lr"]["set"],
+                                                      f"train.learning_rate={rate}"])
+            assert cfg.train.learning_rate == rate and not cfg.train.bf16
+        assert spec["baseline"] in spec["methods"] and set(spec["seeds_for"]) <= set(spec["methods"])
+        assert all(reproduce.TEACHER_FROM.get(m, m) in spec["methods"] for m in spec["methods"])
     if "heal" in spec:
         cfg = load_config(ROOT / spec["config"], [*paths, *make_student.HEAL_METHODS[spec["heal"]["method"]],
                                                   *spec["heal"]["set"]])
@@ -159,7 +169,7 @@ def test_later_seeds_for_the_best_by_validation():
     from tools.proof import reproduce
     preset = reproduce.PRESETS["cpu-proof"]
     methods = ["sft", "kd_fkl", "kd_rkl", "taid", "okd"]
-    args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False, reseed=[])
+    args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False, reseed=[], seeds_given=False)
     first = [(f"{m}-seed42", m, 42) for m in methods]
     assert reproduce.cell_plan(args, preset, methods, {}) == first
     score = {"sft": 1.0, "kd_fkl": 4.0, "kd_rkl": 3.0, "taid": 5.0, "okd": 2.0}
@@ -180,3 +190,84 @@ def test_later_seeds_for_the_best_by_validation():
         ("taid-seed43", "taid", 43)]
     args.reseed, args.all_seeds = [], True
     assert reproduce.cell_plan(args, preset, methods, {}) == first + [(f"{m}-seed43", m, 43) for m in methods]
+
+
+def test_paper_plan_every_seed_and_more_for_okd_and_kd():
+    """cpu-paper: every method at both seeds, then the third seed for okd and kd_fkl; given seeds replace all that."""
+    import argparse
+
+    from tools.proof import reproduce
+    preset = reproduce.PRESETS["cpu-paper"]
+    methods = preset["methods"]
+    args = argparse.Namespace(train_seeds=preset["train_seeds"], all_seeds=False, reseed=[], seeds_given=False)
+    plan = reproduce.cell_plan(args, preset, methods, {})
+    assert plan == ([(f"{m}-seed42", m, 42) for m in methods] + [(f"{m}-seed43", m, 43) for m in methods]
+                    + [("okd-seed44", "okd", 44), ("kd_fkl-seed44", "kd_fkl", 44)])
+    assert [m for _, m, s in plan if s == 42].index("okd_a0") < [m for _, m, s in plan if s == 42].index("kd_fkl_ft")
+    args = argparse.Namespace(train_seeds=[7], all_seeds=False, reseed=[], seeds_given=True)
+    assert reproduce.cell_plan(args, preset, ["okd", "sft"], {}) == [("okd", "okd", 7), ("sft", "sft", 7)]
+
+
+@pytest.mark.slow
+def test_paper_sweep_lr_choice_control_pairs_and_analysis(tmp_path, pair):
+    """cpu-paper at tiny size: the learning rate chosen on validation by short kd_fkl and sft runs; the control
+    kd_fkl_ft learns from the teacher whose LoRA okd_a0 trained (merged, and not the original); per-prompt scores,
+    answers, the teacher-forced analysis and the commit in every cell; paired differences to kd_fkl in the table; a
+    rerun with --eval-set scores the finished cells' stored models on it and trains nothing."""
+    import gzip
+
+    from safetensors.torch import load_file
+
+    import tiny
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, src in (("train", "train.jsonl"), ("eval", "eval.jsonl"), ("heal", "train.jsonl")):
+        (data / f"{name}.jsonl").write_text((pair / src).read_text())
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "tools.proof.reproduce", "--preset", "cpu-paper", "--no-teacher-eval",
+           "--teacher", str(pair / "teacher"), "--data-dir", str(data), "--eval-sets", str(pair / "eval.jsonl"),
+           "--prompt-format", "as-is", "--methods", "kd_fkl,okd_a0,kd_fkl_ft", "--train-seeds", "1",
+           "--lr-grid", "5e-3", "--nproc", "1", "--steps", "2", "--heal-steps", "2", "--eval-examples", "4",
+           "--out", str(out), "data.max_length=64",
+           f"deepspeed.teacher_overrides={TORCH_ADAM_JSON}", f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
+    first = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert cells == ["init.json", "kd_fkl.json", "kd_fkl_ft.json", "lr-kd_fkl-0.005.json", "lr-sft-0.005.json",
+                     "okd_a0.json"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["learning_rate"]["chosen"] == 5e-3 and set(table["learning_rate"]["cells"]) == {
+        "lr-kd_fkl-0.005", "lr-sft-0.005"}
+    assert set(table["paired"]) == {"okd_a0", "kd_fkl_ft"} and set(table["paired"]["okd_a0"]) == {"eval", "average"}
+    md = (out / "TABLE.md").read_text()
+    assert "## Paired differences to kd_fkl" in md and "- okd_a0 - kd_fkl: " in md and "## Teacher-forced" in md
+    assert "learning rate 0.005 (chosen on validation" in md and "Training seconds per cell: " in md
+    control = json.loads((out / "cells" / "kd_fkl_ft.json").read_text())
+    assert "okd_a0's online module merged" in control["teacher"]
+    merged = out / "runs" / "okd_a0" / "teacher_merged"
+    assert f"teacher: {merged}" in (out / "runs" / "kd_fkl_ft" / "run_config.yaml").read_text()
+    original, tuned = load_file(pair / "teacher" / "model.safetensors"), load_file(merged / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert original[q].shape == tuned[q].shape and not (original[q] == tuned[q]).all()  # the LoRA moved it
+    for name in ("kd_fkl", "okd_a0", "kd_fkl_ft", "init"):
+        cell = json.loads((out / "cells" / f"{name}.json").read_text())
+        s = cell["eval"]["sets"]["eval"]
+        assert len(s["per_prompt"]) == 4 and sum(s["per_prompt"]) / 4 == pytest.approx(s["rougeL"], abs=1e-3)
+        answers = json.loads(gzip.decompress((out / "cells" / f"{name}.answers.json.gz").read_bytes()))
+        assert len(answers["eval"]["eval"]) == 4 and len(answers["eval"]["validation"]) == 4
+        a = cell["analysis"]
+        assert a["tokens"] > 0 and set(a["terciles"]) == {"confident", "middle", "uncertain"} and a["ce"] > 0
+        assert cell["commit"]
+
+    more = tiny.write_jsonl(tmp_path / "more.jsonl", tiny.make_rows(3, seed=9))
+    again = subprocess.run(cmd + ["--eval-set", f"more={more}"], env=clean_env(), capture_output=True, text=True,
+                           timeout=900, cwd=ROOT)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("done before, skipped") == 4 and "healed student" not in again.stdout
+    for name in ("kd_fkl", "okd_a0", "kd_fkl_ft", "init"):
+        cell = json.loads((out / "cells" / f"{name}.json").read_text())
+        assert cell["eval"]["sets"]["more"]["n"] == 3 and len(cell["eval"]["sets"]["more"]["per_prompt"]) == 3
+        answers = json.loads(gzip.decompress((out / "cells" / f"{name}.answers.json.gz").read_bytes()))
+        assert len(answers["eval"]["more"]) == 3 and len(answers["eval"]["eval"]) == 4  # added, nothing lost
+    assert json.loads((out / "table.json").read_text())["sets"] == ["eval", "more"]
