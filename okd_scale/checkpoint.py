@@ -223,8 +223,16 @@ def _agree(error: Optional[str], what: str, partial: Optional[Path] = None) -> N
 
 
 def _latest(root: Path) -> Optional[Path]:
-    """The tag directory `root/latest` names, or None."""
-    return root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    """The tag directory `root/latest` names, or None; CheckpointError when it names anything but a tag of `root`
+    (global_step<N>: no path, so never another run's checkpoint)."""
+    if not (root / LATEST).is_file():
+        return None
+    name = (root / LATEST).read_text(errors="replace").strip()
+    if not re.fullmatch(rf"{TAG_PREFIX}[0-9]+", name):
+        raise CheckpointError(f"{root / LATEST} names {name[:200]!r}, not a tag of this checkpoint directory (expected "
+                              f"{TAG_PREFIX}<N>, a directory beside it); write the tag to resume from there, or pass "
+                              "resume: PATH to a tag directory")
+    return root / name
 
 
 def _tag_bytes(path: Path) -> int:

@@ -2,7 +2,9 @@
 (`okd_scale/train.py`, `python -m okd_scale.evaluate`, `python -m okd_scale.convert`, `python -m okd_scale.plan`)."""
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
 import sys
 
 COMMANDS = {
@@ -11,6 +13,35 @@ COMMANDS = {
     "convert": ("okd_scale.convert", "a run's checkpoint -> a Hugging Face model directory, checked by its logits"),
     "plan": ("okd_scale.plan", "memory per device and node, the teacher's placement, the step-time floor"),
 }
+
+
+def number_type(kind: type, minimum: float, strict: bool, what: str):
+    """An argparse type: a finite number of `kind` at least `minimum` (above it when `strict`), `what` in the error."""
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is int:
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+            value = int(value)
+        if value < minimum or (strict and value == minimum) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POS_INT = number_type(int, 0, True, "a positive integer")
+POS_FLOAT = number_type(float, 0, True, "a positive number")
+
+
+def FRACTION(text: str) -> float:  # noqa: N802 (an argparse type, named as its siblings)
+    """An argparse type: a number in (0, 1]."""
+    value = POS_FLOAT(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def usage() -> str:

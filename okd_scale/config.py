@@ -40,6 +40,8 @@ class ModelArgs:
     student: str = arg("", "local Hugging Face model directory of the student")
     allow_hub: bool = arg(False, "accept hub ids (downloads); off, so that a mistyped path is an error")
     trust_remote_code: bool = arg(False, "run the models' own code from their directories")
+    use_safetensors: bool = arg(True, "load weights from safetensors files only; false also reads PyTorch .bin "
+                                      "files (weights-only unpickling)")
 
 
 @dataclass
@@ -359,9 +361,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); save the config as "
+                              "UTF-8 YAML") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read it: {e.strerror or e}") from None
 
     def parsed(defaults: dict) -> RunConfig:
         cfg = RunConfig()

@@ -246,8 +246,20 @@ def _tokenize_prompt_row(row: dict, tokenizer, add_eos: bool) -> tuple[list[int]
     return p_ids, r_ids
 
 
-def _check_messages(messages: Any) -> int:
-    """Validate a conversation; return the index of its last assistant message."""
+CHAT_ROLES = ("system", "user", "assistant")
+# roles some chat templates handle besides those: accepted where the template names them
+EXTRA_CHAT_ROLES = ("tool", "ipython", "function", "developer")
+
+
+def chat_roles(tokenizer) -> tuple[str, ...]:
+    """The roles a conversation may use with this tokenizer: system, user, assistant, and any of EXTRA_CHAT_ROLES its
+    chat template names in quotes."""
+    template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
+    return CHAT_ROLES + tuple(r for r in EXTRA_CHAT_ROLES if f"'{r}'" in template or f'"{r}"' in template)
+
+
+def _check_messages(messages: Any, roles: tuple[str, ...] = CHAT_ROLES) -> int:
+    """Validate a conversation (every role one of `roles`); return the index of its last assistant message."""
     if not isinstance(messages, list):
         raise _RowError(f'field "messages" must be a list of messages, got {_type_name(messages)}')
     last = -1
@@ -257,6 +269,9 @@ def _check_messages(messages: Any) -> int:
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise _RowError(f'"messages"[{i}] field "{key}" must be a string, got {_type_name(m.get(key))}')
+        if m["role"] not in roles:
+            raise _RowError(f'"messages"[{i}] has role "{m["role"]}"; expected one of {", ".join(roles)} (the roles '
+                            "the tokenizer's chat template takes)")
         if m["role"] == "assistant":
             if not m["content"].strip():
                 raise _RowError(f'"messages"[{i}] (assistant) has empty "content"')
@@ -275,7 +290,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 
 def _tokenize_chat_row(messages: Any, tokenizer) -> tuple[list[int], list[int]]:
     """input_ids and a 0/1 loss mask for one conversation."""
-    last = _check_messages(messages)
+    last = _check_messages(messages, chat_roles(tokenizer))
     messages = [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
     full_text = _render(tokenizer, messages, False)
     ids = _encode(tokenizer, full_text)

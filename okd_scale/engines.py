@@ -129,8 +129,8 @@ def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool)
     from . import models
 
     m, t = cfg.model, cfg.train
-    tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16,
-                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16, trust_remote_code=m.trust_remote_code,
+                                   allow_hub=m.allow_hub, use_safetensors=m.use_safetensors)
     models.check_vocab(tmodel, tokenizer, m.teacher, "teacher")
     if online:
         tmodel = models.add_online_module(tmodel, cfg.online)
@@ -153,8 +153,8 @@ def student_engine(cfg: RunConfig, ds_student: dict, tokenizer):
     from . import models
 
     m, t = cfg.model, cfg.train
-    smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16,
-                                   trust_remote_code=m.trust_remote_code, allow_hub=m.allow_hub)
+    smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16, trust_remote_code=m.trust_remote_code,
+                                   allow_hub=m.allow_hub, use_safetensors=m.use_safetensors)
     models.check_vocab(smodel, tokenizer, m.student, "student")
     if t.gradient_checkpointing:
         smodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

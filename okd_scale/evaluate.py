@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from okd_scale.cli import FRACTION, POS_FLOAT, POS_INT
 from okd_scale.data import alpaca_prompt
 from okd_scale.generation import GenerationError, eos_and_pad, generate_ids
 
@@ -375,11 +376,15 @@ def default_device() -> str:
     return get_accelerator().current_device_name()
 
 
-def load_model(model_dir, dtype: str = "float32", device: str | None = None):
-    """(model in eval mode on ``device``, tokenizer) from a local Hugging Face directory; ``device``
-    defaults to the accelerator's current device (`default_device`), "cpu" keeps the model on the host."""
+def load_model(model_dir, dtype: str = "float32", device: str | None = None, *, use_safetensors: bool = True):
+    """(model in eval mode on ``device``, tokenizer) from a local Hugging Face directory, its own code never run;
+    ``device`` defaults to the accelerator's current device (`default_device`), "cpu" keeps the model on the host;
+    ``use_safetensors``: safetensors weights only (else .bin files too, read weights-only)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import first_line
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -392,8 +397,15 @@ def load_model(model_dir, dtype: str = "float32", device: str | None = None):
         where = torch.device(device or default_device())
     except RuntimeError as e:
         raise EvaluateError(f"device must be a torch device such as cpu or cuda:0, got {device!r} ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
+                                                     trust_remote_code=False,
+                                                     use_safetensors=True if use_safetensors else None)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        hint = ("; it has PyTorch .bin weights: convert them to safetensors, or pass --no-use-safetensors to read "
+                "them weights-only" if use_safetensors and any(model_dir.glob("*.bin")) else "")
+        raise EvaluateError(f"cannot load a causal LM from {model_dir}: {first_line(e)}{hint}") from None
     model.to(where).eval()
     return model, tokenizer
 
@@ -415,13 +427,15 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", required=True, help="local Hugging Face model directory")
     ap.add_argument("--data", required=True, action="append", help="eval jsonl file (repeatable)")
-    ap.add_argument("--max-examples", type=int, default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-examples", type=POS_INT, default=None, help="the first N rows of each set")
+    ap.add_argument("--max-new-tokens", type=POS_INT, default=128)
     ap.add_argument("--do-sample", action="store_true")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--temperature", type=POS_FLOAT, default=1.0)
+    ap.add_argument("--top-p", type=FRACTION, default=1.0, help="in (0, 1]")
     ap.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated, e.g. 1,2,3 (default 0)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=POS_INT, default=8)
+    ap.add_argument("--use-safetensors", action=argparse.BooleanOptionalAction, default=True,
+                    help="read safetensors weights only; --no-use-safetensors also reads .bin files (weights-only)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--device", default=None,
                     help="where the model runs (default: the accelerator's current device; cpu keeps it on the host)")
@@ -433,7 +447,7 @@ def main(argv=None) -> int:
         for p in args.data:
             if not Path(p).is_file():
                 raise EvaluateError(f"evaluation file not found: {p}")
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, use_safetensors=args.use_safetensors)
         label = args.name or Path(args.model).resolve().name
         res = evaluate_model(model, tokenizer, _named_sets(args.data), seeds=args.seeds,
                              max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,

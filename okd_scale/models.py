@@ -19,7 +19,10 @@ class ModelError(ValueError):
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, allow_hub: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=not allow_hub)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=not allow_hub)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ModelError(f"cannot load a tokenizer from {path}: {first_line(e)}") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"{path}: the tokenizer has neither a pad nor an eos token")
@@ -44,9 +47,16 @@ def check_vocab(model, tokenizer, path: str, role: str) -> None:
                          "the model cannot score every token")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (its type when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = False,
-                   trust_remote_code: bool = False, allow_hub: bool = False):
-    """AutoModelForCausalLM.from_pretrained; under a ZeRO-3 config, built partitioned (deepspeed.zero.Init)."""
+                   trust_remote_code: bool = False, allow_hub: bool = False, use_safetensors: bool = True):
+    """AutoModelForCausalLM.from_pretrained; under a ZeRO-3 config, built partitioned (deepspeed.zero.Init);
+    `use_safetensors`: safetensors weights only (else .bin files too, which transformers reads weights-only)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -58,9 +68,12 @@ def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                            trust_remote_code=trust_remote_code,
+                                                           use_safetensors=True if use_safetensors else None,
                                                            local_files_only=not allow_hub, output_loading_info=True)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise ModelError(f"cannot load a causal LM from {path}: {e}") from None
+        hint = ("; it has PyTorch .bin weights: convert them to safetensors, or set model.use_safetensors=false to "
+                "read them weights-only" if use_safetensors and any(Path(path).glob("*.bin")) else "")
+        raise ModelError(f"cannot load a causal LM from {path}: {first_line(e)}{hint}") from None
     finally:
         del keep_alive
         unset_hf_deepspeed_config()

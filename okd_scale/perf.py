@@ -116,10 +116,11 @@ def peak_memory_bytes() -> int:
 
 
 def run_cost(history: list, teacher, student, world: int, sampled_tokens: float, n_online: int,
-             online: bool, recompute: bool = False) -> dict:
-    """Median step time, mean time per phase, tokens/s, peak memory per rank, FLOPs and (on a known GPU)
-    model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars; n_online, online and
-    recompute as for step_flops."""
+             online: bool, recompute: bool = False, base_memory: int = 0) -> dict:
+    """Median step time, mean time per phase, tokens/s, peak memory per rank (and each rank's `base_memory`, its
+    peak before the models were built: on CPU the interpreter's and the libraries' resident memory), FLOPs and (on
+    a known GPU) model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars; n_online,
+    online and recompute as for step_flops."""
     import torch
 
     from .process import all_reduce_sum
@@ -127,8 +128,10 @@ def run_cost(history: list, teacher, student, world: int, sampled_tokens: float,
     median = sorted(r["time/step_s"] for r in history)[len(history) // 2]
     phases = {k[5:-2]: sum(r.get(k, 0.0) for r in history) / len(history)
               for k in sorted({k for r in history for k in r}) if k.startswith("time/") and k != "time/step_s"}
-    peaks = all_reduce_sum([peak_memory_bytes() if r == torch.distributed.get_rank() else 0.0 for r in range(world)],
-                           student.device)
+    rank = torch.distributed.get_rank()
+    mine = (float(peak_memory_bytes()), float(base_memory))
+    both = all_reduce_sum([x if r == rank else 0.0 for r in range(world) for x in mine], student.device)
+    peaks, bases = both[0::2], both[1::2]
     n_student = num_parameters(student.module)
     n_teacher = num_parameters(teacher.module) if teacher is not None else 0
     seen = sum(r["tokens/seen"] for r in history)
@@ -139,7 +142,8 @@ def run_cost(history: list, teacher, student, world: int, sampled_tokens: float,
     device = device_name()
     peak = peak_flops(device)
     out = {"median_step_s": median, "time_per_phase_s": phases, "tokens_per_s": seen / total_time,
-           "peak_memory_gib_per_rank": [p / 2**30 for p in peaks], "params": {"student": n_student,
+           "peak_memory_gib_per_rank": [p / 2**30 for p in peaks],
+           "base_memory_gib_per_rank": [b / 2**30 for b in bases], "params": {"student": n_student,
            "teacher": n_teacher, "online_blocks": n_online}, "flops_per_step": flops, "device": device}
     if peak is not None:
         out["mfu"] = flops * len(history) / (total_time * world * peak)

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli import FRACTION, POS_FLOAT, POS_INT
 from .config import OnlineArgs
 from .models import ONLINE_MODULES, ModelError, online_module
 from .perf import step_flops  # the trainer's formula, shared
@@ -618,33 +619,6 @@ def render(plan: Plan) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _number(kind: type, minimum: float, strict: bool, what: str):
-    def parse(text: str):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if kind is int:
-            if not value.is_integer():
-                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-            value = int(value)
-        if value < minimum or (strict and value == minimum) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-POS_INT = _number(int, 0, True, "a positive integer")
-POS_FLOAT = _number(float, 0, True, "a positive number")
-
-
-def _fraction(text: str) -> float:
-    value = POS_FLOAT(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",")]
     if not all(names):
@@ -702,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--gpu-mem-gib", type=POS_FLOAT, default=80.0, help="memory per GPU")
     k.add_argument("--cpu-mem-gib", type=POS_FLOAT, default=512.0, help="CPU memory per node")
     k.add_argument("--peak-tflops", type=POS_FLOAT, default=989.0, help="peak per GPU (989: H100 bf16 dense)")
-    k.add_argument("--mfu", type=_fraction, default=1.0, help="assumed utilisation in (0, 1]; 1 gives the floor")
+    k.add_argument("--mfu", type=FRACTION, default=1.0, help="assumed utilisation in (0, 1]; 1 gives the floor")
     z = p.add_argument_group("DeepSpeed")
     z.add_argument("--teacher-zero", type=int, choices=(0, 1, 2, 3),
                    help="teacher ZeRO stage (default: chosen with the offload, as deepspeed.teacher_config: auto does)")

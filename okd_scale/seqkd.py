@@ -94,7 +94,7 @@ def generation_teacher(cfg: RunConfig, tokenizer, engine: Callable[[], object]) 
         teacher = engine()
         return teacher.module, teacher.device
     model = models.load_causal_lm(m.teacher, bf16=cfg.train.bf16, trust_remote_code=m.trust_remote_code,
-                                  allow_hub=m.allow_hub)
+                                  allow_hub=m.allow_hub, use_safetensors=m.use_safetensors)
     models.check_vocab(model, tokenizer, m.teacher, "teacher")
     models.freeze(model)
     device = torch.device(accel.current_device_name())

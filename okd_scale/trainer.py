@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import yaml
 
-from . import checkpoint, data, engines, faults, generation, models, perf, process, seqkd
+from . import checkpoint, data, engines, faults, generation, models, perf, process, rundir, seqkd
 from .records import RunRecords, read_history
 from .config import RunConfig
 from .methods import StepContext, loss_normaliser, method_of, with_counted
@@ -181,15 +181,44 @@ def train(cfg: RunConfig) -> TrainResult:
     rank, world, _ = process.init_distributed(timeout_s=collective_timeout(cfg.train.ddp_timeout))
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    lock = _hold(out, rank)
+    try:
+        return _run(cfg, rank, world, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _hold(out: Path, rank: int) -> Optional[rundir.RunLock]:
+    """Rank 0 takes `out`'s lock (one run per output directory) before anything is written there; every rank
+    stops with RunDirError when it cannot."""
+    from deepspeed.accelerator import get_accelerator
+
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = rundir.acquire(out)
+        except rundir.RunDirError as e:
+            error = e
+    failed = process.all_reduce_sum([float(error is not None)], get_accelerator().current_device_name())[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise rundir.RunDirError(f'"output_dir": rank 0 cannot use {out} (its message says why)')
+    return lock
+
+
+def _run(cfg: RunConfig, rank: int, world: int, out: Path) -> TrainResult:
+    """train() once the output directory is this run's."""
     resume_from = checkpoint.find_checkpoint(out, cfg.resume)
     if resume_from is not None:
         checkpoint.check_resume_config(resume_from, cfg.to_dict(), cfg.resume_ignore)
     run_config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(run_config)
     checkpoint.clear_stop(out)
     stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
+    base_memory = perf.peak_memory_bytes()  # the process before its models: what okd plan does not count
     try:
         tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     except seqkd.GenerationStopped as e:  # before any step: nothing to checkpoint, the responses so far are kept
@@ -226,7 +255,7 @@ def train(cfg: RunConfig) -> TrainResult:
         stop.signal = None  # served (or moot): the run is over
     run.bar.close()
     if result.stopped_by is None:
-        _finish(cfg, result, loop, run, stats)
+        _finish(cfg, result, loop, run, stats, base_memory)
     return result
 
 
@@ -278,8 +307,9 @@ def _steps(cfg: RunConfig, first_step: int, loop: _Loop, run: RunRecords, result
             return
 
 
-def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, stats) -> None:
-    """Metrics (costs, evaluation) and the exports at the end of a run."""
+def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, stats, base_memory: int) -> None:
+    """Metrics (costs, evaluation) and the exports at the end of a run; `base_memory`: this rank's peak memory
+    before its models were built."""
     t, out, student, teacher = cfg.train, result.output_dir, result.student, result.teacher
     metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": run.world, "data": vars(stats)}
     if result.history:
@@ -290,7 +320,8 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, s
             blocks = models.online_module(cfg.online).blocks(layers, cfg.online)
             n_online = models.block_parameter_count(teacher.module, range(min(blocks), layers)) if blocks else 0
         metrics.update(perf.run_cost(result.history, teacher, student, run.world, loop.sampled_tokens, n_online,
-                                     loop.method.online, recompute=cfg.online.gradient_checkpointing))
+                                     loop.method.online, recompute=cfg.online.gradient_checkpointing,
+                                     base_memory=base_memory))
         if run.rank == 0:
             log.info("time per step (mean over %d steps):\n%s", len(result.history), perf.phase_table(result.history))
     if run.evaluator is not None:
