@@ -22,6 +22,12 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 PAPER_TARGETS = ["q_proj", "v_proj"]  # the paper's online LoRA: attention query and value
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (its type when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 

@@ -384,7 +384,7 @@ def load_model(model_dir, dtype: str = "float32", device: str | None = None, *, 
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import first_line
+    from .config import first_line
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import OnlineArgs
+from .config import OnlineArgs, first_line
 
 
 class ModelError(ValueError):
@@ -45,12 +45,6 @@ def check_vocab(model, tokenizer, path: str, role: str) -> None:
     if size < len(tokenizer):
         raise ModelError(f"{role} {path}: its vocabulary has {size} entries but its tokenizer has {len(tokenizer)}; "
                          "the model cannot score every token")
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line of text (its type when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = False,

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .cli import FRACTION, POS_FLOAT, POS_INT
-from .config import OnlineArgs
+from .config import OnlineArgs, first_line
 from .models import ONLINE_MODULES, ModelError, online_module
 from .perf import step_flops  # the trainer's formula, shared
 
@@ -275,8 +275,7 @@ def read_shape(path: str | Path) -> ModelShape:
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read a transformers config from {path}: {first}") from None
+        raise ValueError(f"cannot read a transformers config from {path}: {first_line(e)}") from None
     return shape_from_config(config, source=str(path))
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 
 def free_port() -> int:
@@ -62,9 +62,32 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **kw)
+        kw = {}
+        if timeout_s is not None:
+            kw["timeout"] = datetime.timedelta(seconds=timeout_s)
+            set_default_timeout(kw["timeout"])
+        try:
+            deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                                       **kw)
+        except RuntimeError as e:  # torch's DistStoreError and the like: a rank never joined
+            from .watchdog import RESUME_HINT, RankFailure
+
+            raise RankFailure(f"the process group of {os.environ.get('WORLD_SIZE', '?')} ranks did not form "
+                              f"(rank {os.environ.get('RANK', '?')}, store {os.environ.get('MASTER_ADDR', '?')}:"
+                              f"{os.environ.get('MASTER_PORT', '?')}): {first_line(e)}; a rank died before joining "
+                              f"or cannot reach rank 0. {RESUME_HINT}") from None
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def set_default_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` torch's default for every process group created from now on without one of its own (those
+    DeepSpeed creates while it builds an engine), for every backend."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
 
 
 def exit_distributed(code: int) -> None:

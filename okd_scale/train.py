@@ -42,9 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from okd_scale.stop import REQUEST
+    from okd_scale.stop import REQUEST, StartupStop
 
-    REQUEST.install()  # before the slow imports and start-up: a scheduler's early USR1 must not kill us
+    try:
+        REQUEST.install()  # before the slow imports: a stop during start-up ends the run at once, exit 75
+        return _main(argv)
+    except StartupStop as e:
+        print(f"stopped by {e.signal} during start-up, before the first step; run the same command again",
+              file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from okd_scale.checkpoint import CheckpointError, SaveError
     from okd_scale.config import ConfigError, load_config

@@ -17,10 +17,10 @@ import yaml
 
 from . import checkpoint, data, engines, faults, generation, models, perf, process, rundir, seqkd
 from .records import RunRecords, read_history
-from .config import RunConfig
+from .config import RunConfig, first_line
 from .methods import StepContext, loss_normaliser, method_of, with_counted
 from .scorers import make_scorer
-from .stop import REQUEST, StopRequest
+from .stop import REQUEST, StartupStop, StopRequest
 from .watchdog import RESUME_HINT, RankFailure, Watchdog, collective_timeout
 
 log = logging.getLogger("okd_scale")
@@ -75,9 +75,10 @@ def build(cfg: RunConfig, rank: int, world: int):
     ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
     if method.teacher_data:
         frozen = lambda: engines.teacher_engine(cfg, ds_teacher, tokenizer, online=False)  # noqa: E731
-        examples, stats.seqkd = seqkd.teacher_examples(
-            cfg, examples, tokenizer, rank, world, batch_size=cfg.seqkd.batch_size,
-            build_teacher=lambda: seqkd.generation_teacher(cfg, tokenizer, frozen))
+        with REQUEST.deferred():  # a stop ends generation after its batch, the responses so far kept
+            examples, stats.seqkd = seqkd.teacher_examples(
+                cfg, examples, tokenizer, rank, world, batch_size=cfg.seqkd.batch_size,
+                build_teacher=lambda: seqkd.generation_teacher(cfg, tokenizer, frozen))
         done(f"seqkd: {len(examples)} teacher responses ({stats.seqkd['generated']} generated)")
     loader = data.build_dataloader(examples, batch_size=t.per_device_train_batch_size,
                                    pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world, seed=cfg.seed)
@@ -85,6 +86,8 @@ def build(cfg: RunConfig, rank: int, world: int):
     if method.teacher != "none":
         teacher = engines.teacher_engine(cfg, ds_teacher, tokenizer, online=method.online)
         done(f"teacher engine ready (ZeRO-{engines.zero_stage(ds_teacher)})")
+    faults.crash_point("kill_in_startup", 0, rank)  # a rank lost, or held, while the engines are built
+    faults.hang_point("hang_in_startup", 0, rank)
     student = engines.student_engine(cfg, ds_student, tokenizer)
     done(f"student engine ready (ZeRO-{engines.zero_stage(ds_student)})")
     return tokenizer, loader, stats, teacher, student
@@ -175,17 +178,44 @@ class _Loop:
 def train(cfg: RunConfig) -> TrainResult:
     """Run `cfg` to `train.max_steps` optimizer steps, resuming from a checkpoint when `cfg.resume` finds
     one; checkpoint every `train.save_every` steps, at the end, and when a stop signal arrives (then
-    return early with `stopped_by` set); at the end evaluate and export the student (and online module)."""
+    return early with `stopped_by` set); at the end evaluate and export the student (and online module).
+    From the process group on, a rank lost is named within about train.ddp_timeout (RankFailure), and a stop
+    signal before the first step ends the run at once (stopped_by set, nothing to checkpoint)."""
     from transformers import set_seed
 
+    stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     rank, world, _ = process.init_distributed(timeout_s=collective_timeout(cfg.train.ddp_timeout))
     set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    lock = _hold(out, rank)
+    out, held = Path(cfg.output_dir), []  # held: this run's lock on `out`, once taken
+
+    def record(signal: str) -> None:  # a stop during start-up, for the job script (only where this run holds out)
+        if held or rank != 0:
+            checkpoint.record_stop(out, 0, signal, None)
+
+    dog = Watchdog(rank, world, cfg.train.ddp_timeout, stop=stop, on_stop=record)
+    dog.arm(startup=True)
     try:
-        return _run(cfg, rank, world, out)
+        held += [lock for lock in [_hold(out, rank)] if lock is not None]
+        return _run(cfg, rank, world, out, stop, dog)
+    except StartupStop as e:
+        record(e.signal)
+        log.warning("stopped by %s during start-up, before the first step; run the same command again", e.signal)
+        return TrainResult(student=None, teacher=None, tokenizer=None, output_dir=out, stopped_by=e.signal)
+    except (TrainingError, checkpoint.SaveError, checkpoint.CheckpointError):
+        raise
+    except RuntimeError as e:  # a collective failed: name the rank behind it when one died or hangs
+        dog.disarm()
+        while dog.exiting:  # the watchdog already reported who failed and is ending this process
+            time.sleep(1)
+        verdict = dog.diagnose() if dog.store is not None else None
+        if verdict is None:
+            raise
+        raise RankFailure(f"{verdict}. {RESUME_HINT} (the collective's error: {first_line(e)})") from e
     finally:
-        if lock is not None:
+        dog.close()
+        stop.uninstall()
+        stop.signal, stop.startup = None, True  # served (or moot): the run is over
+        for lock in held:
             lock.release()
 
 
@@ -208,8 +238,8 @@ def _hold(out: Path, rank: int) -> Optional[rundir.RunLock]:
     return lock
 
 
-def _run(cfg: RunConfig, rank: int, world: int, out: Path) -> TrainResult:
-    """train() once the output directory is this run's."""
+def _run(cfg: RunConfig, rank: int, world: int, out: Path, stop: StopRequest, dog: Watchdog) -> TrainResult:
+    """train() once the output directory is this run's: start-up (the watchdog armed for it), then the steps."""
     resume_from = checkpoint.find_checkpoint(out, cfg.resume)
     if resume_from is not None:
         checkpoint.check_resume_config(resume_from, cfg.to_dict(), cfg.resume_ignore)
@@ -217,15 +247,12 @@ def _run(cfg: RunConfig, rank: int, world: int, out: Path) -> TrainResult:
     if rank == 0:
         (out / "run_config.yaml").write_text(run_config)
     checkpoint.clear_stop(out)
-    stop = REQUEST.install()  # train.py installs it at start already; an earlier signal is kept
     base_memory = perf.peak_memory_bytes()  # the process before its models: what okd plan does not count
     try:
         tokenizer, loader, stats, teacher, student = build(cfg, rank, world)
     except seqkd.GenerationStopped as e:  # before any step: nothing to checkpoint, the responses so far are kept
         log.warning("stopped by %s; resume with the same command", e)
         checkpoint.record_stop(out, 0, e.signal, None)
-        stop.uninstall()
-        stop.signal = None
         return TrainResult(student=None, teacher=None, tokenizer=None, output_dir=out, stopped_by=e.signal)
     pos = data.DataPosition()
     loop = _Loop(cfg, student, teacher, tokenizer, world, make_scorer(cfg, teacher, student, len(tokenizer), rank,
@@ -234,25 +261,11 @@ def _run(cfg: RunConfig, rank: int, world: int, out: Path) -> TrainResult:
     first_step, past = _resume(run, resume_from, loop, pos)
     run.open(first_step, past)
     result = TrainResult(student=student, teacher=teacher, tokenizer=tokenizer, output_dir=out, history=past)
-    dog = Watchdog(rank, world, cfg.train.ddp_timeout)
+    stop.startup = False  # from here a stop signal is served at the end of a step, with a checkpoint
     dog.arm()
-    try:
-        _steps(cfg, first_step, loop, run, result, pos, stop, dog)
-    except (TrainingError, checkpoint.SaveError):
-        raise
-    except RuntimeError as e:  # a collective failed: name the rank behind it when one died or hangs
-        dog.disarm()
-        while dog.exiting:  # the watchdog already reported who failed and is ending this process
-            time.sleep(1)
-        verdict = dog.diagnose() if dog.store is not None else None
-        if verdict is None:
-            raise
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RankFailure(f"{verdict}. {RESUME_HINT} (the collective's error: {cause})") from e
-    finally:
-        dog.close()
-        stop.uninstall()
-        stop.signal = None  # served (or moot): the run is over
+    _steps(cfg, first_step, loop, run, result, pos, stop, dog)
+    dog.disarm()
+    stop.uninstall()
     run.bar.close()
     if result.stopped_by is None:
         _finish(cfg, result, loop, run, stats, base_memory)

@@ -22,13 +22,14 @@ import os
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 log = logging.getLogger("okd_scale")
 
 KEY = "okd_scale/watchdog/"
 COLLECTIVE_FILES = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}")
 EXIT_STATUS = 1
+STOPPED_STATUS = 75  # as okd_scale/train.py's EXIT_STOPPED: stopped by a signal, run again to resume
 RESUME_HINT = "The last checkpoint is intact; run the same command again to resume"
 
 
@@ -134,8 +135,10 @@ class Watchdog:
     out a hung rank where no sequence numbers can (default: OKD_SCALE_WATCHDOG_FRAMES, on)."""
 
     def __init__(self, rank: int, world: int, timeout_s: float, interval_s: Optional[float] = None,
-                 store=None, frames: Optional[bool] = None):
+                 store=None, frames: Optional[bool] = None, stop=None, on_stop: Optional[Callable[[str], None]] = None):
         self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
+        self.stop, self.on_stop = stop, on_stop  # a StopRequest to act on during start-up, and how to record it
+        self.startup, self._stop_seen = False, None
         self.interval_s = interval_s or min(30.0, max(0.5, self.timeout_s / 10))
         self.frames = _frames_default() if frames is None else bool(frames)
         self.store = store if store is not None else _default_store()
@@ -154,8 +157,11 @@ class Watchdog:
     def progress(self, step: int) -> None:
         self.step, self._progress_at = step, time.monotonic()
 
-    def arm(self) -> None:
-        self._progress_at, self._armed = time.monotonic(), True
+    def arm(self, startup: bool = False) -> None:
+        """Count stalls from now on; `startup`: before the training loop, where only a rank that stopped answering
+        is named (start-up phases may take long on one rank while the others wait), and a stop signal that the
+        blocked main thread cannot act on ends the process (exit 75)."""
+        self._progress_at, self._armed, self.startup = time.monotonic(), True, startup
 
     def disarm(self) -> None:
         self._armed = False
@@ -185,6 +191,8 @@ class Watchdog:
             if verdict is not None and self._armed:  # another rank found who died or hangs
                 self._exit(verdict)
                 return
+            if self._startup_stop():
+                return
             stalled = time.monotonic() - self._progress_at
             if self._armed and stalled > self.timeout_s:
                 verdict = self.diagnose(stalled)
@@ -195,6 +203,26 @@ class Watchdog:
                             "is alive and none could be singled out; still waiting", self.rank, stalled,
                             self.timeout_s)
                 self._progress_at = time.monotonic()  # warn again after another timeout
+
+    def _startup_stop(self) -> bool:
+        """During start-up, end this process (exit 75, the stop recorded) when a stop signal has waited a few beats
+        for a main thread that is blocked (one that is not raises StartupStop itself)."""
+        signal = getattr(self.stop, "signal", None)
+        if not (self._armed and self.startup and signal and getattr(self.stop, "startup", False)):
+            return False
+        now = time.monotonic()
+        self._stop_seen = self._stop_seen or now
+        if now - self._stop_seen < max(5.0, 2 * self.interval_s):
+            return False
+        self.exiting = True
+        try:
+            if self.on_stop is not None:
+                self.on_stop(signal)
+        finally:
+            print(f"rank {self.rank}: stopped by {signal} during start-up, before the first step; run the same "
+                  "command again", file=sys.stderr, flush=True)
+            os._exit(STOPPED_STATUS)
+        return True
 
     def _read(self) -> dict[int, dict]:
         """Every rank's last beat; a rank that never beat gets beat -1 (a get of a missing key would block)."""
@@ -235,14 +263,17 @@ class Watchdog:
             ahead = [(o, how) for o, how in ahead if how]
             if ahead:
                 hung[r] = f"rank {ahead[0][0]} {ahead[0][1]}"
-        if not hung and self.frames and not any(second[r].get("seq") for r in alive):
+        if self.startup:  # phases of unequal length on each rank: only a rank that stopped answering is named
+            hung = {}
+        elif not hung and self.frames and not any(second[r].get("seq") for r in alive):
             waiting = [r for r in alive if first[r]["waiting"] and second[r]["waiting"]]
             hung = {r: "seen from Python frames: the others are inside a collective call" for r in others
                     if r in still and waiting and not first[r]["waiting"] and first[r]["where"] == second[r]["where"]}
         if not dead and not hung:
             return None
         waited = f" after {stalled_s:.0f} s without progress" if stalled_s is not None else ""
-        parts = [f"rank {r} stopped answering (last heard from at step {second[r]['step']}; no heartbeat for "
+        parts = [f"rank {r} stopped answering (last heard from "
+                 + ("during start-up" if self.startup else f"at step {second[r]['step']}") + "; no heartbeat for "
                  f"{3 * self.interval_s:.1f} s: it died, was killed, or is frozen; see its log)" for r in dead]
         parts += [f"rank {r} hangs at step {second[r]['step']} outside the collective the other ranks wait in "
                   f"({how}; its main thread stays at {second[r]['where']})" for r, how in hung.items()]

@@ -122,9 +122,10 @@ def test_first_save_on_a_full_disk(small_disk, pair, nproc, when, words):
 # --------------------------------------------------------------------------- a rank that dies or hangs
 
 
-def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "", **extra_env: str) -> list[subprocess.Popen]:
+def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "", only: int | None = None,
+               **extra_env: str) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of one run as two plain processes (as srun starts them: no launcher that would kill
-    the survivor for us), with the fault armed and `extra_env` set."""
+    the survivor for us), with the fault armed and `extra_env` set; `only`: start that rank alone."""
     import socket
     import sys
 
@@ -134,7 +135,7 @@ def _two_ranks(cfg: Path, out: Path, *overrides: str, fault: str = "", **extra_e
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank in range(2):
+    for rank in range(2) if only is None else [only]:
         env = tiny.subprocess_env(2, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=str(port), **({"OKD_SCALE_FAULT": fault} if fault else {}), **extra_env)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg),
@@ -186,6 +187,101 @@ def test_a_rank_that_dies_or_hangs_is_named_and_the_run_resumes(tmp_path, pair, 
     assert "at step 2" in results[0][1]
     rows = [json.loads(line) for line in history.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_rank_lost_while_the_engines_are_built(tmp_path, pair):
+    """2 plain ranks (as srun starts them); rank 1 is SIGKILLed while the engines are built (rank 0 goes on into
+    the student's engine, whose process groups and broadcasts wait for rank 1): rank 0 ends by itself with a line
+    naming rank 1 within 3 x train.ddp_timeout, exit 1, no traceback; the same command then runs to the end."""
+    import time
+
+    timeout = 10
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    out = tmp_path / "run"
+    common = ["data.eval_file=null", "train.max_steps=2", f"train.ddp_timeout={timeout}"]
+    procs = _two_ranks(cfg, out, *common, fault="kill_in_startup@0@1")
+    procs[1].wait(timeout=300)
+    killed_at = time.time()
+    stderr = procs[0].communicate(timeout=3 * timeout + 60)[1]
+    took = time.time() - killed_at
+    assert procs[0].returncode == 1, stderr[-3000:]
+    assert "rank 1 stopped answering (last heard from during start-up" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and took < 3 * timeout, took
+    resumed = _two_ranks(cfg, out, *common)
+    results = [p.communicate(timeout=600) for p in resumed]
+    assert [p.returncode for p in resumed] == [0, 0], results[0][1][-3000:]
+
+
+@pytest.mark.slow
+def test_a_rank_lost_while_the_engines_are_built_under_torchrun(tmp_path, pair):
+    """The same under torchrun: torchrun stops rank 0 (SIGTERM), which ends at once (a stop during start-up, exit
+    75), and torchrun's report names rank 1, killed, as the root cause; no traceback from the trainer's code."""
+    import sys
+    import time
+
+    from tiny import ROOT
+
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "okd_scale" / "train.py"), "--config", str(cfg), f"output_dir={tmp_path / 'run'}",
+                           "data.eval_file=null", "train.max_steps=2", "train.ddp_timeout=10"],
+                          env=tiny.subprocess_env(2, OKD_SCALE_FAULT="kill_in_startup@0@1"), capture_output=True,
+                          text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 1 and time.time() - started < 120, err[-3000:]
+    cause = err[err.index("Root Cause (first observed failure):"):]
+    assert "rank      : 1 (local_rank: 1)" in cause and "(SIGKILL)" in cause, err[-3000:]
+    # rank 0 either served torchrun's SIGTERM at once, or found rank 1 gone first
+    assert "stopped by SIGTERM during start-up, before the first step" in err or "rank 1 stopped answering" in err
+    assert 'okd_scale/' not in "".join(line for line in err.splitlines() if line.strip().startswith('File "'))
+
+
+def test_a_rank_that_never_joins(tmp_path, pair):
+    """Rank 0 of 2 started alone (rank 1 lost before the process group forms): it ends after twice
+    train.ddp_timeout with one line saying the process group did not form, exit 1, no traceback."""
+    import time
+
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "kd")
+    started = time.time()
+    rank0 = _two_ranks(cfg, tmp_path / "run", "train.ddp_timeout=5", only=0)[0]
+    stderr = rank0.communicate(timeout=120)[1]
+    assert rank0.returncode == 1, stderr[-3000:]
+    assert "error: the process group of 2 ranks did not form (rank 0, store 127.0.0.1:" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and time.time() - started < 3 * 5 + 30
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_start_up_ends_the_run_at_once(tmp_path, pair):
+    """SIGTERM to both ranks while rank 0 waits in the student engine's collectives for rank 1, which is still
+    loading (held there by the fault): both end within seconds with exit 75 and stopped.json (step 0), and the same
+    command then runs to the end."""
+    import json
+    import signal
+    import time
+
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
+    out = tmp_path / "run"
+    common = ["data.eval_file=null", "train.max_steps=2", "train.ddp_timeout=60"]
+    procs = _two_ranks(cfg, out, *common, fault="hang_in_startup@0@1")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "run_config.yaml").is_file():
+        time.sleep(0.1)
+    time.sleep(5)  # rank 0 into the student's engine, rank 1 held before it
+    sent = time.time()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    results = [p.communicate(timeout=120) for p in procs]
+    took = time.time() - sent
+    assert [p.returncode for p in procs] == [75, 75], [r[1][-2000:] for r in results]
+    assert took < 30, took
+    assert all("during start-up, before the first step" in r[1] and "Traceback" not in r[1] for r in results)
+    assert json.loads((out / "stopped.json").read_text())["step"] == 0
+    again = _two_ranks(cfg, out, *common)
+    results = [p.communicate(timeout=600) for p in again]
+    assert [p.returncode for p in again] == [0, 0], results[0][1][-3000:]
+    assert not (out / "stopped.json").exists()
 
 
 def _watchdog_worker(rank: int, world: int, port: int, out: str, fault: str, wait: str) -> None:
