@@ -17,11 +17,15 @@ needs_assets = pytest.mark.skipif(
 
 @pytest.mark.slow
 @needs_assets
-def test_pack_then_unpack(tmp_path):
+def test_pack_then_unpack(tmp_path, smollm2_import):
+    """Packed here (the demo teacher imported once per session, found in place), unpacked there: the parts join
+    and import to the same teacher; a corrupted part is refused."""
     wheels = tmp_path / "whl"
     wheels.mkdir()
     (wheels / "x-1-py3-none-any.whl").write_bytes(b"\0" * 2**20)
     dest, demo = tmp_path / "pack", tmp_path / "here"
+    demo.mkdir()
+    (demo / "teacher").symlink_to(smollm2_import[0], target_is_directory=True)
     manifest = gp.pack(dest, demo, wheels)
     a = gp._size((dest / "a").rglob("*")) + 2**20
     b = gp._size((dest / "b").rglob("*"))
