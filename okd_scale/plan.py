@@ -43,8 +43,10 @@ Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recom
     kept (checkpointed or not) for the online module's backward; below them the forward keeps nothing, so
     one block's activations, once (not checkpointed: added to the R blocks' as a bound).
 Working sets:
-    ZeRO-3 gathered layers: 2 (prefetch) * the largest layer (a block or the V*h embedding) in the
-    compute dtype, for each ZeRO-3 engine.
+    ZeRO-3 gathered parameters, for each ZeRO-3 engine, in the compute dtype: DeepSpeed keeps gathered parameters
+    resident up to stage3_max_live_parameters (MAX_LIVE_PARAMETERS, its default 1e9) when they will be used again
+    soon (the backward after the forward, the next step's forward), so min(that, the engine's parameters), and at
+    least 2 (prefetch) * the largest layer (a block or the V*h embedding).
     Teacher lm_head copy: V*h in the compute dtype (the trainer gathers it once per rank) when the
     teacher is ZeRO-3 and the student is not (the hidden-state loss path).
     Student under ZeRO-3 (the logits loss path): teacher and student logits at the response positions
@@ -346,6 +348,15 @@ def largest_layer(shape: ModelShape) -> int:
     return max(shape.block_params, shape.vocab * shape.hidden)
 
 
+MAX_LIVE_PARAMETERS = 10 ** 9  # DeepSpeed's zero_optimization.stage3_max_live_parameters default
+
+
+def gathered_params(shape: ModelShape) -> int:
+    """Parameters a ZeRO-3 engine keeps gathered at its peak: up to stage3_max_live_parameters of the model, at
+    least two of its largest layers (the one in use and the one prefetched)."""
+    return max(2 * largest_layer(shape), min(MAX_LIVE_PARAMETERS, shape.params))
+
+
 def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reached: int,
                  n_online: int) -> list[Item]:
     """Per-GPU and per-node CPU bytes of every item, teacher first."""
@@ -371,8 +382,8 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                                            flash=cfg.flash_attention, transient_block=below),
                       key="teacher activations"))
     if cfg.teacher.zero == 3:
-        items.append(Item("teacher ZeRO-3 gathered layers (2 x largest)", gpu=2 * largest_layer(teacher) * db,
-                          key="teacher gathered layers"))
+        items.append(Item("teacher ZeRO-3 gathered parameters (up to stage3_max_live_parameters)",
+                          gpu=gathered_params(teacher) * db, key="teacher gathered layers"))
     hidden_path = cfg.student.zero < 3
     if cfg.teacher.zero == 3 and hidden_path:
         items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy"))
@@ -384,8 +395,8 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                                            checkpointing=cfg.activation_checkpointing, flash=cfg.flash_attention),
                       key="student activations"))
     if cfg.student.zero == 3:
-        items.append(Item("student ZeRO-3 gathered layers (2 x largest)", gpu=2 * largest_layer(student) * db,
-                          key="student gathered layers"))
+        items.append(Item("student ZeRO-3 gathered parameters (up to stage3_max_live_parameters)",
+                          gpu=gathered_params(student) * db, key="student gathered layers"))
         items.append(Item("logits at response positions + grads (ZeRO-3 student)",
                           gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits"))
     vocab = max(teacher.vocab, student.vocab)

@@ -421,3 +421,17 @@ def test_cli_reads_a_run_config(tmp_path, pair, capsys):
     assert (head.placement, head.r, head.lora_alpha, head.num_blocks) == ("head", 16, 8, 2)
     res = _cli("--config", str(path), "method=sft")
     assert res.returncode == 2 and '"method" sft trains without a teacher engine' in res.stderr
+
+
+def test_zero3_gathered_parameters_follow_max_live_parameters():
+    """A ZeRO-3 engine keeps up to stage3_max_live_parameters gathered (DeepSpeed's default 1e9): a small model whole,
+    a large one 1e9 parameters, never fewer than two of its largest layers."""
+    from okd_scale import plan
+
+    small = plan.shape_from_count(int(135e6), vocab=49152)
+    big = plan.shape_from_count(int(70e9))
+    assert plan.gathered_params(small) == small.params
+    assert plan.gathered_params(big) == max(plan.MAX_LIVE_PARAMETERS, 2 * plan.largest_layer(big))
+    cfg = plan.Settings(seq_len=128, micro_batch=1, teacher=plan.EngineSpec(3), dtype="fp32")
+    got = plan.make_plan(small, small, cfg).item("teacher gathered layers").gpu
+    assert got == small.params * 4
