@@ -87,7 +87,8 @@ def test_run_drives_the_sweep_and_mirrors_cells(tmp_path, pair, monkeypatch):
                     "--mirror", str(mirror), "data.max_length=64", "train.bf16=false",
                     f"deepspeed.teacher_overrides={adam}", f"deepspeed.student_overrides={adam}"])
     assert code == 0
-    assert sorted(p.name for p in (mirror / "cells").iterdir()) == ["init.json", "sft.json", "teacher.json"]
+    assert sorted(p.name for p in (mirror / "cells").iterdir()) == [  # each cell and its answers
+        f"{name}{ext}" for name in ("init", "sft", "teacher") for ext in (".answers.json.gz", ".json")]
     table = json.loads((mirror / "table.json").read_text())
     assert table["preset"] == "gpu-proof" and "greedy_average" in table["rows"]["sft"]
     assert (mirror / "TABLE.md").read_text() == (tmp_path / "sweep" / "TABLE.md").read_text()
