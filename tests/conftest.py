@@ -55,3 +55,11 @@ def smollm2_import(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smol") / "teacher"
     return out, import_gguf(None, out, verbose=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that share the slow GGUF import run on one worker,
+    so that it is made once."""
+    for item in items:
+        if "smollm2_import" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))

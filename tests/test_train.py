@@ -441,7 +441,9 @@ def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
     m = report["metrics"]
     assert set(m["time_per_phase_s"]) >= {"teacher_forward", "online_backward"}
     assert m["flops_per_step"] > 0 and m["peak_memory_gib_per_rank"][0] > 0
-    assert 0 <= m["base_memory_gib_per_rank"][0] < m["peak_memory_gib_per_rank"][0]  # the models add to the base
+    # on the CPU both are the process's lifetime high-water mark (ru_maxrss): an earlier test in this process may
+    # already have set it, so the models need not raise it
+    assert 0 < m["base_memory_gib_per_rank"][0] <= m["peak_memory_gib_per_rank"][0]
 
     plain = run_and_dump(load_config(write_config(tmp_path / "cfg2.yaml", pair, "okd"),
                                      ["data.eval_file=null", f"output_dir={tmp_path / 'plain'}", "train.max_steps=2"]))
