@@ -43,7 +43,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # in another checkout, or rebuilt for another venv's path, never stalls this one
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-fast lint venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
+.PHONY: demo test test-fast lint aio venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 
 venv: $(STAMP)
 
@@ -62,7 +62,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m tools.demo.run $(DEMO_ARGS)
 
-test: lint
+# the NVMe-offload test builds DeepSpeed's async-I/O op, which links libaio: its headers are installed where they
+# are missing (as root, with apt-get), else named
+aio:
+	@test -e /usr/include/libaio.h || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q libaio-dev >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; }; \
+	  fi; test -e /usr/include/libaio.h || { echo "make: DeepSpeed's NVMe offload (and its test) needs libaio's headers: install libaio-dev (apt-get install libaio-dev as root; libaio-devel on RHEL)" >&2; exit 2; }; }
+
+test: lint aio
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: lint

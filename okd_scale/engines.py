@@ -76,6 +76,8 @@ def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradie
             raise ConfigError(f'{origin}: "zero_optimization.offload_param.nvme_path" is "auto" but '
                               '"deepspeed.nvme_path" is not set; set it to a directory on a fast local disk')
         offload["nvme_path"] = nvme_path
+    if "nvme" in (offload.get("device"), cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")):
+        require_async_io(origin)
     if not with_optimizer:
         cfg.pop("optimizer", None)
         cfg.pop("scheduler", None)
@@ -83,6 +85,18 @@ def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradie
             cfg["zero_optimization"]["stage"] = 0
     _no_auto_left(cfg, origin)
     return cfg
+
+
+def require_async_io(origin: str) -> None:
+    """NVMe offload runs on DeepSpeed's async-I/O op, which links libaio: a ConfigError naming the package where
+    the op cannot be built."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        raise ConfigError(f"{origin}: NVMe offload needs DeepSpeed's async-I/O op, which cannot be built here: "
+                          "install libaio's headers (Debian/Ubuntu: apt-get install libaio-dev; RHEL: libaio-devel; "
+                          "`make test` installs it as root), or choose a placement without NVMe")
 
 
 def zero_stage(ds_config: dict) -> int:

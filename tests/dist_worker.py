@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 
-def run_and_dump(cfg) -> dict:
+def run_and_dump(cfg, inspect=None) -> dict:
+    """`inspect(result)`, if given, sees the finished run's engines before they are dropped."""
     from safetensors.torch import save_file
 
     from okd_scale import checkpoint
     from okd_scale.trainer import train
 
     result = train(cfg)
+    if inspect is not None:
+        inspect(result)
     out = Path(cfg.output_dir)
     teacher_state = checkpoint.full_state_dict(result.teacher) if result.teacher is not None else None
     report = {"history": result.history, "metrics": result.metrics, "stopped_by": result.stopped_by}
