@@ -199,14 +199,16 @@ def okd_step(batch: dict, ctx: StepContext) -> StepOutput:
     with ctx.timer.phase("loss"):
         ls, lt, terms = ctx.scorer.losses(zt, zs, y, _student_mix(ctx), online, timer=ctx.timer)
     losses = _student_logs(ls, terms)
-    if ctx.log_drift:
-        with ctx.timer.phase("drift"):
-            losses["teacher/drift"] = ctx.scorer.drift(_original_teacher(ctx, batch, zt), zt.detach())
     parts = [(ctx.student, ls, "student_backward")]
     if online is not None:
         losses.update({"teacher/loss": lt, "teacher/ce": terms["ce_t"], "teacher/kd": terms["kd_t"]})
         parts.append((ctx.teacher, lt, "online_backward"))
-    return _logs(ctx, losses, _backward(ctx, parts))
+    bad = _backward(ctx, parts)
+    if ctx.log_drift:  # after the backward (the weights step later): a teacher forward between its forward and its
+        # backward would reset ZeRO-3's per-module backward counts, which then keep every gathered weight to the end
+        with ctx.timer.phase("drift"):
+            losses["teacher/drift"] = ctx.scorer.drift(_original_teacher(ctx, batch, zt), zt.detach())
+    return _logs(ctx, losses, bad)
 
 
 @dataclass
