@@ -325,6 +325,11 @@ def _finish(cfg: RunConfig, result: TrainResult, loop: _Loop, run: RunRecords, s
     before its models were built."""
     t, out, student, teacher = cfg.train, result.output_dir, result.student, result.teacher
     metrics = {"method": cfg.method, "steps": t.max_steps, "world_size": run.world, "data": vars(stats)}
+    if teacher is not None:  # the placement the run used (deepspeed.teacher_config auto: the one chosen by size)
+        offload = teacher.zero_offload_param()
+        metrics["teacher_engine"] = {"zero_stage": int(teacher.zero_optimization_stage()),
+                                     "offload_param": str(getattr(offload.device, "value", offload.device))
+                                     if offload is not None else "none"}
     if result.history:
         metrics["final"] = {k: v for k, v in result.history[-1].items() if "/" in k and not k.startswith("time")}
         n_online = 0
