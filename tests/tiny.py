@@ -49,21 +49,11 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 320):
 
 def make_word_tokenizer(out_dir: str | Path, vocab_size: int):
     """A word-level tokenizer of exactly ``vocab_size`` entries (the special tokens, then "w0", "w1", ...;
-    one token per word of `word_text`) with the ChatML template, saved as a PreTrainedTokenizerFast
-    directory: a real model's vocabulary size without training a tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    one token per word of `word_text`) with the ChatML template: a real model's vocabulary size without training
+    a tokenizer (tools/bench/big_teacher.py's)."""
+    from tools.bench.big_teacher import word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    vocab.update({f"w{i}": len(SPECIAL) + i for i in range(vocab_size - len(SPECIAL))})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(str(out_dir))
-    return fast
+    return word_tokenizer(Path(out_dir), vocab_size)
 
 
 def word_text(rng: random.Random, n: int, vocab_size: int) -> str:
