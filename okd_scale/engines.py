@@ -76,7 +76,7 @@ def build_ds_config(path: str, overrides: dict, *, micro_batch_size: int, gradie
             raise ConfigError(f'{origin}: "zero_optimization.offload_param.nvme_path" is "auto" but '
                               '"deepspeed.nvme_path" is not set; set it to a directory on a fast local disk')
         offload["nvme_path"] = nvme_path
-    if "nvme" in (offload.get("device"), cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")):
+    if "nvme" in (offload_device(cfg, "offload_param"), offload_device(cfg, "offload_optimizer")):
         require_async_io(origin)
     if not with_optimizer:
         cfg.pop("optimizer", None)

@@ -199,8 +199,6 @@ def test_each_placement_trains_as_zero3_offload_two_processes(tmp_path, pair, me
         assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
 
 
-
-
 def _nvme_runs(tmp_path, pair, tokenizer, method: str, layers: int, buffer_count: int) -> list:
     """A teacher whose MLP matrices DeepSpeed swaps (it swaps partitions of at least 1 MiB: 256 x 1024 in fp32) run
     under ZeRO-3 + CPU offload, then with its parameters on NVMe (`buffer_count` swap buffers); the NVMe run's

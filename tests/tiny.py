@@ -7,15 +7,10 @@ import os
 import random
 from pathlib import Path
 
+from tools.bench.big_teacher import CHATML, SPECIAL  # noqa: F401 (CHATML: the tests' template too)
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "the a an one two three four five red green blue small large quick slow cat dog bird fish tree river "
     "runs jumps sees eats likes finds gives makes is are was were and or but with over under near far "

@@ -34,8 +34,11 @@ SHAPES = {  # hidden, layers, heads, intermediate, vocab: the published Llama-2 
 }
 STUDENT = (768, 12, 12, 2048)  # hidden, layers, heads, intermediate
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-PLACEMENTS = {"auto": "auto", **memory.PLACEMENT_CONFIGS, "offload": "ds_configs/teacher_zero3_offload.json",
-              "nvme": "ds_configs/teacher_zero3_nvme.json"}
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 GIB = 2 ** 30
 
 
@@ -52,9 +55,7 @@ def word_tokenizer(out_dir: Path, vocab_size: int):
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-                          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    fast.chat_template = CHATML
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -162,31 +163,25 @@ def disk_read_rate(path: Path) -> float:
     return path.stat().st_size / (time.perf_counter() - start)
 
 
-def _engine_of(ds_config: str) -> tuple[bool, str]:
-    """(partitioned, where the parameters are offloaded) of a shipped teacher config."""
-    from okd_scale.config import resolve_path
-    from okd_scale.engines import offload_device, zero_stage
-
-    cfg = json.loads(resolve_path(ds_config).read_text())
-    return zero_stage(cfg) == 3, offload_device(cfg, "offload_param")
-
-
 def measure(args, method: str, placement: str, out: Path) -> dict:
     """One run and its plan: a table row."""
-    extra = [f"deepspeed.teacher_config={PLACEMENTS[placement]}", "train.profile_phases=false",
+    from okd_scale import plan as okd_plan
+
+    path = "auto" if placement == "auto" else next(p.ds_config for p in okd_plan.PLACEMENTS if p.name == placement)
+    extra = [f"deepspeed.teacher_config={path}", "train.profile_phases=false",
              *([f"deepspeed.nvme_path={args.nvme_path}"] if args.nvme_path else [])]
     sampler = Sampler()
     sampler.start()
     run = bench.run_method(method, args, out / placement, extra)
     sampler.stop()
     metrics = json.loads((out / placement / method / "metrics.json").read_text())
-    engine = metrics["teacher_engine"]
-    used = (engine["zero_stage"] == 3, engine["offload_param"])
-    chosen = next(name for name, path in PLACEMENTS.items() if name != "auto" and _engine_of(path) == used)
-    plan = memory.planned(args, method, [*extra, f"deepspeed.teacher_config={PLACEMENTS[chosen]}"])
+    engine = metrics["teacher_engine"]  # the placement the run used: the one okd_scale.plan's spec matches
+    chosen = next(p for p in okd_plan.PLACEMENTS if (p.engine.zero == 3) == (engine["zero_stage"] == 3)
+                  and p.engine.offload == engine["offload_param"])
+    plan = memory.planned(args, method, [*extra, f"deepspeed.teacher_config={chosen.ds_config}"])
     planned_node = plan.gpu_total * args.nproc + plan.cpu_node_total
     measured_node = sampler.peak_rss - sum(metrics["base_memory_gib_per_rank"]) * GIB
-    return {"method": method, "placement": placement if placement != "auto" else f"auto: {chosen}",
+    return {"method": method, "placement": placement if placement != "auto" else f"auto: {chosen.name}",
             "step_s": run["step_s"], "tokens_per_s": run["tokens_per_s"], "run_s": run["run_s"],
             "node_peak_gib": sampler.peak_rss / GIB, "node_base_gib": sum(metrics["base_memory_gib_per_rank"]),
             "rank_peak_gib": metrics["peak_memory_gib_per_rank"],
@@ -210,6 +205,8 @@ def table(rows: list[dict], teacher_bytes: int, rate: float, tolerance: float) -
 
 
 def parse_args(argv):
+    from okd_scale.plan import PLACEMENTS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), help="a named teacher shape (else --hidden/--layers/...)")
     p.add_argument("--hidden", type=int, default=1024)
@@ -221,7 +218,8 @@ def parse_args(argv):
                    help="the teacher's stored weights (the runs train in bf16 with --bf16)")
     p.add_argument("--dir", default=str(bench.ROOT / "big_teacher"), help="where the models and rows are built")
     p.add_argument("--methods", default="kd,okd")
-    p.add_argument("--placements", default="auto", help=f"comma-separated: {','.join(PLACEMENTS)}")
+    names = ["auto", *(p.name for p in PLACEMENTS)]
+    p.add_argument("--placements", default="auto", help=f"comma-separated: {','.join(names)}")
     p.add_argument("--nvme-path", help="deepspeed.nvme_path (a directory on a local disk)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -236,11 +234,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.shape:
         args.hidden, args.layers, args.heads, args.intermediate, args.vocab = SHAPES[args.shape]
-    bad = [x for x in args.placements.split(",") if x not in PLACEMENTS]
+    bad = [x for x in args.placements.split(",") if x not in names]
     if bad:
-        p.error(f"--placements: unknown {bad}; expected a subset of {','.join(PLACEMENTS)}")
-    if "nvme" in args.placements and not args.nvme_path:
-        p.error("--placements nvme needs --nvme-path")
+        p.error(f"--placements: unknown {bad}; expected a subset of {','.join(names)}")
+    if "zero3_offload_nvme" in args.placements.split(",") and not args.nvme_path:
+        p.error("--placements zero3_offload_nvme needs --nvme-path")
     # what tools.bench.methods.run_method reads besides these flags
     args.warmup, args.divergence, args.sgo_new_tokens, args.teacher_config = 0, "fkl", 1, None
     return args
