@@ -71,7 +71,7 @@ aio:
 	  fi; test -e /usr/include/libaio.h || { echo "make: DeepSpeed's NVMe offload (and its test) needs libaio's headers: install libaio-dev (apt-get install libaio-dev as root; libaio-devel on RHEL)" >&2; exit 2; }; }
 
 test: lint aio
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 test-fast: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)

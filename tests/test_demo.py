@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from okd_scale.process import free_port
 from tiny import TORCH_ADAM_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def test_demo_pipeline_tiny(tmp_path, smollm2_import):
     own tests check it), which the demo finds in place and keeps."""
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(OMP_NUM_THREADS="1", MASTER_PORT="29547",
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
     out = tmp_path / "demo"
     out.mkdir()

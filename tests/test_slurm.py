@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from tiny import ROOT, write_config
 
 RECIPE = ROOT / "tests" / "slurm" / "slurm-ci.sh"
-pytestmark = pytest.mark.slow
+# one cluster at a time: every cluster binds the recipe's fixed ports (slurmctld 6817, slurmd 6818...), so under
+# pytest-xdist both tests run on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 class Cluster:

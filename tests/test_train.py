@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from okd_scale.process import free_port
 from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
 
 
@@ -98,7 +99,7 @@ def test_two_processes(tmp_path, pair, tokenizer, method):
 def test_deepspeed_launcher(tmp_path, pair, tokenizer):
     """`deepspeed --num_gpus 2 okd_scale/train.py ...` with the shipped teacher config (DeepSpeedCPUAdam)."""
     cfg = write_config(tmp_path / "cfg.yaml", pair, "okd", deepspeed={"teacher_overrides": {}})
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "okd_scale" / "train.py"),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "okd_scale" / "train.py"),
            "--config", str(cfg), "train.max_steps=3"]
     proc = subprocess.run(cmd, env=clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]),
                           capture_output=True, text=True, timeout=900)
