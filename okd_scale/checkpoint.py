@@ -33,8 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import faults
-from .config import OnlineArgs
-from .engines import zero_stage
+from .config import ConfigError, OnlineArgs, RunConfig, set_override, zero_stage
 from .models import ONLINE_CONFIG, ONLINE_MODULES, TEMPERATURE_FILE, online_module
 
 
@@ -472,8 +471,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def online_args(run_config: dict, origin: str) -> OnlineArgs:
     """The online section of a run config (``run_config``: run_config.yaml's mapping) over OnlineArgs' defaults."""
-    from .config import ConfigError, RunConfig, set_override
-
     cfg = RunConfig()
     section = run_config.get("online") or {}
     if not isinstance(section, dict):

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     if argv[0] == "train":  # a training process leaves its process group and exits as okd_scale/train.py does
+        # heavy (torch): only `okd train` needs it
         from .process import run_and_exit
 
         run_and_exit(module.main, argv[1:])

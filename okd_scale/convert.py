@@ -51,6 +51,7 @@ def consolidated(path: Path, part: str, exclude_frozen: bool = False) -> dict:
     """fp32 state dict of `part` from its ZeRO shards (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
     from okd_scale.checkpoint import CheckpointError, safe_loads, verify_manifest
 
     try:
@@ -103,6 +104,7 @@ def run_teacher(path: Path):
     """(the run's teacher base directory, its online section) from the tag's run_config.yaml."""
     import yaml
 
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
     from okd_scale.checkpoint import CheckpointError, online_args
 
     file = path / "run_config.yaml"
@@ -130,6 +132,7 @@ def teacher_model(path: Path, base_dir: Path, online):
     import torch
     from transformers import AutoModelForCausalLM
 
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
     from okd_scale.models import online_module
 
     model = online_module(online).add(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), online)
@@ -154,6 +157,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
     import torch
     from transformers import AutoModelForCausalLM
 
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
     from okd_scale.checkpoint import OutputDirError, check_output_dir, write_hf
 
     clock = time.perf_counter()
@@ -162,6 +166,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
         check_output_dir(out_dir, overwrite)
     except OutputDirError as e:
         raise ConvertError(str(e)) from None
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
     from okd_scale.checkpoint import CheckpointError, check_shards, tag_dir
 
     try:
@@ -180,6 +185,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
     else:
         from transformers import AutoTokenizer
 
+        # heavy (deepspeed, torch): imported when the command runs, not for --help
         from okd_scale.checkpoint import write_online_module
         from okd_scale.models import online_module
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .vocab_layout import all_gather_shards
+
 IGNORE_INDEX = -100
 
 Number = Union[float, int, Tensor]
@@ -63,20 +65,20 @@ class DivergenceParams:
 DEFAULT_PARAMS = DivergenceParams()
 
 
-def _check_chunk_size(chunk_size: Optional[int]) -> None:
+def check_chunk_size(chunk_size: Optional[int]) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _check_pair(p_logits: Tensor, q_logits: Tensor) -> None:
+def check_pair(p_logits: Tensor, q_logits: Tensor) -> None:
     if p_logits.shape[-1] != q_logits.shape[-1]:
         raise ValueError(f"vocab sizes differ: p has {p_logits.shape[-1]}, q has {q_logits.shape[-1]}")
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"logit shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
 
 
-def _counted(token_shape: torch.Size, mask: Optional[Tensor], labels: Optional[Tensor] = None,
+def counted_tokens(token_shape: torch.Size, mask: Optional[Tensor], labels: Optional[Tensor] = None,
              device=None) -> Optional[Tensor]:
     """Flat bool [N] of counted tokens (None = all): mask != 0 and, with labels, labels != -100."""
     counted = None
@@ -95,7 +97,7 @@ def _counted(token_shape: torch.Size, mask: Optional[Tensor], labels: Optional[T
 # --------------------------------------------------------------------------- per-token math
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """float32 for half types, unchanged for float32/float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -107,7 +109,7 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     near the float32 limit cannot overflow to inf; softmax is shift-invariant, so values and
     gradients are unchanged.
     """
-    x = _upcast(logits)
+    x = upcast(logits)
     if temperature != 1:
         top = x.detach().amax(dim=-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -210,8 +212,6 @@ def _akl_sharded(logp: Tensor, logq: Tensor, params: DivergenceParams, start: in
     all-reduced."""
     import torch.distributed as dist
 
-    from .sharded import all_gather_shards
-
     with torch.no_grad():
         p_full = all_gather_shards(logp, vocab_size, group).exp_()
         p_sorted, order = p_full.sort(dim=-1, descending=True, stable=True)
@@ -272,7 +272,7 @@ def token_divergence(name: str, p_logits: Tensor, q_logits: Tensor, *,
     temperature**2 factor.
     """
     div = divergence(name)
-    _check_pair(p_logits, q_logits)
+    check_pair(p_logits, q_logits)
     logp = _log_probs(p_logits, params.temperature)
     logq = _log_probs(q_logits, params.temperature)
     return div.per_token(logp, logq, params)
@@ -341,7 +341,7 @@ def _chunk_pass(fn, index: Tensor, chunk_size: int, tensors: Sequence[Tensor], n
             if i < num_rows:
                 grads[i].index_copy_(0, sel, g.to(grads[i].dtype))
             elif grads[i] is None:  # the first chunk's, in at least float32 (no zero-filled buffer to add it to)
-                grads[i] = g.to(_upcast(g).dtype)
+                grads[i] = g.to(upcast(g).dtype)
             else:
                 grads[i] += g
         got = g = value = inputs = wanted = None  # free this chunk's buffers before the next one
@@ -353,7 +353,7 @@ def _chunk_pass(fn, index: Tensor, chunk_size: int, tensors: Sequence[Tensor], n
     return total, grads
 
 
-def _row_sum(fn: Callable[..., Tensor], rows: Sequence[Tensor], shared: Sequence[Tensor],
+def row_sum(fn: Callable[..., Tensor], rows: Sequence[Tensor], shared: Sequence[Tensor],
              counted: Optional[Tensor], chunk_size: Optional[int]) -> Tensor:
     """sum of fn over the counted rows of ``rows`` (flat [N, ...]); dense when chunk_size is None."""
     if chunk_size is None:
@@ -388,17 +388,17 @@ def divergence_sum(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional
     ``chunk_size=None`` (up to float summation order).
     """
     div = divergence(name)
-    _check_chunk_size(chunk_size)
-    _check_pair(p_logits, q_logits)
+    check_chunk_size(chunk_size)
+    check_pair(p_logits, q_logits)
     vocab = p_logits.shape[-1]
-    counted = _counted(p_logits.shape[:-1], mask)
+    counted = counted_tokens(p_logits.shape[:-1], mask)
 
     def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
         logp = _log_probs(p_rows, params.temperature)
         logq = _log_probs(q_rows, params.temperature)
         return div.per_token(logp, logq, params).sum()
 
-    return _row_sum(fn, [p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)], [], counted, chunk_size)
+    return row_sum(fn, [p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)], [], counted, chunk_size)
 
 
 def divergence_loss(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optional[Tensor] = None, *,
@@ -407,13 +407,13 @@ def divergence_loss(name: str, p_logits: Tensor, q_logits: Tensor, mask: Optiona
     defaults to the number of counted tokens; a count below 1 is treated as 1 (empty mask -> 0)."""
     total = divergence_sum(name, p_logits, q_logits, mask, **kw)
     if num_tokens is None:
-        num_tokens = _num_counted(_counted(p_logits.shape[:-1], mask), p_logits.shape[:-1].numel())
+        num_tokens = _num_counted(counted_tokens(p_logits.shape[:-1], mask), p_logits.shape[:-1].numel())
     return _divide(total, num_tokens)
 
 
 def _ce_rows(logits: Tensor, labels: Tensor) -> Tensor:
     """sum_tokens -log softmax(logits)[label], in at least float32."""
-    return F.cross_entropy(_upcast(logits), labels, reduction="sum")
+    return F.cross_entropy(upcast(logits), labels, reduction="sum")
 
 
 def ce_sum(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
@@ -423,10 +423,10 @@ def ce_sum(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
     ``labels`` [...] int64, aligned with ``logits`` [..., V] (shift them before calling). Counted:
     mask nonzero (all if None) and label != -100. ``chunk_size`` as in :func:`divergence_sum`.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     vocab = logits.shape[-1]
-    counted = _counted(logits.shape[:-1], mask, labels)
-    return _row_sum(_ce_rows, [logits.reshape(-1, vocab), labels.reshape(-1)], [], counted, chunk_size)
+    counted = counted_tokens(logits.shape[:-1], mask, labels)
+    return row_sum(_ce_rows, [logits.reshape(-1, vocab), labels.reshape(-1)], [], counted, chunk_size)
 
 
 def ce_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
@@ -434,14 +434,14 @@ def ce_loss(logits: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
     """ce_sum(...) / num_tokens; ``num_tokens`` defaults to the number of counted tokens (min 1)."""
     total = ce_sum(logits, labels, mask, chunk_size=chunk_size)
     if num_tokens is None:
-        num_tokens = _num_counted(_counted(logits.shape[:-1], mask, labels), logits.shape[:-1].numel())
+        num_tokens = _num_counted(counted_tokens(logits.shape[:-1], mask, labels), logits.shape[:-1].numel())
     return _divide(total, num_tokens)
 
 
 # --------------------------------------------------------------------------- from hidden states
 
 
-def _check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight, *,
+def check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight, *,
                          weight_name: str = "weight", rows: str = "V") -> None:
     """Hidden states [..., H] against lm_head weights [rows, H], equal token shapes, labels when CE is asked."""
     for side, hidden, weight in (("p", p_hidden, p_weight), ("q", q_hidden, q_weight)):
@@ -473,13 +473,13 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
     the lm_head would) and upcast to float32 per chunk.
     """
     div = divergence(name)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if p_weight.shape[0] != q_weight.shape[0]:
         raise ValueError(f"vocab sizes differ: p_weight has V={p_weight.shape[0]}, q_weight has "
                          f"V={q_weight.shape[0]}; align the vocabularies before calling")
-    _check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight)
+    check_hidden_inputs(p_hidden, p_weight, q_hidden, q_weight, labels, ce_weight)
     tokens = p_hidden.shape[:-1]
-    counted = _counted(tokens, mask, labels)
+    counted = counted_tokens(tokens, mask, labels)
     if chunk_size is None:
         chunk_size = max(tokens.numel(), 1)
     rows = [p_hidden.reshape(-1, p_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])]
@@ -497,7 +497,7 @@ def chunked_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight: Tensor
         ce = ce_weight * _ce_rows(q_logits, lab) if use_ce else d.new_zeros(())
         return torch.stack([d, ce]) if split else d + ce
 
-    return _row_sum(fn, rows, [p_weight, q_weight], counted, chunk_size)
+    return row_sum(fn, rows, [p_weight, q_weight], counted, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -537,14 +537,14 @@ def entropy_sum(logits: Tensor, *, temperature: float = 1.0, chunk_size: int = 1
     no gradient."""
     with torch.no_grad():
         return sum((entropy(_log_probs(c, temperature)).sum() for c in logits.split(chunk_size)),
-                   logits.new_zeros((), dtype=_upcast(logits).dtype))
+                   logits.new_zeros((), dtype=upcast(logits).dtype))
 
 
 def interpolated_target(zt: Tensor, zs: Tensor, t: float) -> Tensor:
     """TAID's target logits (1 - t) sg[zs] + t zt, in float32 at least; zt itself (bitwise) when t = 1."""
     if t == 1:
         return zt
-    return (1 - t) * _upcast(zs.detach()) + t * _upcast(zt)
+    return (1 - t) * upcast(zs.detach()) + t * upcast(zt)
 
 
 class _KnownGrad(torch.autograd.Function):
@@ -577,9 +577,9 @@ def _check_distill_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, studen
             raise ValueError("an online loss needs the teacher's hidden states")
         if student.target_t != 1:
             raise ValueError("an online loss with an interpolated target (student.target_t < 1) is not defined")
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if t_hidden is not None:
-        _check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
+        check_hidden_inputs(t_hidden, t_weight, s_hidden, s_weight, labels, 1.0)
         if t_weight.shape[0] != s_weight.shape[0]:
             raise ValueError(f"vocab sizes differ: t_weight has V={t_weight.shape[0]}, s_weight has "
                              f"V={s_weight.shape[0]}; align the vocabularies before calling")
@@ -638,7 +638,7 @@ def distill_from_hidden(t_hidden: Optional[Tensor], t_weight: Optional[Tensor], 
     needs = [s_hidden.requires_grad, False] + ([t_hidden.requires_grad and on, s_weight.requires_grad,
                                                 t_weight.requires_grad and on] if teacher else [s_weight.requires_grad])
     num_rows = 3 if teacher else 2
-    grad_out = torch.tensor([1.0, 1.0] + [0.0] * len(TERMS), device=s_hidden.device, dtype=_upcast(s_hidden).dtype)
+    grad_out = torch.tensor([1.0, 1.0] + [0.0] * len(TERMS), device=s_hidden.device, dtype=upcast(s_hidden).dtype)
     index = torch.arange(s_hidden.shape[0], device=s_hidden.device)
     total, grads = _chunk_pass(fn, index, chunk_size, tensors, num_rows, needs, grad_out)
     if total is None:  # no rows: zeros of the right shape and dtype
@@ -654,13 +654,13 @@ def ce_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Optiona
     """Sum over counted tokens of -log softmax(hidden @ weight.T)[label]: ``ce_sum`` of the logits of
     [..., H] hidden states under a [V, H] lm_head, formed one chunk of ``chunk_size`` counted tokens
     at a time in forward and again in backward (None: all at once, kept for backward)."""
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight {tuple(weight.shape)} "
                          f"(expected [V, {hidden.shape[-1]}])")
-    counted = _counted(hidden.shape[:-1], mask, labels)
+    counted = counted_tokens(hidden.shape[:-1], mask, labels)
 
     def fn(h: Tensor, lab: Tensor, w: Tensor) -> Tensor:
         return _ce_rows(h @ w.t(), lab)
 
-    return _row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight], counted, chunk_size)
+    return row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight], counted, chunk_size)

@@ -5,15 +5,17 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from . import plan
-from .config import ConfigError, RunConfig, online_learning_rate, resolve_path
+from . import models, plan
+from .config import ConfigError, RunConfig, offload_device, online_learning_rate, resolve_path, zero_stage
 from .methods import method_of
+from .models import ModelError, weight_bytes
 
 log = logging.getLogger("okd_scale")
 
@@ -99,15 +101,6 @@ def require_async_io(origin: str) -> None:
                           "`make test` installs it as root), or choose a placement without NVMe")
 
 
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def offload_device(ds_config: dict, kind: str) -> str:
-    """Where a DeepSpeed config offloads `kind` (offload_param or offload_optimizer): none, cpu or nvme."""
-    return ds_config.get("zero_optimization", {}).get(kind, {}).get("device", "none")
-
-
 def make_scheduler(kind: str, warmup_steps: int, total_steps: int) -> Callable:
     """A callable optimizer -> transformers LR schedule, for DeepSpeed to step at each boundary."""
     from transformers import get_scheduler
@@ -138,10 +131,6 @@ def init_engine(model: torch.nn.Module, ds_config: dict, parameters: Optional[li
 
 def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool):
     """The teacher's DeepSpeed engine: frozen, with the online module (its only trainable part) when `online`."""
-    import math
-
-    from . import models
-
     m, t = cfg.model, cfg.train
     tmodel = models.load_causal_lm(m.teacher, ds_config=ds_teacher, bf16=t.bf16, trust_remote_code=m.trust_remote_code,
                                    allow_hub=m.allow_hub, use_safetensors=m.use_safetensors)
@@ -164,8 +153,6 @@ def teacher_engine(cfg: RunConfig, ds_teacher: dict, tokenizer, *, online: bool)
 
 def student_engine(cfg: RunConfig, ds_student: dict, tokenizer):
     """The student's DeepSpeed engine, with its optimizer and learning-rate schedule, in training mode."""
-    from . import models
-
     m, t = cfg.model, cfg.train
     smodel = models.load_causal_lm(m.student, ds_config=ds_student, bf16=t.bf16, trust_remote_code=m.trust_remote_code,
                                    allow_hub=m.allow_hub, use_safetensors=m.use_safetensors)
@@ -199,26 +186,10 @@ def _memory_budget(nvme_path: Optional[str]) -> tuple[plan.Budget, int, int]:
     return plan.Budget(device, host, device_is_host=on_host, nvme_path=nvme_path), len(set(hosts)), per_node
 
 
-def run_settings(cfg: RunConfig, student_ds: dict, cluster: plan.Cluster, flash_attention: bool) -> plan.Settings:
-    """The memory plan's settings of the run `cfg` describes, whose student has the DeepSpeed config `student_ds`,
-    on `cluster`; the teacher's engine is left at the plan's default (its placement is what is asked)."""
-    t = cfg.train
-    offload = offload_device(student_ds, "offload_optimizer")
-    return plan.Settings(
-        seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
-        grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,
-        student=plan.EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
-        online=method_of(cfg).online, module=cfg.online,
-        activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
-        flash_attention=flash_attention)
-
-
 def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     """deepspeed.teacher_config auto: the placement okd_scale.plan chooses for the run's teacher, student and
     batch with the free memory of every rank (the same numbers on every rank)."""
     from deepspeed.accelerator import get_accelerator
-
-    from .models import ModelError, weight_bytes
 
     def shape(path: str) -> plan.ModelShape:
         try:
@@ -233,7 +204,7 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     if stored is not None:
         teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
     cluster = plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB)
-    settings = run_settings(cfg, student_ds, cluster, flash_attention=get_accelerator().device_name() != "cpu")
+    settings = plan.run_settings(cfg, student_ds, cluster, flash_attention=get_accelerator().device_name() != "cpu")
     try:
         return plan.teacher_placement(teacher, shape(cfg.model.student), settings, budget)
     except plan.PlacementError as e:

@@ -30,8 +30,12 @@ import time
 from pathlib import Path
 
 from okd_scale.cli import FRACTION, POS_FLOAT, POS_INT
-from okd_scale.data import alpaca_prompt
-from okd_scale.generation import GenerationError, eos_and_pad, generate_ids
+from okd_scale.config import first_line
+from okd_scale.data import alpaca_prompt, build_dataloader, load_dataset
+from okd_scale.divergences import ce_sum
+from okd_scale.generation import GenerationError, eos_and_pad, generate_ids, needs_synced_gpus
+from okd_scale.methods import forward_counted, with_counted
+from okd_scale.process import all_reduce_sum
 
 log = logging.getLogger("okd_scale")
 
@@ -206,8 +210,6 @@ def evaluate_model(model, tokenizer, sets: dict[str, str | Path], *, seeds=(0,),
 def validation_ce(model, tokenizer, data_file, *, max_length: int = 512, batch_size: int = 8) -> float:
     """Mean cross-entropy per response token of a plain ``model`` over a training-format data file
     (okd_scale.data: the loss mask the trainer uses), on the model's device, in this process alone."""
-    from .data import build_dataloader, load_dataset
-
     examples, _ = load_dataset(data_file, tokenizer, max_length)
     loader = build_dataloader(examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, rank=0,
                               world_size=1, seed=0, shuffle=False, drop_last=False)
@@ -228,9 +230,6 @@ def teacher_forced(student, teacher, tokenizer, data_file, *, max_length: int = 
     Returns {"tokens", "ce", "edges": [u at 1/3, u at 2/3], "terciles": {name: {"tokens", "u", "agreement", "kl",
     "logit_std"}}} (each a mean over the tercile's tokens)."""
     import torch
-
-    from .data import build_dataloader, load_dataset
-    from .methods import forward_counted, with_counted
 
     examples, _ = load_dataset(data_file, tokenizer, max_length)
     loader = build_dataloader(examples[:max_rows] if max_rows else examples, batch_size=batch_size,
@@ -270,10 +269,6 @@ def eval_loss(model, loader, vocab_size: int, *, all_ranks: bool = True) -> floa
     over every rank's share when ``all_ranks``."""
     import torch
 
-    from .divergences import ce_sum
-    from .methods import forward_counted, with_counted
-    from .process import all_reduce_sum
-
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=model.device), 0.0
@@ -297,11 +292,9 @@ class Evaluator:
     `prompt` and `output`; other formats get the loss only). Every rank takes its share of both."""
 
     def __init__(self, cfg, tokenizer, rank: int, world: int):
-        from . import data
-
         d = cfg.data
-        examples, _ = data.load_dataset(d.eval_file, tokenizer, d.max_length, on_error=d.on_error)
-        self.loader = data.build_dataloader(examples, batch_size=cfg.train.per_device_train_batch_size,
+        examples, _ = load_dataset(d.eval_file, tokenizer, d.max_length, on_error=d.on_error)
+        self.loader = build_dataloader(examples, batch_size=cfg.train.per_device_train_batch_size,
                                             pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world,
                                             seed=cfg.seed, shuffle=False, drop_last=False)
         self.tokenizer, self.rank, self.world, self.max_new_tokens = tokenizer, rank, world, d.eval_max_new_tokens
@@ -322,9 +315,6 @@ class Evaluator:
         return scores
 
     def rouge(self, engine) -> float:
-        from .generation import needs_synced_gpus
-        from .process import all_reduce_sum
-
         tok = self.tokenizer
         mine = self.rows[self.rank::self.world]
         real = len(mine)
@@ -383,8 +373,6 @@ def load_model(model_dir, dtype: str = "float32", device: str | None = None, *, 
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .config import first_line
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

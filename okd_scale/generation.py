@@ -5,6 +5,9 @@ from contextlib import contextmanager
 
 import torch
 
+from .data import IGNORE_INDEX, collate
+from .models import is_partitioned
+
 
 class GenerationError(ValueError):
     """Generation cannot run as asked (no eos token, a bad batch size)."""
@@ -31,8 +34,6 @@ def eos_and_pad(model, tokenizer) -> tuple[list[int], int]:
 def needs_synced_gpus(model, world_size: int) -> bool:
     """Whether generation must keep ranks in step: a ZeRO-3-partitioned model on several ranks, where
     every forward is collective."""
-    from .models import is_partitioned
-
     return world_size > 1 and any(is_partitioned(p) for p in model.parameters())
 
 
@@ -120,8 +121,6 @@ def generate_ids(model, prompts: list[list[int]], *, eos: list[int], pad_id: int
 
 def prompt_ids(input_ids: list[int], labels: list[int]) -> list[int]:
     """An example's prompt: its tokens before its first response token (label != IGNORE_INDEX)."""
-    from .data import IGNORE_INDEX
-
     return input_ids[:next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(input_ids))]
 
 
@@ -133,8 +132,6 @@ def prompts_of(batch: dict) -> list[list[int]]:
 
 def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
     """A collated training batch of prompt + response per example, labels on the response only."""
-    from .data import IGNORE_INDEX, collate
-
     return collate([{"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r} for p, r in zip(prompts, responses)],
                    pad_id)
 

@@ -281,7 +281,7 @@ class Method:
     # after_step(row, step), state_dict() and load_state_dict(), saved in checkpoints
     vocab_shards: bool = True  # its loss runs split over the vocabulary (loss.vocab_shards > 1)
     defaults: dict = field(default_factory=dict)  # {config key: value}: the method's own defaults, under the run's
-    # config file and overrides (config.load_config)
+    # config file and overrides (configure.load_config)
 
     @property
     def needs_teacher(self) -> bool:

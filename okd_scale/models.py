@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import OnlineArgs, first_line
+from .config import OnlineArgs, first_line, zero_stage
 
 
 class ModelError(ValueError):
@@ -55,8 +55,6 @@ def load_causal_lm(path: str, *, ds_config: Optional[dict] = None, bf16: bool = 
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from safetensors import SafetensorError
-
-    from .engines import zero_stage
 
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
     try:

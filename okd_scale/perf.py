@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .process import all_reduce_sum
+
 # Dense bf16 peak FLOP/s per device, matched by name: vendor data sheets without sparsity, except the H200,
 # whose rate measured on an 8192^3 product (790 TFLOP/s against the sheet's 989) is the one reached in practice.
 PEAK_BF16_FLOPS = {"H200": 790e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12,
@@ -122,8 +124,6 @@ def run_cost(history: list, teacher, student, world: int, sampled_tokens: float,
     a known GPU) model FLOPs utilisation (the module docstring's formula) over a run's rows of scalars; n_online,
     online and recompute as for step_flops."""
     import torch
-
-    from .process import all_reduce_sum
 
     median = sorted(r["time/step_s"] for r in history)[len(history) // 2]
     phases = {k[5:-2]: sum(r.get(k, 0.0) for r in history) / len(history)

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -80,7 +81,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .cli import FRACTION, POS_FLOAT, POS_INT
-from .config import OnlineArgs, first_line
+from .config import ConfigError, OnlineArgs, RunConfig, first_line, offload_device, resolve_path, zero_stage
+from .configure import load_config
+from .methods import METHODS, method_of
 from .models import ONLINE_MODULES, ModelError, online_module
 from .perf import step_flops  # the trainer's formula, shared
 
@@ -656,8 +659,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--student-params", type=POS_INT, help="student parameter count, e.g. 1.1e9")
     m.add_argument("--vocab-size", type=POS_INT, default=32000, help="vocabulary of a model given as a count")
     r = p.add_argument_group("run")
-    from .methods import METHODS
-
     r.add_argument("--method", choices=[n for n, m in METHODS.items() if m.teacher != "none"], default="okd",
                    help="a method with a teacher engine: the online ones (okd) train its online module, the others "
                         "keep it frozen")
@@ -714,8 +715,6 @@ def _shape(parser: argparse.ArgumentParser, path: Optional[str], count: Optional
 
 
 def _online(method: str) -> bool:
-    from .methods import METHODS
-
     return METHODS[method].online
 
 
@@ -731,16 +730,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     flash_attention=args.flash_attention, chunk_size=args.chunk_size)
 
 
+def run_settings(cfg: RunConfig, student_ds: dict, cluster: Cluster, flash_attention: bool) -> Settings:
+    """The memory plan's settings of the run `cfg` describes, whose student has the DeepSpeed config `student_ds`,
+    on `cluster`; the teacher's engine is left at the plan's default (its placement is what is asked)."""
+    t = cfg.train
+    offload = offload_device(student_ds, "offload_optimizer")
+    return Settings(
+        seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
+        grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,
+        student=EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
+        online=method_of(cfg).online, module=cfg.online,
+        activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
+        flash_attention=flash_attention)
+
+
 def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
     """The flags' values that a run config gives (raises config.ConfigError naming the key): the settings the
-    trainer's own placement uses (engines.run_settings), its online section whole, the models and the teacher's
+    trainer's own placement uses (run_settings), its online section whole, the models and the teacher's
     engine when it is given."""
-    import json
-
-    from .config import ConfigError, load_config, resolve_path
-    from .engines import offload_device, run_settings, zero_stage
-    from .methods import METHODS
-
     cfg = load_config(path, list(overrides))
     if METHODS[cfg.method].teacher == "none":
         raise ConfigError(f'{path}: "method" {cfg.method} trains without a teacher engine: nothing to place')
@@ -766,8 +773,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config or args.overrides:
-        from .config import ConfigError
-
         try:
             parser.set_defaults(**defaults_from_config(args.config, args.overrides))
         except ConfigError as e:

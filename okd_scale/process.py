@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import ConfigError, first_line
+from .watchdog import RESUME_HINT, RankFailure
 
 
 def free_port() -> int:
@@ -70,8 +71,6 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
             deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                        **kw)
         except RuntimeError as e:  # torch's DistStoreError and the like: a rank never joined
-            from .watchdog import RESUME_HINT, RankFailure
-
             raise RankFailure(f"the process group of {os.environ.get('WORLD_SIZE', '?')} ranks did not form "
                               f"(rank {os.environ.get('RANK', '?')}, store {os.environ.get('MASTER_ADDR', '?')}:"
                               f"{os.environ.get('MASTER_PORT', '?')}): {first_line(e)}; a rank died before joining "

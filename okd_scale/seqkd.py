@@ -12,10 +12,12 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from . import faults, models
 from .checkpoint import write_atomic
 from .config import RunConfig
 from .data import IGNORE_INDEX, truncate
 from .generation import eos_and_pad, generate_ids, needs_synced_gpus, prompt_ids
+from .stop import REQUEST
 
 log = logging.getLogger("okd_scale")
 
@@ -80,8 +82,6 @@ def generation_teacher(cfg: RunConfig, tokenizer, engine: Callable[[], object]) 
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from . import models
-
     m, sq = cfg.model, cfg.seqkd
     accel = get_accelerator()
     need = models.weight_bytes(m.teacher, cfg.train.bf16)
@@ -145,9 +145,6 @@ def _generate(cfg: RunConfig, prompts: list[list[int]], tokenizer, rank: int, wo
     SIGUSR1) ends generation after the batch on every rank (GenerationStopped), and the next run with the same
     fingerprint generates only what is missing. Every rank reads every part; rank 0 writes the cache."""
     import gc
-
-    from . import faults
-    from .stop import REQUEST
 
     clock = time.perf_counter()
     mine = list(range(rank, len(prompts), world))

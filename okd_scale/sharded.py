@@ -43,93 +43,29 @@ from okd_scale.divergences import (
     DEFAULT_PARAMS,
     IGNORE_INDEX,
     DivergenceParams,
-    _check_chunk_size,
-    _check_hidden_inputs,
-    _check_pair,
-    _counted,
-    _row_sum,
-    _upcast,
     ce_from_hidden,
     ce_sum,
+    check_chunk_size,
+    check_hidden_inputs,
+    check_pair,
     chunked_divergence_from_hidden,
+    counted_tokens,
     divergence,
     divergence_sum,
+    row_sum,
+    upcast,
+)
+from okd_scale.vocab_layout import (
+    all_gather_into_tensor,
+    all_gather_shards,
+    my_range,
+    rank_world,
+    shard_logits,
+    vocab_range,
 )
 
 __all__ = ["vocab_range", "shard_logits", "all_gather_shards", "copy_to_group", "sharded_divergence_sum",
            "sharded_ce_sum", "sharded_divergence_from_hidden", "sharded_ce_from_hidden", "gather_rows"]
-
-
-# --------------------------------------------------------------------------- layout
-
-
-def vocab_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of ``rank``'s vocabulary slice: V split into W contiguous slices, the first
-    ``V % W`` ranks one entry larger than the others."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a group of {world_size}")
-    if vocab_size < 0:
-        raise ValueError(f"vocab_size must be >= 0, got {vocab_size}")
-    base, extra = divmod(vocab_size, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def _rank_world(group) -> tuple[int, int]:
-    """(rank, world size) in ``group``; (0, 1) when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _my_range(vocab_size: int, group, width: int) -> tuple[int, int]:
-    """This rank's slice, checked against the width of the shard it was given."""
-    rank, world = _rank_world(group)
-    start, end = vocab_range(vocab_size, rank, world)
-    if width != end - start:
-        raise ValueError(f"rank {rank} of {world} holds a logits shard of width {width}, but vocab_size "
-                         f"{vocab_size} gives it [{start}, {end}) (width {end - start}); see vocab_range")
-    return start, end
-
-
-def shard_logits(logits: Tensor, group=None) -> Tensor:
-    """This rank's slice ``logits[..., start:end]`` of full logits [..., V] (a view)."""
-    rank, world = _rank_world(group)
-    start, end = vocab_range(logits.shape[-1], rank, world)
-    return logits[..., start:end]
-
-
-# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); same collective
-_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def all_gather_shards(shard: Tensor, vocab_size: int, group=None, out: Optional[Tensor] = None) -> Tensor:
-    """Full [..., V] logits on every rank from each rank's [..., end - start] slice.
-
-    One ``all_gather_into_tensor`` (``all_gather_single`` in torch >= 2.13) into one preallocated
-    [W, ..., ceil(V / W)] buffer (every shard padded to the largest width), then each rank's part is copied,
-    unpadded, into ``out`` (allocated when None). No autograd: the result is detached.
-    """
-    rank, world = _rank_world(group)
-    shard = shard.detach()
-    _my_range(vocab_size, group, shard.shape[-1])
-    lead = shard.shape[:-1]
-    if out is None:
-        out = shard.new_empty(*lead, vocab_size)
-    if out.shape != (*lead, vocab_size):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*lead, vocab_size)}")
-    if world == 1:
-        return out.copy_(shard)
-    width = -(-vocab_size // world)
-    padded = shard.new_zeros(lead.numel(), width)
-    padded[:, :shard.shape[-1]] = shard.reshape(-1, shard.shape[-1])
-    buffer = shard.new_empty(world * lead.numel(), width)  # the ranks' padded shards, concatenated
-    _all_gather_into_tensor(buffer, padded, group=group)
-    buffer = buffer.view(world, *lead, width)
-    for r in range(world):
-        start, end = vocab_range(vocab_size, r, world)
-        out[..., start:end] = buffer[r, ..., :end - start]
-    return out
 
 
 # --------------------------------------------------------------------------- autograd pieces
@@ -152,7 +88,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, temperatures: Sequence[float], group, *shards: Tensor):
-        xs = [_upcast(s) for s in shards]
+        xs = [upcast(s) for s in shards]
         top = torch.stack([_row_max(x) for x in xs], dim=-1)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -229,7 +165,7 @@ def copy_to_group(*tensors: Tensor, group=None) -> tuple[Tensor, ...]:
     """The identity on replicated tensors whose backward sums their gradients over ``group``: wrap
     the hidden states before ``hidden @ weight_shard.T`` so that they get the full gradient (each
     rank alone only sees the part flowing through its own vocabulary slice)."""
-    if _rank_world(group)[1] == 1:
+    if rank_world(group)[1] == 1:
         return tensors
     return _CopyToGroup.apply(group, *tensors)
 
@@ -280,12 +216,12 @@ def sharded_divergence_sum(name: str, p_shard: Tensor, q_shard: Tensor, mask: Op
     backward (so only one chunk's [chunk, end-start] float32 intermediates are alive).
     """
     divergence(name)
-    _check_chunk_size(chunk_size)
-    _check_pair(p_shard, q_shard)
-    start, _ = _my_range(vocab_size, group, p_shard.shape[-1])
-    if _rank_world(group)[1] == 1:
+    check_chunk_size(chunk_size)
+    check_pair(p_shard, q_shard)
+    start, _ = my_range(vocab_size, group, p_shard.shape[-1])
+    if rank_world(group)[1] == 1:
         return divergence_sum(name, p_shard, q_shard, mask, params=params, chunk_size=chunk_size)
-    counted = _counted(p_shard.shape[:-1], mask)
+    counted = counted_tokens(p_shard.shape[:-1], mask)
     temperature = params.temperature
 
     def fn(p_rows: Tensor, q_rows: Tensor) -> Tensor:
@@ -294,7 +230,7 @@ def sharded_divergence_sum(name: str, p_shard: Tensor, q_shard: Tensor, mask: Op
         return _AllReduceSum.apply(local, group)
 
     width = p_shard.shape[-1]
-    return _row_sum(fn, [p_shard.reshape(-1, width), q_shard.reshape(-1, width)], [], counted, chunk_size)
+    return row_sum(fn, [p_shard.reshape(-1, width), q_shard.reshape(-1, width)], [], counted, chunk_size)
 
 
 def sharded_ce_sum(logits_shard: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *, vocab_size: int,
@@ -302,11 +238,11 @@ def sharded_ce_sum(logits_shard: Tensor, labels: Tensor, mask: Optional[Tensor] 
     """``divergences.ce_sum`` from this rank's logits slice: sum over counted tokens (mask nonzero and
     label != -100) of -log softmax(logits)[label]; ``labels`` are global vocabulary ids (the rank
     owning a label contributes its log-probability; one all-reduce sums them)."""
-    _check_chunk_size(chunk_size)
-    start, _ = _my_range(vocab_size, group, logits_shard.shape[-1])
-    if _rank_world(group)[1] == 1:
+    check_chunk_size(chunk_size)
+    start, _ = my_range(vocab_size, group, logits_shard.shape[-1])
+    if rank_world(group)[1] == 1:
         return ce_sum(logits_shard, labels, mask, chunk_size=chunk_size)
-    counted = _counted(logits_shard.shape[:-1], mask, labels)
+    counted = counted_tokens(logits_shard.shape[:-1], mask, labels)
     _check_labels(labels, counted, vocab_size)
 
     def fn(rows: Tensor, lab: Tensor) -> Tensor:
@@ -314,7 +250,7 @@ def sharded_ce_sum(logits_shard: Tensor, labels: Tensor, mask: Optional[Tensor] 
         return _AllReduceSum.apply(_local_ce(logp, lab, start), group)
 
     width = logits_shard.shape[-1]
-    return _row_sum(fn, [logits_shard.reshape(-1, width), labels.reshape(-1)], [], counted, chunk_size)
+    return row_sum(fn, [logits_shard.reshape(-1, width), labels.reshape(-1)], [], counted, chunk_size)
 
 
 def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: Tensor, q_hidden: Tensor,
@@ -331,19 +267,19 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
     weight shard gets its own gradient. With world size 1 this is ``chunked_divergence_from_hidden``.
     """
     divergence(name)
-    _check_chunk_size(chunk_size)
-    start, _ = _my_range(vocab_size, group, p_weight_shard.shape[0])
+    check_chunk_size(chunk_size)
+    start, _ = my_range(vocab_size, group, p_weight_shard.shape[0])
     if q_weight_shard.shape[0] != p_weight_shard.shape[0]:
         raise ValueError(f"weight shards differ in rows: p {p_weight_shard.shape[0]}, q {q_weight_shard.shape[0]}")
-    if _rank_world(group)[1] == 1:
+    if rank_world(group)[1] == 1:
         return chunked_divergence_from_hidden(name, p_hidden, p_weight_shard, q_hidden, q_weight_shard, mask,
                                               chunk_size=chunk_size, params=params, labels=labels,
                                               ce_weight=ce_weight, div_weight=div_weight, split=split)
-    _check_hidden_inputs(p_hidden, p_weight_shard, q_hidden, q_weight_shard, labels, ce_weight,
+    check_hidden_inputs(p_hidden, p_weight_shard, q_hidden, q_weight_shard, labels, ce_weight,
                          weight_name="weight_shard", rows="end - start")
     use_ce = ce_weight != 0
     tokens = p_hidden.shape[:-1]
-    counted = _counted(tokens, mask, labels)
+    counted = counted_tokens(tokens, mask, labels)
     if use_ce:
         _check_labels(labels, counted, vocab_size)
     if chunk_size is None:
@@ -366,21 +302,21 @@ def sharded_divergence_from_hidden(name: str, p_hidden: Tensor, p_weight_shard: 
         ce = ce_weight * _local_ce(logs[2], rest[0], start) if use_ce else div.new_zeros(())
         return _AllReduceSum.apply(torch.stack([div, ce]) if split else div + ce, group)
 
-    return _row_sum(fn, rows, [p_weight_shard, q_weight_shard], counted, chunk_size)
+    return row_sum(fn, rows, [p_weight_shard, q_weight_shard], counted, chunk_size)
 
 
 def sharded_ce_from_hidden(hidden: Tensor, weight_shard: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *,
                            vocab_size: int, group=None, chunk_size: Optional[int] = 1024) -> Tensor:
     """``divergences.ce_from_hidden`` with a vocab-sharded lm_head (layout and gradients as in
     :func:`sharded_divergence_from_hidden`)."""
-    _check_chunk_size(chunk_size)
-    start, _ = _my_range(vocab_size, group, weight_shard.shape[0])
-    if _rank_world(group)[1] == 1:
+    check_chunk_size(chunk_size)
+    start, _ = my_range(vocab_size, group, weight_shard.shape[0])
+    if rank_world(group)[1] == 1:
         return ce_from_hidden(hidden, weight_shard, labels, mask, chunk_size=chunk_size)
     if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
         raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight_shard "
                          f"{tuple(weight_shard.shape)} (expected [end - start, {hidden.shape[-1]}])")
-    counted = _counted(hidden.shape[:-1], mask, labels)
+    counted = counted_tokens(hidden.shape[:-1], mask, labels)
     _check_labels(labels, counted, vocab_size)
 
     def fn(h: Tensor, lab: Tensor, w: Tensor) -> Tensor:
@@ -388,7 +324,7 @@ def sharded_ce_from_hidden(hidden: Tensor, weight_shard: Tensor, labels: Tensor,
         (logp,) = _VocabParallelLogSoftmax.apply((1.0,), group, h @ w.t())
         return _AllReduceSum.apply(_local_ce(logp, lab, start), group)
 
-    return _row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight_shard], counted,
+    return row_sum(fn, [hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)], [weight_shard], counted,
                     chunk_size)
 
 
@@ -397,8 +333,8 @@ def sharded_entropy_top1(hidden: Tensor, weight_shard: Tensor, labels: Optional[
     """Over the rows of [N, H] hidden states (every row counted, the same rows on every rank of the group) with a
     vocab-sharded lm_head: (sum of H(softmax(z / temperature)), the rows whose label is a top-1 logit; 0 without
     labels), z = hidden @ W.T. No gradient; the sums are the group's, on every rank."""
-    start, _ = _my_range(vocab_size, group, weight_shard.shape[0])
-    _, world = _rank_world(group)
+    start, _ = my_range(vocab_size, group, weight_shard.shape[0])
+    _, world = rank_world(group)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ent, hits = hidden.new_zeros((), dtype=dtype), hidden.new_zeros((), dtype=dtype)
     with torch.no_grad():
@@ -435,11 +371,11 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group, n_max: int, pad_value: float):
-        rank, world = _rank_world(group)
+        rank, world = rank_world(group)
         padded = x.new_full((n_max, *x.shape[1:]), pad_value)
         padded[:x.shape[0]] = x
         out = x.new_empty(world * n_max, *x.shape[1:])
-        _all_gather_into_tensor(out, padded, group=group)
+        all_gather_into_tensor(out, padded, group=group)
         ctx.rows = (rank * n_max, rank * n_max + x.shape[0])
         return out
 
@@ -459,7 +395,7 @@ def gather_rows(*tensors: Tensor, group=None, pad_values: Sequence[float] = ()) 
     consumer sums hidden-state gradients over the group (:func:`sharded_divergence_from_hidden` and
     :func:`sharded_ce_from_hidden` do). With world size 1 the tensors are returned as they are.
     """
-    if _rank_world(group)[1] == 1:
+    if rank_world(group)[1] == 1:
         return tensors
     counts = torch.tensor([t.shape[0] for t in tensors], device=tensors[0].device)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)

@@ -23,7 +23,8 @@ def keys_epilog() -> str:
     """Every config key with its default and help, for --help."""
     import textwrap
 
-    from okd_scale.config import key_help
+    # heavy (torch, deepspeed, through the registries): only --help lists the keys
+    from okd_scale.configure import key_help
 
     lines = ["config keys (YAML, or key=value on the command line):"]
     for key, default, help in key_help():
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # first of all: the stop handler, installed before the slow imports
     from okd_scale.stop import REQUEST, StartupStop
 
     try:
@@ -55,8 +57,10 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    # heavy (torch, deepspeed): imported after --help and after the stop handler is installed
     from okd_scale.checkpoint import CheckpointError, SaveError
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
     from okd_scale.data import DataError
     from okd_scale.models import ModelError
     from okd_scale.trainer import TrainingError, train
@@ -84,6 +88,7 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # heavy (torch): the package path is set above, and --help needs none of it
     from okd_scale.process import run_and_exit
 
     run_and_exit(main)

@@ -17,7 +17,7 @@ import yaml
 
 from . import checkpoint, data, engines, faults, generation, models, perf, process, rundir, seqkd
 from .records import RunRecords, read_history
-from .config import RunConfig, first_line
+from .config import RunConfig, first_line, zero_stage
 from .methods import StepContext, loss_normaliser, method_of, with_counted
 from .scorers import make_scorer
 from .stop import REQUEST, StartupStop, StopRequest
@@ -85,11 +85,11 @@ def build(cfg: RunConfig, rank: int, world: int):
     teacher = None
     if method.teacher != "none":
         teacher = engines.teacher_engine(cfg, ds_teacher, tokenizer, online=method.online)
-        done(f"teacher engine ready (ZeRO-{engines.zero_stage(ds_teacher)})")
+        done(f"teacher engine ready (ZeRO-{zero_stage(ds_teacher)})")
     faults.crash_point("kill_in_startup", 0, rank)  # a rank lost, or held, while the engines are built
     faults.hang_point("hang_in_startup", 0, rank)
     student = engines.student_engine(cfg, ds_student, tokenizer)
-    done(f"student engine ready (ZeRO-{engines.zero_stage(ds_student)})")
+    done(f"student engine ready (ZeRO-{zero_stage(ds_student)})")
     return tokenizer, loader, stats, teacher, student
 
 

@@ -32,7 +32,7 @@ def run_and_dump(cfg, inspect=None) -> dict:
 
 
 if __name__ == "__main__":
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.process import run_and_exit
 
     import logging

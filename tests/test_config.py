@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 import tiny
-from okd_scale.config import ConfigError, load_config
+from okd_scale.config import ConfigError
+from okd_scale.configure import load_config
 from okd_scale.engines import build_ds_config, ds_configs_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,8 @@ def test_valid_config_and_overrides(tmp_path, assets):
     (lambda c: None, ["online.target_modules=[q_proj, v_proj"],
      'the value of "online.target_modules" is not valid YAML (expected \',\' or \']\''),
     (lambda c: None, ['resume_ignore=["train.max_stepz"]'], '"resume_ignore" must be a list of run-config keys'),
-    (lambda c: None, ["online.placement=lm_head"], '"online.placement" must be blocks | head | temperature'),
-    (lambda c: None, ["online.objective=pesf"], '"online.objective" must be decoupled | joint'),
+    (lambda c: None, ["online.placement=lm_head"], '"online.placement" must be one of blocks, head, temperature'),
+    (lambda c: None, ["online.objective=pesf"], '"online.objective" must be one of decoupled, joint'),
     (lambda c: None, ["online.ce_weight=-1"], '"online.ce_weight" must be a number >= 0'),
     (lambda c: None, ["online.drift_every=-1"], '"online.drift_every" must be an integer >= 0'),
     (lambda c: None, ["online.learning_rate=ratio:-1"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
@@ -258,7 +259,8 @@ def test_readme_key_table_lists_every_key():
     and is the table the config generates (every key's default and help)."""
     import re
 
-    from okd_scale.config import RunConfig, _all_keys, key_table
+    from okd_scale.config import RunConfig, _all_keys
+    from okd_scale.configure import key_table
 
     readme = (ROOT / "README.md").read_text()
     start = readme.index("| key | default | what it is |")
@@ -271,7 +273,7 @@ def test_readme_key_table_lists_every_key():
 
 def test_help_prints_every_key_with_its_default():
     """okd_scale/train.py --help lists every config key with its default and help."""
-    from okd_scale.config import key_help
+    from okd_scale.configure import key_help
 
     proc = subprocess.run([sys.executable, str(ROOT / "okd_scale" / "train.py"), "--help"], capture_output=True,
                           text=True, timeout=120)
@@ -315,3 +317,20 @@ def test_okd_command_dispatches_to_each_module():
         assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
     proc = okd("distill")
     assert proc.returncode == 2 and "unknown command 'distill'" in proc.stderr
+
+
+def test_registry_names_in_help_and_readme_are_the_registries(monkeypatch):
+    """Every key that takes a registry's names lists exactly that registry in --help and the README's key table
+    (both are key_help's rows: the tests above), a name added to a registry included."""
+    from okd_scale import configure, divergences, methods, models
+
+    keys = {"method": methods.METHODS, "loss.divergence": divergences.DIVERGENCES,
+            "online.divergence": divergences.DIVERGENCES, "online.placement": models.ONLINE_MODULES,
+            "online.objective": methods.ONLINE_OBJECTIVES}
+    rows = {key: help for key, _, help in configure.key_help()}
+    for key, registry in keys.items():
+        assert f": {' | '.join(registry)}" in rows[key], key
+    monkeypatch.setitem(methods.METHODS, "toy", methods.Method(methods.kd_step, teacher="frozen"))
+    assert " | taid | toy" in {key: help for key, _, help in configure.key_help()}["method"]
+    with pytest.raises(configure.ConfigError, match='"method" must be one of okd, kd, sft, seqkd, sgo, taid, toy'):
+        configure.load_config(None, ["method=ppo"])

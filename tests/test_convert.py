@@ -139,7 +139,7 @@ def okd_run(cfg_file: Path, out: Path, overrides: list) -> tuple:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.models import online_module
 
     cfg = load_config(cfg_file, [f"output_dir={out}", "train.max_steps=3", "data.eval_file=null", *overrides])

@@ -34,7 +34,7 @@ def test_read_only_disk_fails_the_save_and_keeps_latest(small_disk, pair, monkey
 
     from okd_scale import trainer
     from okd_scale.checkpoint import SaveError
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     out = small_disk.parent
     cfg = load_config(write_config(out.parent / "cfg.yaml", pair, "kd"),
@@ -62,7 +62,7 @@ def test_full_disk_fails_the_save_before_writing(small_disk, pair):
     """No room for another checkpoint: the save is refused before any engine writes, naming the disk."""
     from okd_scale import trainer
     from okd_scale.checkpoint import SaveError
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     out = small_disk.parent
     cfg = load_config(write_config(out.parent / "cfg.yaml", pair, "kd"),

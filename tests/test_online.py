@@ -113,7 +113,8 @@ def test_okd_defaults_are_the_papers(tmp_path, pair):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from okd_scale.config import load_config, online_learning_rate
+    from okd_scale.config import online_learning_rate
+    from okd_scale.configure import load_config
     from okd_scale.models import add_online_module
 
     path = paper_config(tmp_path / "paper.yaml", pair)
@@ -142,7 +143,7 @@ def test_paper_module_trains_at_the_students_rate(tmp_path, pair):
     the teacher away from the original."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(paper_config(tmp_path / "paper.yaml", pair),
                       ["train.max_steps=4", "train.lr_scheduler_type=cosine", "train.warmup_steps=2",
@@ -168,7 +169,7 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.process import init_distributed
     from okd_scale.methods import StepContext, loss_normaliser, okd_step
     from okd_scale.models import add_online_module
@@ -217,7 +218,7 @@ def test_objective_matches_float64_reference(tmp_path, pair, placement, objectiv
 
 def _saved_by_teacher_forward(tmp_path, pair, overrides: list) -> tuple[list, int]:
     """(numel of each tensor the teacher's forward on an update step saves for backward, the module's numel)."""
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.process import init_distributed
     from okd_scale.methods import forward_counted
     from okd_scale.trainer import build
@@ -252,7 +253,7 @@ def test_temperature_with_lr_0_equals_kd(tmp_path, pair):
     """okd with a learned temperature that cannot move (online.learning_rate 0) trains the student exactly as kd."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     runs = {}
     for method, extra in (("kd", []), ("okd", ["online.placement=temperature", "online.learning_rate=0"])):
@@ -276,7 +277,7 @@ def test_output_side_module_trains_and_exports(tmp_path, pair, tokenizer, placem
     the original (logged), and the exported module reloads."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
                       [f"online.placement={placement}", "online.drift_every=3", "data.eval_file=null"])

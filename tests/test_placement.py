@@ -86,7 +86,7 @@ def test_boundaries_each_way():
 def test_the_trainer_and_the_command_line_agree(tmp_path, pair):
     """The trainer's Settings for a run equal the command line's for the same run (one plan, not two), and
     the command line prints the choice that teacher_placement makes."""
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.engines import build_ds_config, teacher_placement
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), ["loss.chunk_size=64"])
@@ -117,7 +117,8 @@ def test_a_teacher_that_fits_nowhere_is_refused_before_any_engine(tmp_path, pair
     """A 70B-parameter config (no weights needed: the refusal comes first) on this machine, no NVMe path."""
     import shutil
 
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
     from okd_scale.trainer import train
 
     huge = tmp_path / "huge"
@@ -168,7 +169,7 @@ def test_each_placement_trains_as_zero3_offload_one_process(tmp_path, pair, meth
     the same losses and final weights."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     names = list(ONE_PROCESS) if method == "okd" else ["offload", "replica", "zero3"]
     for name in names:
@@ -207,7 +208,7 @@ def _nvme_runs(tmp_path, pair, tokenizer, method: str, layers: int, buffer_count
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     tiny.make_llama(tmp_path / "teacher", tokenizer, num_layers=layers, hidden=256, intermediate=1024, seed=1)
     common = [f"model.teacher={tmp_path / 'teacher'}", "data.eval_file=null", "train.max_steps=3", *PAPER[method]]

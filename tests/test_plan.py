@@ -412,7 +412,7 @@ def test_cli_reads_a_run_config(tmp_path, pair, capsys):
     assert from_config == capsys.readouterr().out
     assert "LoRA r=4 on q_proj,k_proj,up_proj of the last 2 of" in from_config and "checkpointed" in from_config
     # the run's online section whole (its keys the flags do not name too); a flag given as well wins
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     parser = plan.build_parser()
     parser.set_defaults(**plan.defaults_from_config(str(path), []))

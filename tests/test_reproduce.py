@@ -53,7 +53,7 @@ def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
     from tools.demo import make_student
     from tools.proof import reproduce
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     spec = reproduce.PRESETS[preset]
     paths = [f"model.teacher={pair / 'teacher'}", f"model.student={pair / 'student'}",

@@ -107,7 +107,7 @@ def test_resume_mid_epoch_is_exact_in_process(tmp_path, pair, monkeypatch, deter
     from dist_worker import run_and_dump
 
     from okd_scale import trainer
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=10",
               "data.eval_file=null", "loss.divergence=js"]  # 20 batches: into the second epoch
@@ -131,7 +131,7 @@ def test_pruning_follows_write_order(tmp_path, pair):
     higher steps go), re-saving an existing step replaces it, and `latest` always names a tag that exists."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     out = tmp_path / "out"
     common = [f"output_dir={out}", "data.eval_file=null", "train.max_steps=4"]
@@ -175,7 +175,7 @@ def test_resume_refusals(tmp_path, pair):
     from dist_worker import run_and_dump
 
     from okd_scale.checkpoint import CheckpointError
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.trainer import train
 
     out = tmp_path / "run"
@@ -232,7 +232,7 @@ def test_untrusted_checkpoint_files_are_checked_and_never_unpickled(tmp_path, pa
     from dist_worker import run_and_dump
 
     from okd_scale.checkpoint import CheckpointError, write_manifest
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.trainer import train
 
     out = tmp_path / "run"

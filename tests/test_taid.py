@@ -91,7 +91,7 @@ def test_t_start_1_equals_kd_with_forward_kl_bitwise(tmp_path, pair):
     from dist_worker import run_and_dump
     from safetensors.torch import load_file
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     runs = {"taid": ["taid.t_start=1"], "kd": ["loss.divergence=fkl"]}
     for method, extra in runs.items():
@@ -110,7 +110,7 @@ def test_t_rises_and_resumes_exactly(tmp_path, pair):
     """t rises from t_start; a run resumed from the step-3 checkpoint continues with the same t and losses."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     common = ["data.eval_file=null", "taid.alpha=0.3", "train.save_every=3"]
     straight = run_and_dump(load_config(write_config(tmp_path / "a.yaml", pair, "taid"),

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from okd_scale.methods import METHODS
 from okd_scale.process import free_port
 from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
 
@@ -35,9 +36,10 @@ def check_run(out: Path, pair: Path, method: str, tokenizer) -> dict:
     history = report["history"]
     assert len(history) == 6 and all(torch.isfinite(torch.tensor(r["student/loss"])) for r in history)
     # the student learned: its loss on what it trained on fell (exported model, loaded by transformers)
-    target = out / "seqkd" / "teacher_responses.jsonl" if method == "seqkd" else pair / "train.jsonl"
+    entry = METHODS[method]
+    target = out / "seqkd" / "teacher_responses.jsonl" if entry.teacher_data else pair / "train.jsonl"
     assert student_ce(out / "student", target, tokenizer) < student_ce(pair / "student", target, tokenizer)
-    if method in ("sft", "seqkd"):
+    if entry.teacher == "none":
         assert not (out / "teacher_after.safetensors").exists()
         return report
     before = load_file(str(pair / "teacher" / "model.safetensors"))
@@ -48,7 +50,7 @@ def check_run(out: Path, pair: Path, method: str, tokenizer) -> dict:
     changed = [k for k in before if not torch.equal(before[k], base[k])]
     assert changed == [], f"teacher base weights changed: {changed[:3]}"
     lora_b = {k: v for k, v in after.items() if "lora_B" in k}
-    if method == "okd":
+    if entry.online:
         # zero-initialised B matrices on the last 2 blocks only, and they moved
         assert lora_b and all(".layers.2." in k or ".layers.3." in k for k in lora_b)
         assert max(float(v.abs().max()) for v in lora_b.values()) > 0
@@ -58,11 +60,11 @@ def check_run(out: Path, pair: Path, method: str, tokenizer) -> dict:
     return report
 
 
-@pytest.mark.parametrize("method", ["okd", "kd", "sft", "seqkd", "sgo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_one_process(tmp_path, pair, tokenizer, method):
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, method))
     run_and_dump(cfg)
@@ -73,7 +75,7 @@ def test_one_process(tmp_path, pair, tokenizer, method):
 def test_same_seed_same_losses(tmp_path, pair):
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     runs = []
     for i in range(2):
@@ -84,7 +86,7 @@ def test_same_seed_same_losses(tmp_path, pair):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("method", ["okd", "kd", "sft", "seqkd", "sgo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes(tmp_path, pair, tokenizer, method):
     cfg = write_config(tmp_path / "cfg.yaml", pair, method)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -127,7 +129,7 @@ def test_gradient_accumulation_is_a_global_batch_mean(tmp_path, pair):
     """4 examples as one micro-batch or as 2 x 2 accumulated: the same losses and the same weights."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     runs = {}
     for bs, gas in ((4, 1), (2, 2)):
@@ -147,7 +149,7 @@ def test_bf16_one_process(tmp_path, pair, tokenizer):
     """The GPU recipe (bf16) runs through the same code path on CPU."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"), ["train.bf16=true", "train.max_steps=6"])
     history = run_and_dump(cfg)["history"]
@@ -167,7 +169,7 @@ def test_gradient_equals_float64_global_token_mean(tmp_path, pair, from_hidden):
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.process import init_distributed
     from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
     from okd_scale.scorers import HiddenScorer, make_scorer
@@ -214,7 +216,7 @@ def test_padded_vocab_sizes_are_aligned_to_the_tokenizer(tmp_path, pair, tokeniz
     taken over the tokenizer's real vocabulary, and training runs."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     n = len(tokenizer)
     tiny.make_llama(tmp_path / "teacher", tokenizer, num_layers=2, hidden=32, vocab_size=n + 32)
@@ -237,7 +239,7 @@ def test_hidden_path_equals_logits_path(tmp_path, pair, online):
     for each placement of the online module."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     for name, hidden in (("hidden", "true"), ("logits", "false")):
         run_and_dump(load_config(write_config(tmp_path / f"{name}.yaml", pair, "okd"),
@@ -263,7 +265,8 @@ def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
 
 
 def test_vocab_shards_must_divide_the_world_size(tmp_path, pair):
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
     from okd_scale.trainer import train
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"), ["loss.vocab_shards=2"])
@@ -278,7 +281,7 @@ def test_sgo_with_lambda_0_equals_kd(tmp_path, pair):
     """sgo never sampling (lambda=0) is kd: the same losses and weights on the same seed."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     for method in ("kd", "sgo"):
         run_and_dump(load_config(write_config(tmp_path / f"{method}.yaml", pair, method),
@@ -297,7 +300,7 @@ def test_sgo_with_lambda_1_trains_on_student_samples(tmp_path, pair, tokenizer, 
     from dist_worker import run_and_dump
 
     from okd_scale import generation, methods
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.data import IGNORE_INDEX, load_dataset
 
     seen = []
@@ -344,7 +347,7 @@ def test_seqkd_generates_once_then_reads_the_cache(tmp_path, pair, tokenizer, mo
     from dist_worker import run_and_dump
 
     from okd_scale import generation, seqkd
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     calls = []
     real = generation.generate_ids
@@ -382,7 +385,7 @@ def test_seqkd_stop_keeps_what_was_generated(tmp_path, pair, monkeypatch):
     from dist_worker import run_and_dump
 
     from okd_scale import generation, seqkd, trainer
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     calls = []
     real = generation.generate_ids
@@ -410,7 +413,7 @@ def test_seqkd_copy_and_engine_generate_the_same_responses(tmp_path, pair):
     """seqkd.generate_with: a whole copy of the teacher and its ZeRO-3 engine give the same greedy responses."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     rows = {}
     for way in ("copy", "engine"):
@@ -429,7 +432,7 @@ def test_phase_timers_add_up_to_the_step_time(tmp_path, pair):
     measured step time; without it (the default) no phase is timed, and step time, tokens/s and memory stay."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     report = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
                                       ["data.eval_file=null", "train.profile_phases=true"]))
@@ -457,7 +460,7 @@ def test_evaluation_during_training(tmp_path, pair):
     TensorBoard, and once more at the end (with the teacher's loss)."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
                       ["train.eval_every=2", "data.eval_rouge_examples=4", "data.eval_max_new_tokens=6"])
@@ -481,7 +484,8 @@ def test_keep_best_keeps_the_lowest_validation_loss_checkpoint(tmp_path, pair):
     eval/student_ce survive; keep_best without a validation file or with unsaved evaluations is refused."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
 
     common = ["train.eval_every=2", "train.save_every=2", "train.keep_last=1", "data.eval_rouge_examples=0"]
     history = run_and_dump(load_config(write_config(tmp_path / "cfg.yaml", pair, "sft"),
@@ -503,7 +507,7 @@ def test_online_learning_rate_ratio_and_own_warmup(tmp_path, pair):
     warm-up: with none, its rate is at its peak from the first step while the student's still warms up."""
     from dist_worker import run_and_dump
 
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", pair, "okd"),
                       ["train.max_steps=3", "train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=4",
@@ -521,7 +525,7 @@ def test_a_new_method_and_divergence_are_registry_lines(tmp_path, pair, monkeypa
     from dist_worker import run_and_dump
 
     from okd_scale import methods
-    from okd_scale.config import load_config
+    from okd_scale.configure import load_config
     from okd_scale.divergences import DIVERGENCES, Mix
 
     def toy_step(batch, ctx):

@@ -191,7 +191,8 @@ def test_evaluate_refuses_custom_code_and_bad_flags(tmp_path, pair, capsys):
 # --------------------------------------------------------------------------- configs and data
 
 def test_a_config_that_is_not_utf8(tmp_path):
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
 
     bad = tmp_path / "run.yaml"
     bad.write_bytes("method: kd\noutput_dir: caf\u00e9\n".encode("latin-1"))

@@ -2,7 +2,7 @@
 
     python -m tools.bench.methods                                  # the demo pair (made when missing)
     python -m tools.bench.methods --teacher T --student S --data train.jsonl --nproc 2 \
-        --methods sft,kd,seqkd,sgo,okd --steps 6 --warmup 2 --max-length 128 --batch-size 4 [--bf16]
+        --methods sft,kd,seqkd,sgo,okd,taid --steps 6 --warmup 2 --max-length 128 --batch-size 4 [--bf16]
 
 Each method runs `--warmup + --steps` optimizer steps of okd_scale/train.py under torchrun with
 `--nproc` processes, the same data order (seed), micro-batch and sequence length, the same divergence
@@ -15,8 +15,9 @@ tokens of the global batch, for sgo including the sampled ones), the mean time p
 memory per rank (GPU: max allocated; CPU: peak RSS, which includes the offloaded teacher) and each
 method's step time over okd's.
 
-`--methods` also takes the OKD variants of tools/proof/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the
-online-module family), each a row of its own.
+`--methods` takes every method of okd_scale's registry (methods.METHODS; all of them by default) and the OKD
+variants of tools/proof/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the online-module family), each a
+row of its own.
 
 Targets: sgo (lambda=1, 128 new tokens) at least 4x the step time of okd and of each OKD variant; the paper's
 okd (its backward runs through the whole teacher) at most 1.3x kd's, each variant at most 1.15x.
@@ -33,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from okd_scale.methods import METHODS
 from tools import ROOT
 
-METHODS = ("sft", "kd", "seqkd", "sgo", "okd")
 OKD_TARGETS = {"okd": 1.3}  # an OKD step at most this many kd steps: the paper's OKD,
 VARIANT_TARGET = 1.15  # and each earlier variant
 

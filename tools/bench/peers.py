@@ -216,7 +216,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from okd_scale.config import ConfigError, DeepSpeedArgs, load_config
+    from okd_scale.config import ConfigError, DeepSpeedArgs
+    from okd_scale.configure import load_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     pair_arguments(p)

@@ -315,7 +315,8 @@ def teacher_config(cfg_dir: Path, base: dict, teacher: Path, student: Path, data
     takes it, else the shipped whole-replica config."""
     import yaml
 
-    from okd_scale.config import ConfigError, load_config
+    from okd_scale.config import ConfigError
+    from okd_scale.configure import load_config
 
     probe = cfg_dir / "probe.yaml"
     probe.write_text(yaml.safe_dump(base))
@@ -438,7 +439,7 @@ def plan_row(pair: Pair, method: str, teacher: Path, student: Path, row: dict, t
         return {}  # the plan models a run with a teacher
     try:
         from okd_scale import plan
-        from okd_scale.engines import offload_device, zero_stage
+        from okd_scale.config import offload_device, zero_stage
 
         if t_cfg == "auto" or "replica" in Path(t_cfg).name:
             spec = plan.EngineSpec(1)
