@@ -243,6 +243,16 @@ def _leaf_fields(cls, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
     return leaves
 
 
+def yaml_text(value: Any) -> str:
+    """`value` as one line of YAML (flow style), as --help, the key table and the method defaults spell it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def named_keys(cls=RunConfig) -> list[tuple[str, str]]:
+    """(dotted key, the registry whose names it takes) for every key that declares one (arg's `names`)."""
+    return [(key, f.metadata["names"]) for key, f in _leaf_fields(cls) if "names" in f.metadata]
+
+
 def _all_keys(cls, prefix: str = "") -> list[str]:
     return [key for key, _ in _leaf_fields(cls, prefix)]
 
@@ -254,9 +264,8 @@ def key_rows(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str, str, 
     rows = []
     for key, f in _leaf_fields(cls, prefix):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
         *sections, name = key.split(".")
-        rows.append((key, ".".join([*sections, names.get(name, name)]), shown, f.metadata.get("help", ""),
+        rows.append((key, ".".join([*sections, names.get(name, name)]), yaml_text(default), f.metadata.get("help", ""),
                      f.metadata.get("names", "")))
     return rows
 
@@ -371,7 +380,7 @@ def build(values: dict, origin: str, defaults: Optional[dict] = None, overrides:
     """The run config of `defaults` ({dotted key: value}), then the file's `values`, then `key=value` overrides."""
     cfg = RunConfig()
     for key, value in (defaults or {}).items():
-        set_override(cfg, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...')}")
+        set_override(cfg, f"{key}={yaml_text(value)}")
     _apply(cfg, values, origin)
     for item in overrides:
         set_override(cfg, item)
@@ -457,20 +466,20 @@ def _check_ranges(cfg: RunConfig, origin: str) -> None:
     check(t.ddp_timeout >= 1, origin, "train.ddp_timeout", "an integer >= 1 (seconds)", t.ddp_timeout)
     if t.keep_best:
         check(bool(cfg.data.eval_file), origin, "data.eval_file", "a validation file when train.keep_best is true",
-               cfg.data.eval_file)
+              cfg.data.eval_file)
         check(t.eval_every > 0 and t.save_every > 0 and t.eval_every % t.save_every == 0, origin, "train.eval_every",
-               "a positive multiple of train.save_every when train.keep_best is true (every evaluated step saved)",
-               t.eval_every)
+              "a positive multiple of train.save_every when train.keep_best is true (every evaluated step saved)",
+              t.eval_every)
     check(bool(cfg.resume), origin, "resume", "auto, none or a checkpoint path", cfg.resume)
     unknown = [k for k in cfg.resume_ignore if k not in _all_keys(RunConfig)]
     check(not unknown, origin, "resume_ignore", "a list of run-config keys", unknown)
     for key, v in [("train.learning_rate", t.learning_rate), ("loss.temperature", lo.temperature)]:
         check(v > 0, origin, key, "a number > 0", v)
     check(_online_lr(on.learning_rate, t.learning_rate) is not None, origin, "online.learning_rate",
-           "a number >= 0, or ratio:R with R >= 0 (R x train.learning_rate; 0: the module stays as it starts)",
-           on.learning_rate)
+          "a number >= 0, or ratio:R with R >= 0 (R x train.learning_rate; 0: the module stays as it starts)",
+          on.learning_rate)
     check(on.warmup_steps is None or on.warmup_steps >= 0, origin, "online.warmup_steps", "null or an integer >= 0",
-           on.warmup_steps)
+          on.warmup_steps)
     for key, v in [("train.weight_decay", t.weight_decay), ("online.weight_decay", on.weight_decay),
                    ("train.max_grad_norm", t.max_grad_norm), ("online.divergence_weight", on.divergence_weight),
                    ("online.ce_weight", on.ce_weight), ("online.lora_alpha", on.lora_alpha)]:
@@ -506,17 +515,17 @@ def _check_choices(cfg: RunConfig, origin: str) -> None:
     check(0.0 < lo.akl_mu <= 1.0, origin, "loss.akl_mu", "in (0, 1]", lo.akl_mu)
     check(0.0 <= on.lora_dropout < 1.0, origin, "online.lora_dropout", "in [0, 1)", on.lora_dropout)
     check(on.num_blocks is None or on.num_blocks >= 1, origin, "online.num_blocks", "null or an integer >= 1",
-           on.num_blocks)
+          on.num_blocks)
     check(len(on.target_modules) > 0, origin, "online.target_modules", "a non-empty list of module names",
-           on.target_modules)
+          on.target_modules)
     check(lo.vocab_shards == 1 or lo.from_hidden, origin, "loss.vocab_shards",
-           "1 when loss.from_hidden is false (sharding splits the lm_head)", lo.vocab_shards)
+          "1 when loss.from_hidden is false (sharding splits the lm_head)", lo.vocab_shards)
     check("lm_head" not in on.target_modules, origin, "online.target_modules",
-           "modules of the teacher's blocks (for a module on the lm_head use online.placement=head)",
-           on.target_modules)
+          "modules of the teacher's blocks (for a module on the lm_head use online.placement=head)",
+          on.target_modules)
     check(on.drift_every >= 0, origin, "online.drift_every", "an integer >= 0", on.drift_every)
     check(t.lr_scheduler_type in SCHEDULERS, origin, "train.lr_scheduler_type", f"one of {', '.join(SCHEDULERS)}",
-           t.lr_scheduler_type)
+          t.lr_scheduler_type)
     check(cfg.data.on_error in ("raise", "skip"), origin, "data.on_error", "raise or skip", cfg.data.on_error)
     check(bool(cfg.output_dir), origin, "output_dir", "a directory path", cfg.output_dir)
 

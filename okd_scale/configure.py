@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from .config import ConfigError, RunConfig, build, check, check_values, key_rows, read_values
+from .config import ConfigError, RunConfig, build, check, check_values, key_rows, named_keys, read_values, yaml_text
 from .divergences import DIVERGENCES
 from .methods import METHODS, ONLINE_OBJECTIVES
 from .models import ONLINE_MODULES
@@ -47,18 +45,13 @@ def _value(cfg: RunConfig, key: str):
 def validate(cfg: RunConfig, origin: str = "config") -> None:
     """Every key that takes a registry's names holds one of them, what the method supports, then ranges, choices
     and paths (config.check_values); raises ConfigError naming the key."""
-    for key, spelled, _, _, names in key_rows():
-        if names:
-            value = _value(cfg, key)
-            check(value in REGISTRIES[names], origin, spelled, f"one of {', '.join(REGISTRIES[names])}", value)
+    for key, names in named_keys():
+        value = _value(cfg, key)
+        check(value in REGISTRIES[names], origin, key, f"one of {', '.join(REGISTRIES[names])}", value)
     method = METHODS[cfg.method]
     check(method.vocab_shards or cfg.loss.vocab_shards == 1, origin, "loss.vocab_shards",
           f"1 for method {cfg.method} (its loss is not vocab-sharded yet)", cfg.loss.vocab_shards)
     check_values(cfg, origin, needs_teacher=method.needs_teacher)
-
-
-def _yaml(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def key_help() -> list[tuple[str, str, str]]:
@@ -66,7 +59,7 @@ def key_help() -> list[tuple[str, str, str]]:
     and the defaults methods declare for it) for every key, in order."""
     rows = []
     for key, spelled, default, help, names in key_rows():
-        own = [f"{name}: {_yaml(m.defaults[key])}" for name, m in METHODS.items() if key in m.defaults]
+        own = [f"{name}: {yaml_text(m.defaults[key])}" for name, m in METHODS.items() if key in m.defaults]
         rows.append((spelled, default, help + (f": {' | '.join(REGISTRIES[names])}" if names else "")
                      + (f" (method {'; '.join(own)})" if own else "")))
     return rows

@@ -15,7 +15,6 @@ import torch
 from . import models, plan
 from .config import ConfigError, RunConfig, offload_device, online_learning_rate, resolve_path, zero_stage
 from .methods import method_of
-from .models import ModelError, weight_bytes
 
 log = logging.getLogger("okd_scale")
 
@@ -195,12 +194,12 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
         try:
             return plan.read_shape(path)
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load a causal LM from {path}: {e}") from None
+            raise models.ModelError(f"cannot load a causal LM from {path}: {e}") from None
 
     t = cfg.train
     budget, nodes, per_node = _memory_budget(cfg.deepspeed.nvme_path)
     teacher = shape(cfg.model.teacher)
-    stored = weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
+    stored = models.weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
     if stored is not None:
         teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
     cluster = plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB)
