@@ -52,17 +52,17 @@ def test_sweep_table_and_resume(tmp_path, pair):
 def test_presets_resolve(preset, pair):
     """Every preset's trainer settings, with each method's and the heal stage's, load as a valid run config."""
     from tools.demo import make_student
-    from tools.proof import reproduce
+    from tools.proof import experiments
     from okd_scale.configure import load_config
 
-    spec = reproduce.PRESETS[preset]
+    spec = experiments.presets()[preset]
     paths = [f"model.teacher={pair / 'teacher'}", f"model.student={pair / 'student'}",
              f"data.train_file={pair / 'train.jsonl'}", f"data.eval_file={pair / 'eval.jsonl'}"]
-    for method, extra in reproduce.METHODS.items():
-        cfg = load_config(ROOT / spec["config"], [*paths, *spec["train"], *extra])
+    for method, variant in experiments.variants().items():
+        cfg = load_config(ROOT / spec["config"], [*paths, *spec["train"], *variant["set"]])
         assert cfg.method == method.split("_")[0]
     if preset == "cpu-okd-search":  # OKD variants only, chosen on the validation rows alone, from cpu-proof's init
-        assert spec["methods"] and all(reproduce.METHODS[m][0] == "method=okd" for m in spec["methods"])
+        assert spec["methods"] and all(experiments.variants()[m]["set"][0] == "method=okd" for m in spec["methods"])
         assert spec["shared_sets"] == [] and spec["init_from"] == "cpu-proof"
     if preset == "cpu-paper":  # fp32 on this machine, the rate chosen on validation: never set by the preset
         assert "train.bf16=false" in spec["train"] and "train.bf16=false" in spec["heal"]["set"]
@@ -72,7 +72,7 @@ def test_presets_resolve(preset, pair):
                                                       f"train.learning_rate={rate}"])
             assert cfg.train.learning_rate == rate and not cfg.train.bf16
         assert spec["baseline"] in spec["methods"] and set(spec["seeds_for"]) <= set(spec["methods"])
-        assert all(reproduce.TEACHER_FROM.get(m, m) in spec["methods"] for m in spec["methods"])
+        assert all(experiments.variants()[m].get("teacher_from", m) in spec["methods"] for m in spec["methods"])
     if "heal" in spec:
         cfg = load_config(ROOT / spec["config"], [*paths, *make_student.HEAL_METHODS[spec["heal"]["method"]],
                                                   *spec["heal"]["set"]])
@@ -132,7 +132,7 @@ def test_proof_sweep_heals_once_and_pools_seeds(tmp_path, pair):
 def test_table_pools_seeds_and_gives_the_verdict():
     """Hand-made cells: per-seed averages pooled (mean, population std), greedy and validation columns, and
     the verdict's spread against 3 x the largest seed std and the best student's share of the teacher."""
-    from tools.proof import reproduce
+    from tools.proof import table
 
     def cell(name, method, seed, a, b, greedy=None):
         c = {"name": name, "eval": {"sets": {"x": {"rougeL": a, "std": 0.0, "n": 2},
@@ -149,13 +149,13 @@ def test_table_pools_seeds_and_gives_the_verdict():
              "kd_rkl-seed1": cell("kd_rkl-seed1", "kd_rkl", 1, 10, 6, greedy=8),
              "kd_rkl-seed2": cell("kd_rkl-seed2", "kd_rkl", 2, 12, 6, greedy=10),
              "sft-seed1": cell("sft-seed1", "sft", 1, 4, 2, greedy=3)}
-    text, rows = reproduce.table(cells, ["x", "y"], "validation")
+    text, rows = table.table(cells, ["x", "y"], "validation")
     kd = rows["kd_rkl"]
     assert kd["per_seed_average"] == [8.0, 9.0] and kd["average"] == 8.5 and kd["average_std"] == 0.5
     assert kd["x"] == {"mean": 11.0, "std": 1.0, "n": 2} and kd["greedy_average"] == 9.0
     assert kd["validation_rougeL"] == 11.0 and kd["validation_ce"] == pytest.approx(2.11)
     assert "| kd_rkl | 11.00 ± 1.00 | 6.00 ± 0.00 | 8.50 ± 0.50 | 9.00 | 11.00 | 2.110 | 10 | - | 2 |" in text
-    lines = reproduce.verdict(rows)
+    lines = table.verdict(rows)
     assert lines[0].startswith("- best method: kd_rkl (8.50); worst: sft (3.00); spread 5.50")
     assert "separate (spread > 3 x 0.50)" in lines[1] and "57% of the teacher's 15.00" in lines[2]
 
@@ -166,8 +166,8 @@ def test_later_seeds_for_the_best_by_validation():
     --all-seeds: every method."""
     import argparse
 
-    from tools.proof import reproduce
-    preset = reproduce.PRESETS["cpu-proof"]
+    from tools.proof import experiments, reproduce
+    preset = experiments.presets()["cpu-proof"]
     methods = ["sft", "kd_fkl", "kd_rkl", "taid", "okd"]
     args = argparse.Namespace(train_seeds=[42, 43], all_seeds=False, reseed=[], seeds_given=False)
     first = [(f"{m}-seed42", m, 42) for m in methods]
@@ -196,8 +196,8 @@ def test_paper_plan_every_seed_and_more_for_okd_and_kd():
     """cpu-paper: every method at both seeds, then the third seed for okd and kd_fkl; given seeds replace all that."""
     import argparse
 
-    from tools.proof import reproduce
-    preset = reproduce.PRESETS["cpu-paper"]
+    from tools.proof import experiments, reproduce
+    preset = experiments.presets()["cpu-paper"]
     methods = preset["methods"]
     args = argparse.Namespace(train_seeds=preset["train_seeds"], all_seeds=False, reseed=[], seeds_given=False)
     plan = reproduce.cell_plan(args, preset, methods, {})
@@ -271,3 +271,53 @@ def test_paper_sweep_lr_choice_control_pairs_and_analysis(tmp_path, pair):
         answers = json.loads(gzip.decompress((out / "cells" / f"{name}.answers.json.gz").read_bytes()))
         assert len(answers["eval"]["more"]) == 3 and len(answers["eval"]["eval"]) == 4  # added, nothing lost
     assert json.loads((out / "table.json").read_text())["sets"] == ["eval", "more"]
+
+
+def test_experiment_files_are_checked(tmp_path):
+    """Presets and variants are YAML files: `extends` merges, and a bad file is named with its field."""
+    from tools.proof.experiments import ExperimentError, load_presets, load_variants
+
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "variants" / "a.yaml").write_text("about: a\nset: [method=okd]\n")
+    (tmp_path / "variants" / "b.yaml").write_text("about: b\nset: [method=kd]\nteacher_from: a\n")
+    base = ("about: base\nconfig: configs/demo.yaml\nnproc: 1\nprompt_format: chat\ntrain: [train.max_steps=1]\n"
+            "eval: {seeds: [0]}\nshared_sets: []\ndemo_eval: false\ntrain_seeds: [1]\nmethods: [a, b]\n")
+    (tmp_path / "presets" / "base.yaml").write_text(base)
+    (tmp_path / "presets" / "more.yaml").write_text("about: more\nextends: base\nnproc: 4\nmethods: [a]\n")
+    variants = load_variants(tmp_path)
+    presets = load_presets(variants, tmp_path)
+    assert variants["b"]["teacher_from"] == "a" and presets["more"]["nproc"] == 4
+    assert presets["more"]["train"] == ["train.max_steps=1"] and presets["more"]["methods"] == ["a"]
+
+    def refused(path, text, match):
+        path.write_text(text)
+        with pytest.raises(ExperimentError, match=match):
+            load_presets(load_variants(tmp_path), tmp_path)
+        path.unlink()
+
+    presets_dir = tmp_path / "presets"
+    refused(presets_dir / "x.yaml", base.replace("nproc", "nprocs"), r"x\.yaml: unknown key 'nprocs'")
+    refused(presets_dir / "x.yaml", base.replace("[a, b]", "[a, c]"), r"x\.yaml: methods \['c'\] are not variants")
+    refused(presets_dir / "x.yaml", base.replace("[a, b]", "[b, a]"), r"x\.yaml: methods: b learns from a's teacher")
+    refused(presets_dir / "x.yaml", base.replace("nproc: 1\n", ""), r"x\.yaml: missing 'nproc'")
+    refused(presets_dir / "x.yaml", base.replace("nproc: 1", "nproc: two"), r"x\.yaml: 'nproc' must be a int")
+    refused(presets_dir / "x.yaml", "about: x\nextends: more\n", r"x\.yaml: extends 'more', which is not a preset")
+    refused(presets_dir / "x.yaml", "- a\n", r"x\.yaml: expected a mapping")
+    refused(tmp_path / "variants" / "c.yaml", "about: c\nset: [okd]\n", r"c\.yaml: 'set' entries must be")
+    refused(tmp_path / "variants" / "c.yaml", "about: c\nset: [method=kd]\nteacher_from: z\n",
+            r"c\.yaml: teacher_from 'z' is not a variant")
+
+
+def test_every_preset_method_is_a_variant_file():
+    """The repository's presets load, every method they name has its variants/<name>.yaml, and the earlier OKD
+    variants (the benchmarks' rows) are those of family earlier-okd."""
+    from tools.proof import experiments
+
+    presets, variants = experiments.presets(), experiments.variants()
+    assert set(presets) == {"cpu-small", "cpu-proof", "cpu-okd-search", "cpu-paper", "gpu-proof", "gpu-paper"}
+    for name in {m for p in presets.values() for m in p["methods"]}:
+        assert (experiments.EXPERIMENTS / "variants" / f"{name}.yaml").is_file()
+    assert variants["okd"]["set"] == ["method=okd"] and "okd" not in experiments.earlier_okd()
+    assert set(presets["cpu-okd-search"]["methods"]) < set(experiments.earlier_okd())
+    assert experiments.teacher_sources() == {"okd_a0"}

@@ -12,7 +12,7 @@ were built (CPU: the interpreter, torch, DeepSpeed, transformers and the data; G
 the run allocates for its models, so it is compared with the peak less the base (the largest rank's); the verdict
 is PASS when the plan is within `--tolerance` (15%) of it.
 
-Cells: the method names of tools.bench.methods (kd, okd, the OKD variants of tools/proof/reproduce.py) and
+Cells: the method names of tools.bench.methods (kd, okd, the earlier OKD variants of configs/experiments/variants) and
 `okd_ckpt`, the paper's OKD with the teacher's blocks checkpointed (online.gradient_checkpointing).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from tools.bench import methods as bench
+from tools.proof.experiments import earlier_okd
 
 EXTRA = {"okd_ckpt": ("okd", ["online.gradient_checkpointing=true"])}  # cell: (method or variant, more overrides)
 PLACEMENT_CONFIGS = {"replica": "ds_configs/teacher_replica.json", "zero3": "ds_configs/teacher_zero3.json"}
@@ -40,7 +41,7 @@ def planned(args, method: str, overrides: list[str]):
     """okd plan's Plan of the run `method` with `overrides` makes (the same keys the bench passes to train.py)."""
     from okd_scale import plan
 
-    variant = bench.variants().get(method, [])
+    variant = earlier_okd().get(method, [])
     keys = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}", f"model.student={args.student}",
             f"data.max_length={args.max_length}", f"train.per_device_train_batch_size={args.batch_size}",
             *(["train.bf16=true"] if args.bf16 else []), *args.overrides, *variant, *overrides]
@@ -100,11 +101,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="more key=value for every run")
     args = p.parse_args(argv)
     wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
-    known = [*bench.METHODS, *bench.variants(), *EXTRA]
+    known = [*bench.METHODS, *earlier_okd(), *EXTRA]
     bad = [c for c in wanted if c not in known or EXTRA.get(c, (c,))[0] in ("sft", "seqkd", "sgo")]
     if bad:
         p.error(f"--cells: unknown or without a trained teacher module {bad}; expected a subset of "
-                f"kd,okd,{','.join([*bench.variants(), *EXTRA])}")
+                f"kd,okd,{','.join([*earlier_okd(), *EXTRA])}")
     placements = [x.strip() for x in args.placements.split(",") if x.strip()]
     if not placements or any(x not in PLACEMENT_CONFIGS for x in placements):
         p.error(f"--placements: expected a comma-separated subset of {','.join(PLACEMENT_CONFIGS)}")

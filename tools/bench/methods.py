@@ -16,7 +16,7 @@ memory per rank (GPU: max allocated; CPU: peak RSS, which includes the offloaded
 method's step time over okd's.
 
 `--methods` takes every method of okd_scale's registry (methods.METHODS; all of them by default) and the OKD
-variants of tools/proof/reproduce.py (okd_head, okd_temp, okd_head_joint, ...: the online-module family), each a
+variants of configs/experiments/variants (okd_head, okd_temp, okd_head_joint, ...: the online-module family), each a
 row of its own.
 
 Targets: sgo (lambda=1, 128 new tokens) at least 4x the step time of okd and of each OKD variant; the paper's
@@ -36,16 +36,10 @@ from pathlib import Path
 
 from okd_scale.methods import METHODS
 from tools import ROOT
+from tools.proof.experiments import earlier_okd
 
 OKD_TARGETS = {"okd": 1.3}  # an OKD step at most this many kd steps: the paper's OKD,
 VARIANT_TARGET = 1.15  # and each earlier variant
-
-
-def variants() -> dict[str, list[str]]:
-    """The OKD variants' trainer overrides (tools/proof/reproduce.py METHODS: the searched ones and the old default)."""
-    from tools.proof.reproduce import METHODS as CELLS, OKD_CELLS
-
-    return {name: CELLS[name] for name in OKD_CELLS}
 
 
 def has_config_key(key: str) -> bool:
@@ -89,7 +83,7 @@ def bench_rows(data: str, needed: int, out: Path, parser) -> str:
 
 def run_method(method: str, args, out: Path, extra: list[str] = ()) -> dict:
     """One method's run in `out/method`, with `extra` overrides after args.overrides; its measured rows and metrics."""
-    variant = variants().get(method, [])
+    variant = earlier_okd().get(method, [])
     overrides = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}",
                  f"model.student={args.student}", f"data.train_file={args.data}", "data.eval_file=null",
                  f"output_dir={out / method}",
@@ -179,10 +173,10 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="more key=value for every run")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS and m not in variants()]
+    bad = [m for m in methods if m not in METHODS and m not in earlier_okd()]
     if bad:
         p.error(f"--methods: unknown {bad}; expected a comma-separated subset of {','.join(METHODS)} and of the "
-                f"OKD variants {','.join(variants())}")
+                f"OKD variants {','.join(earlier_okd())}")
     for flag in ("steps", "warmup", "nproc", "batch_size", "max_length", "sgo_new_tokens"):
         if getattr(args, flag) < (0 if flag == "warmup" else 1):
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")

@@ -59,7 +59,7 @@ def pack(dest: Path, demo_dir: Path, wheels: Path) -> dict:
     """DEST/a and DEST/b (see the module docstring); returns the manifest."""
     from tools.demo.import_gguf import default_gguf_path
     from tools.demo.run import prepare_assets
-    from tools.proof import reproduce
+    from tools.proof import experiments, reproduce
 
     if not any(wheels.glob("*.whl")):
         raise GpuProofError(f"no wheels in {wheels}: run `make gpu-wheels` first (they travel with part a)")
@@ -67,7 +67,7 @@ def pack(dest: Path, demo_dir: Path, wheels: Path) -> dict:
     gguf = default_gguf_path()
     args = argparse.Namespace(data_dir=None, demo_dir=str(demo_dir), teacher=str(demo_dir / "teacher"),
                               preset="gpu-proof")
-    data = reproduce.proof_data(args, reproduce.PRESETS["gpu-proof"])
+    data = reproduce.proof_data(args, experiments.presets()["gpu-proof"])
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "a").mkdir(parents=True)
     (dest / "b" / "sharegpt").mkdir(parents=True)
