@@ -150,15 +150,60 @@ def probe_logits(model, vocab: int, dtype):
         return model.to(dtype)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
 
 
+def _export_student(path: Path, out_dir: Path, dtype, max_shard_size: str):
+    """Write the checkpoint's student to ``out_dir``; (its probe logits, those of ``out_dir`` reloaded), in
+    ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
+    from okd_scale.checkpoint import write_hf
+
+    reference, tokenizer = student_model(path)
+    vocab = reference.config.vocab_size
+    want = probe_logits(reference, vocab, dtype)
+    write_hf(reference, tokenizer, out_dir, max_shard_size=max_shard_size)
+    got = probe_logits(AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype), vocab, dtype)
+    return want, got
+
+
+def _export_teacher(path: Path, out_dir: Path, dtype, merge_online_module: bool, max_shard_size: str):
+    """Write the checkpoint's teacher to ``out_dir``: the run's base with the online module in out_dir/online_module,
+    or with ``merge_online_module`` one model with the module folded in; (its probe logits, those of ``out_dir``
+    reloaded with its module), in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # heavy (deepspeed, torch): imported when the command runs, not for --help
+    from okd_scale.checkpoint import write_hf, write_online_module
+    from okd_scale.models import online_module
+
+    base_dir, online = run_teacher(path)
+    module = online_module(online)
+    reference, tokenizer = teacher_model(path, base_dir, online), AutoTokenizer.from_pretrained(str(base_dir))
+    vocab = reference.config.vocab_size
+    want = probe_logits(reference, vocab, dtype)
+    if merge_online_module:
+        write_hf(module.merge(reference), tokenizer, out_dir, max_shard_size=max_shard_size)
+        return want, probe_logits(AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype), vocab, dtype)
+    staged = write_online_module(reference, online, out_dir.with_name(out_dir.name + ".online_module"))
+    del reference
+    try:  # the base as the run's model.teacher holds it, in --dtype
+        write_hf(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype), tokenizer, out_dir,
+                 max_shard_size=max_shard_size)
+        os.rename(staged, out_dir / "online_module")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    base = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype)
+    return want, probe_logits(module.load(base, out_dir / "online_module"), vocab, dtype)
+
+
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, model: str = "student",
             dtype: str = "bf16", merge_online_module: bool = False, max_shard_size: str = "5GB",
             overwrite: bool = False) -> dict:
     """Convert, reload and compare; returns {"out_dir", "max_abs_diff", "tolerance", "seconds", "bytes"}."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     # heavy (deepspeed, torch): imported when the command runs, not for --help
-    from okd_scale.checkpoint import OutputDirError, check_output_dir, write_hf
+    from okd_scale.checkpoint import CheckpointError, OutputDirError, check_output_dir, check_shards, tag_dir
 
     clock = time.perf_counter()
     out_dir = Path(out_dir)
@@ -166,9 +211,6 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
         check_output_dir(out_dir, overwrite)
     except OutputDirError as e:
         raise ConvertError(str(e)) from None
-    # heavy (deepspeed, torch): imported when the command runs, not for --help
-    from okd_scale.checkpoint import CheckpointError, check_shards, tag_dir
-
     try:
         path = tag_dir(Path(checkpoint_dir), tag)
         check_shards(path, "student" if model == "student" else "teacher")
@@ -177,39 +219,11 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, *, tag: str | None 
     torch_dtype = getattr(torch, DTYPES[dtype])
     tolerance = TOLERANCE[dtype]
     if model == "student":
-        reference, tokenizer = student_model(path)
-        vocab = reference.config.vocab_size
-        want = probe_logits(reference, vocab, torch_dtype)
-        write_hf(reference, tokenizer, out_dir, max_shard_size=max_shard_size)
-        got = probe_logits(AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype), vocab, torch_dtype)
+        want, got = _export_student(path, out_dir, torch_dtype, max_shard_size)
     else:
-        from transformers import AutoTokenizer
-
-        # heavy (deepspeed, torch): imported when the command runs, not for --help
-        from okd_scale.checkpoint import write_online_module
-        from okd_scale.models import online_module
-
-        base_dir, online = run_teacher(path)
-        module = online_module(online)
-        reference, tokenizer = teacher_model(path, base_dir, online), AutoTokenizer.from_pretrained(str(base_dir))
-        vocab = reference.config.vocab_size
-        want = probe_logits(reference, vocab, torch_dtype)
-        if merge_online_module:
-            write_hf(module.merge(reference), tokenizer, out_dir, max_shard_size=max_shard_size)
-            reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
-            tolerance = MERGED_FP32_TOLERANCE if dtype == "fp32" else tolerance
-        else:
-            staged = write_online_module(reference, online, out_dir.with_name(out_dir.name + ".online_module"))
-            del reference
-            try:  # the base as the run's model.teacher holds it, in --dtype
-                write_hf(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype), tokenizer, out_dir,
-                         max_shard_size=max_shard_size)
-                os.rename(staged, out_dir / "online_module")
-            finally:
-                shutil.rmtree(staged, ignore_errors=True)
-            base = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch_dtype)
-            reloaded = module.load(base, out_dir / "online_module")
-        got = probe_logits(reloaded, vocab, torch_dtype)
+        want, got = _export_teacher(path, out_dir, torch_dtype, merge_online_module, max_shard_size)
+        if merge_online_module and dtype == "fp32":
+            tolerance = MERGED_FP32_TOLERANCE
     diff = float((got - want).abs().max())
     scale = max(1.0, float(want.abs().max()))
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())

@@ -94,3 +94,31 @@ def test_imports_inside_functions_say_why():
             if "#" not in lines[node.lineno - 1] and not lines[first - 1].strip().startswith("#"):
                 silent.append(f"{path.name}:{node.lineno}")
     assert silent == []
+
+
+MAX_TOOL_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_tools_files_and_functions_stay_small():
+    """No file in tools/ over 400 lines; no function (methods and nested ones included) in tools/ or okd_scale/ over
+    60 lines, decorators not counted."""
+    long_files, long_functions = [], []
+    for path in sorted((ROOT / "tools").rglob("*.py")) + sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if path.is_relative_to(ROOT / "tools") and len(text.splitlines()) > MAX_TOOL_FILE_LINES:
+            long_files.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+    assert long_files == [] and long_functions == []
+
+
+def test_tools_readme_names_every_script():
+    """tools/README.md's table names every script of tools/ in its folder's rows."""
+    readme = (ROOT / "tools" / "README.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tools").rglob("*.py"))
+               if p.name != "__init__.py" and f"`{p.name}`" not in readme]
+    assert missing == []

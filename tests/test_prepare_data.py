@@ -1,4 +1,4 @@
-"""tools/demo/prepare_data.py: the real chatterbot corpus, and the ShareGPT object-by-object parser."""
+"""tools/demo/prepare_data.py and sources.py: the real chatterbot corpus, and the ShareGPT object-by-object parser."""
 import importlib.util
 import json
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tools.demo import prepare_data as pdt
+from tools.demo import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "eval" / "dolly.jsonl"
@@ -99,18 +100,18 @@ TRUNCATED = """[
 def test_sharegpt_parser_on_truncated_json():
     with pytest.raises(json.JSONDecodeError):
         json.loads(TRUNCATED)
-    objs = pdt.parse_truncated_json_array(TRUNCATED)
+    objs = sources.parse_truncated_json_array(TRUNCATED)
     assert [o["id"] for o in objs] == ["a_0", "a_1", "b_0", "c", "d_0"]  # e_0 is cut off
-    pairs = pdt.sharegpt_first_turns(objs)
+    pairs = sources.sharegpt_first_turns(objs)
     assert pairs == [(" Hi there ", "Hello!"), ('What is 2+2? [brackets] {braces} "quoted"', "4"),
                      ("", "empty q")]
     assert pdt.clean_pairs(pairs + [("Hi there", "Hello!")]) == [
         ("Hi there", "Hello!"), ('What is 2+2? [brackets] {braces} "quoted"', "4")]
     # a complete array parses fully, commas and whitespace anywhere
-    assert pdt.parse_truncated_json_array(' [ {"a": 1} ,\n{"b": [2, 3]} ] ') == [{"a": 1}, {"b": [2, 3]}]
-    assert pdt.parse_truncated_json_array("[]") == []
+    assert sources.parse_truncated_json_array(' [ {"a": 1} ,\n{"b": [2, 3]} ] ') == [{"a": 1}, {"b": [2, 3]}]
+    assert sources.parse_truncated_json_array("[]") == []
     with pytest.raises(pdt.PrepareDataError):
-        pdt.parse_truncated_json_array('{"not": "an array"}')
+        sources.parse_truncated_json_array('{"not": "an array"}')
 
 
 def test_split_is_by_prompt():
@@ -161,7 +162,7 @@ def test_chat_rows_train_on_the_answer_and_evaluate_on_the_rendered_prompt(tmp_p
 def test_filters_and_the_heal_split(tmp_path):
     """--english, length caps and evaluation prompts drop pairs (counted); --num-heal sets training prompts
     aside in heal.jsonl, disjoint from train and eval."""
-    pairs = pdt.clean_pairs(pdt.chatterbot_pairs())
+    pairs = pdt.clean_pairs(sources.chatterbot_pairs())
     # a corpus prompt that passes the other filters and also appears in an "evaluation set"
     taken = next(q for q, a in pairs if len(q) <= 40 and len(a) <= 80 and (q + a).isascii())
     eval_set = tmp_path / "evalset.jsonl"

@@ -127,27 +127,33 @@ def write_rows(path: Path, n: int, vocab: int, words: int, seed: int = 0) -> Non
 
 class Sampler(threading.Thread):
     """The summed resident memory and disk reads of the ranks among this process's children (LOCAL_RANK in their
-    environment: not the launcher), every `interval` seconds."""
+    environment: not the launcher), every `interval` seconds: the node's peak, its anonymous part (RSS less the
+    file-backed and shared pages: memory-mapped weights count in RSS until the kernel drops them) and each rank's
+    peak RSS with its file-backed part at that moment."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.interval, self.peak_rss, self.read_bytes, self.done = interval, 0, {}, threading.Event()
+        self.interval, self.done = interval, threading.Event()
+        self.peak_rss, self.peak_anon, self.read_bytes, self.rank_peak = 0, 0, {}, {}
 
     def run(self):
-        import psutil
+        import psutil  # the benchmark's extra: not needed to read --help
 
         me = psutil.Process()
         while not self.done.is_set():
-            rss = 0
+            rss = anon = 0
             for child in me.children(recursive=True):
                 try:
                     if "LOCAL_RANK" not in child.environ():
                         continue
-                    rss += child.memory_info().rss
+                    mem = child.memory_info()
+                    rss, anon = rss + mem.rss, anon + mem.rss - mem.shared
+                    if mem.rss > self.rank_peak.get(child.pid, (0, 0))[0]:
+                        self.rank_peak[child.pid] = (mem.rss, mem.shared)
                     self.read_bytes[child.pid] = child.io_counters().read_bytes
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
             self.done.wait(self.interval)
 
     def stop(self) -> "Sampler":
@@ -184,13 +190,16 @@ def measure(args, method: str, placement: str, out: Path) -> dict:
     return {"method": method, "placement": placement if placement != "auto" else f"auto: {chosen.name}",
             "step_s": run["step_s"], "tokens_per_s": run["tokens_per_s"], "run_s": run["run_s"],
             "node_peak_gib": sampler.peak_rss / GIB, "node_base_gib": sum(metrics["base_memory_gib_per_rank"]),
+            "node_peak_anon_gib": sampler.peak_anon / GIB,
+            "rank_rss_file_gib": [(rss / GIB, shared / GIB) for rss, shared in sampler.rank_peak.values()],
             "rank_peak_gib": metrics["peak_memory_gib_per_rank"],
             "planned_node_gib": planned_node / GIB, "ratio": planned_node / max(measured_node, 1),
             "read_gib": sum(sampler.read_bytes.values()) / GIB, "steps": args.warmup + args.steps}
 
 
 def table(rows: list[dict], teacher_bytes: int, rate: float, tolerance: float) -> str:
-    head = ["method", "placement", "step s (median)", "tokens/s", "node peak GiB", "node base GiB",
+    head = ["method", "placement", "step s (median)", "tokens/s", "node peak GiB", "of it anonymous GiB",
+            "rank peaks GiB (file-backed)", "node base GiB",
             "planned GiB (node)", "planned / (peak - base)", f"within {tolerance:.0%}", "disk read GiB per step",
             "x teacher bytes", "one teacher read at the disk's rate, s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -198,6 +207,7 @@ def table(rows: list[dict], teacher_bytes: int, rate: float, tolerance: float) -
         per_step = r["read_gib"] / r["steps"]
         lines.append("| " + " | ".join([
             r["method"], r["placement"], f"{r['step_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['node_peak_gib']:.2f}",
+            f"{r['node_peak_anon_gib']:.2f}", ", ".join(f"{a:.2f} ({f:.2f})" for a, f in r["rank_rss_file_gib"]),
             f"{r['node_base_gib']:.2f}", f"{r['planned_node_gib']:.2f}", f"{r['ratio']:.2f}",
             "PASS" if abs(r["ratio"] - 1) <= tolerance else "FAIL", f"{per_step:.2f}",
             f"{per_step * GIB / teacher_bytes:.2f}", f"{teacher_bytes / rate:.0f}"]) + " |")

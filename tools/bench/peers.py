@@ -80,6 +80,7 @@ def gkd_batch(features: list[dict], pad_id: int, device) -> dict:
     `prompt_attention_mask`) that GKDTrainer samples from, on `device`."""
     import torch
 
+    # heavy (torch): imported in a TRL run's processes only
     from okd_scale import data, generation
 
     batch = data.collate(features, pad_id)
@@ -93,6 +94,24 @@ def gkd_batch(features: list[dict], pad_id: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def gkd_config(spec: dict, output_dir: str, use_cpu: bool):
+    """GKDTrainer's settings for the run `spec` describes: the run config's optimisation settings, a constant
+    schedule, no accumulation, checkpointing, logging or saving, the student in fp32."""
+    from trl.experimental.gkd import GKDConfig  # the benchmark extra: imported in a TRL run's processes only
+
+    return GKDConfig(
+        output_dir=output_dir, max_steps=spec["max_steps"], seed=spec["seed"],
+        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        learning_rate=spec["learning_rate"], weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"],
+        lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        bf16=spec["bf16"], gradient_checkpointing=False, use_cpu=use_cpu,
+        model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["bf16"] else "float32"},
+        lmbda=spec["lmbda"], beta=0.0, temperature=1.0, max_new_tokens=spec["new_tokens"],
+        max_length=spec["max_length"], ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
+
+
 def worker(spec_file: str) -> int:
     """One process of a TRL GKDTrainer run (under torchrun); writes its step times, tokens per step and peak
     memory to rank<r>.json next to the spec."""
@@ -102,23 +121,14 @@ def worker(spec_file: str) -> int:
     from deepspeed.accelerator import get_accelerator
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl.experimental.gkd import GKDTrainer
 
+    # heavy (torch): imported in a TRL run's processes only
     from okd_scale import data, models, perf
 
     spec = json.loads(Path(spec_file).read_text())
     accel = get_accelerator()
-    config = GKDConfig(
-        output_dir=str(Path(spec_file).parent), max_steps=spec["max_steps"], seed=spec["seed"],
-        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        learning_rate=spec["learning_rate"], weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"],
-        lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        bf16=spec["bf16"], gradient_checkpointing=False, use_cpu=accel.device_name() == "cpu",
-        model_init_kwargs={"dtype": "float32"},
-        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["bf16"] else "float32"},
-        lmbda=spec["lmbda"], beta=0.0, temperature=1.0, max_new_tokens=spec["new_tokens"],
-        max_length=spec["max_length"], ddp_find_unused_parameters=False, dataloader_num_workers=0,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    config = gkd_config(spec, str(Path(spec_file).parent), use_cpu=accel.device_name() == "cpu")
     tokenizer = models.load_tokenizer(spec["student"])
     examples, _ = data.load_dataset(spec["data"], tokenizer, spec["max_length"])
     rank, world, pad = config.process_index, config.world_size, tokenizer.pad_token_id
@@ -216,6 +226,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    # heavy (torch): imported when the command runs, not when the module is imported
     from okd_scale.config import ConfigError, DeepSpeedArgs
     from okd_scale.configure import load_config
 

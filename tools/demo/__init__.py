@@ -1,2 +1,2 @@
-"""The embedded default: the teacher (import_gguf), the student (make_student), the data (prepare_data), and
-the end-to-end demo (run)."""
+"""The embedded default: the teacher (import_gguf), the student (make_student), the data (prepare_data, read from
+the packages in sources), and the end-to-end demo (run)."""

