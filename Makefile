@@ -42,6 +42,9 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed's just-in-time ops (shm_comm, cpu_adam) build per virtualenv: one left half-built by a killed process
 # in another checkout, or rebuilt for another venv's path, never stalls this one
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# the virtualenv's bin first on PATH for every recipe and the processes it starts (as `. .venv/bin/activate`): one
+# `ninja` builds those ops, so a process that found a system ninja of another version never rebuilds them
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-fast lint aio venv clean gpu-wheels gpu-check gpu-proof-pack gpu-proof
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,6 +19,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prefer_environment_bin() -> None:
+    """Put this interpreter's bin directory first on PATH when it is a virtualenv's, as activating it does: the
+    `ninja` that builds DeepSpeed's just-in-time ops is then the environment's own in every rank, however it was
+    started. Two ninja versions cannot read each other's build log, so ranks started with and without the environment
+    on PATH would each build the ops again (a minute or more per op)."""
+    if sys.prefix == sys.base_prefix:
+        return
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
 
 
 STALE_LOCK_S = 900  # DeepSpeed's just-in-time op builds take a minute or two; a lock this old is left over
@@ -50,6 +64,7 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int, int]:
     a plain `python` run becomes a group of one. ``timeout_s``: the collectives' own timeout (DeepSpeed's
     default when None).
     """
+    prefer_environment_bin()
     check_build_locks()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -375,6 +375,27 @@ def test_the_rank_behind_is_named_without_python_frames(tmp_path, fault, wait, w
         assert verdict.count(" hangs at ") == 1 and "stopped answering" not in verdict, verdict
 
 
+def test_a_rank_runs_its_environment_s_ninja(monkeypatch):
+    """A rank of a virtualenv's python puts the environment's bin first on PATH (once), so that DeepSpeed's op builds
+    always run its `ninja`; a system interpreter's PATH is left alone."""
+    import os
+    import sys
+
+    from okd_scale.process import prefer_environment_bin
+
+    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.setattr(sys, "prefix", "/env")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    prefer_environment_bin()
+    prefer_environment_bin()
+    assert os.environ["PATH"] == os.pathsep.join([bin_dir, "/usr/bin", "/bin"])
+    monkeypatch.setattr(sys, "prefix", "/usr")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    prefer_environment_bin()
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
 def test_a_stale_op_build_lock_is_named_at_start(tmp_path, pair):
     """A torch-extension build lock left by a rank killed during DeepSpeed's just-in-time op build: the run
     stops at start (exit 2) naming the lock, instead of waiting on it forever; a fresh lock is left alone."""

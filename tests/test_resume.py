@@ -316,7 +316,7 @@ def _train_py(launcher: str, cfg: Path, out: Path) -> list[str]:
 
 
 def _launch_env(**extra) -> dict:
-    return tiny.subprocess_env(2, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
+    return tiny.subprocess_env(2, **extra)  # PATH leads to this interpreter's bin (conftest): its `deepspeed`
 
 
 @pytest.fixture(scope="module")

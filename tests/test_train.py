@@ -1,9 +1,9 @@
-"""Training with real DeepSpeed engines on CPU: okd, kd, sft on 1 and 2 processes, and the launcher path."""
+"""Training with real DeepSpeed engines on CPU: every method on 1 and 2 processes (the `deepspeed` launcher's path
+is tests/test_demo.py's)."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import tiny
 from okd_scale.methods import METHODS
-from okd_scale.process import free_port
 from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
 
 
@@ -95,23 +94,6 @@ def test_two_processes(tmp_path, pair, tokenizer, method):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = check_run(tmp_path / f"out-{method}", pair, method, tokenizer)
     assert report["metrics"]["world_size"] == 2
-
-
-@pytest.mark.slow
-def test_deepspeed_launcher(tmp_path, pair, tokenizer):
-    """`deepspeed --num_gpus 2 okd_scale/train.py ...` with the shipped teacher config (DeepSpeedCPUAdam)."""
-    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd", deepspeed={"teacher_overrides": {}})
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "okd_scale" / "train.py"),
-           "--config", str(cfg), "train.max_steps=3"]
-    proc = subprocess.run(cmd, env=clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "out-okd"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    from transformers import AutoModelForCausalLM
-    assert AutoModelForCausalLM.from_pretrained(str(out / "student")).config.num_hidden_layers == 2
-    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
 
 
 def test_two_processes_zero3_student(tmp_path, pair, tokenizer):
