@@ -23,11 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from okd_scale.plan import PLACEMENTS
 from tools.bench import methods as bench
 from tools.proof.experiments import earlier_okd
 
 EXTRA = {"okd_ckpt": ("okd", ["online.gradient_checkpointing=true"])}  # cell: (method or variant, more overrides)
-PLACEMENT_CONFIGS = {"replica": "ds_configs/teacher_replica.json", "zero3": "ds_configs/teacher_zero3.json"}
+PLACEMENT_CONFIGS = {p.name: p.ds_config for p in PLACEMENTS}  # okd_scale.plan's placements: name -> DeepSpeed config
 GIB = 2 ** 30
 
 
@@ -89,7 +90,9 @@ def main(argv=None) -> int:
     bench.pair_arguments(p)
     cells = ["kd", "okd", "okd_ckpt", "okd_blocks_lr1e5", "okd_head", "okd_temp"]
     p.add_argument("--cells", default=",".join(cells), help="comma-separated cells (see the docstring)")
-    p.add_argument("--placements", default=",".join(PLACEMENT_CONFIGS), help="teacher placements: replica,zero3")
+    p.add_argument("--placements", default="replica,zero3",
+                   help=f"teacher placements, a comma-separated subset of {','.join(PLACEMENT_CONFIGS)} (the offload "
+                        f"ones with their deepspeed.* paths as overrides)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per run (the peak comes with the first)")
     p.add_argument("--batch-size", type=int, default=4, help="per process")
