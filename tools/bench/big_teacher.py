@@ -127,14 +127,22 @@ def write_rows(path: Path, n: int, vocab: int, words: int, seed: int = 0) -> Non
 
 class Sampler(threading.Thread):
     """The summed resident memory and disk reads of the ranks among this process's children (LOCAL_RANK in their
-    environment: not the launcher), every `interval` seconds: the node's peak, its anonymous part (RSS less the
-    file-backed and shared pages: memory-mapped weights count in RSS until the kernel drops them) and each rank's
-    peak RSS with its file-backed part at that moment."""
+    environment, not in their parent's: not the launcher, nor a rank's own children such as DeepSpeed's op builds),
+    every `interval` seconds: the node's peak, its anonymous part (RSS less the file-backed and shared pages:
+    memory-mapped weights count in RSS until the kernel drops them) and each rank's peak RSS with its file-backed part
+    at that moment, by LOCAL_RANK."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
         self.interval, self.done = interval, threading.Event()
         self.peak_rss, self.peak_anon, self.read_bytes, self.rank_peak = 0, 0, {}, {}
+
+    @staticmethod
+    def _rank(process) -> str | None:
+        """The process's LOCAL_RANK when it is a rank (its parent is not one), else None."""
+        rank = process.environ().get("LOCAL_RANK")
+        parent = process.parent()
+        return None if rank is None or (parent is not None and "LOCAL_RANK" in parent.environ()) else rank
 
     def run(self):
         import psutil  # the benchmark's extra: not needed to read --help
@@ -144,12 +152,13 @@ class Sampler(threading.Thread):
             rss = anon = 0
             for child in me.children(recursive=True):
                 try:
-                    if "LOCAL_RANK" not in child.environ():
+                    rank = self._rank(child)
+                    if rank is None:
                         continue
                     mem = child.memory_info()
                     rss, anon = rss + mem.rss, anon + mem.rss - mem.shared
-                    if mem.rss > self.rank_peak.get(child.pid, (0, 0))[0]:
-                        self.rank_peak[child.pid] = (mem.rss, mem.shared)
+                    if mem.rss > self.rank_peak.get(rank, (0, 0))[0]:
+                        self.rank_peak[rank] = (mem.rss, mem.shared)
                     self.read_bytes[child.pid] = child.io_counters().read_bytes
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
@@ -191,7 +200,7 @@ def measure(args, method: str, placement: str, out: Path) -> dict:
             "step_s": run["step_s"], "tokens_per_s": run["tokens_per_s"], "run_s": run["run_s"],
             "node_peak_gib": sampler.peak_rss / GIB, "node_base_gib": sum(metrics["base_memory_gib_per_rank"]),
             "node_peak_anon_gib": sampler.peak_anon / GIB,
-            "rank_rss_file_gib": [(rss / GIB, shared / GIB) for rss, shared in sampler.rank_peak.values()],
+            "rank_rss_file_gib": [(rss / GIB, shared / GIB) for _, (rss, shared) in sorted(sampler.rank_peak.items())],
             "rank_peak_gib": metrics["peak_memory_gib_per_rank"],
             "planned_node_gib": planned_node / GIB, "ratio": planned_node / max(measured_node, 1),
             "read_gib": sum(sampler.read_bytes.values()) / GIB, "steps": args.warmup + args.steps}
