@@ -1,10 +1,4 @@
 import os
-import sys
-
-# The interpreter's bin first on PATH, as an activated virtualenv has it (and as each rank sets it for itself,
-# okd_scale.process.prefer_environment_bin): the tests' `torchrun` and `deepspeed` are this environment's, and so is
-# the `ninja` that builds DeepSpeed's just-in-time ops once for the whole run.
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 # Set before anything imports deepspeed/transformers. DS_ACCELERATOR=cuda (as `make test` exports where
 # nvidia-smi exists) runs the tests on the GPU: they take their tensors' device from the `device` fixture.
@@ -17,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import tiny  # noqa: E402
+from okd_scale.process import prefer_environment_bin  # noqa: E402
+
+# The virtualenv's bin first on PATH, as each rank sets it for itself: the tests' `torchrun` and `deepspeed` are this
+# environment's, and so is the `ninja` that builds DeepSpeed's just-in-time ops once for the whole run.
+prefer_environment_bin()
 
 
 @pytest.fixture(scope="session")
