@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing under test compiles: okd_scale never calls torch.compile. DeepSpeed's engine imports its Muon optimizer,
+# whose kernels torch.compile wraps at import, pulling in inductor: 1.3-1.6 s of CPU in every rank of every run the
+# tests start. With dynamo off that wrapping is a no-op. The demo test runs as a user would, with it on.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402
 import tiny  # noqa: E402

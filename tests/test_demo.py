@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_pipeline_tiny(tmp_path, smollm2_import):
     """The whole demo at a tiny budget; its teacher is the session's import of the same GGUF file (the import's
     own tests check it), which the demo finds in place and keeps."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHDYNAMO_DISABLE")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     out = tmp_path / "demo"
