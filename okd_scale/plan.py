@@ -615,6 +615,8 @@ def render(plan: Plan) -> str:
     lines.append(f"| **total** | **{fmt_bytes(plan.gpu_total)}** | **{fmt_bytes(plan.cpu_node_total)}** |")
     lines += [
         "",
+        "- the totals are what the run allocates; the rank that loads a checkpoint also maps its safetensors files, "
+        "whose resident pages are page cache the kernel drops under pressure (not counted)",
         "- " + _verdict(plan.gpu_total, c.gpu_mem_gib, [(i.name, i.gpu) for i in plan.items], "GPU per GPU"),
         "- " + _verdict(plan.cpu_node_total, c.cpu_mem_gib, [(i.name, i.cpu_node) for i in plan.items],
                         "CPU per node"),
