@@ -66,6 +66,15 @@ def smollm2_import(tmp_path_factory):
     return out, import_gguf(None, out, verbose=False)
 
 
+def pytest_configure(config):
+    """Refuse `--dist loadgroup` where its groups would be silently dropped: pytest-xdist (3.8) names a test's group by
+    setting its `_nodeid`, which pytest 9.2's node id no longer reads, and each worker would then build every shared
+    fixture (the GGUF import, the module's launches)."""
+    if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in pytest.Item.nodeid.fget.__code__.co_names:
+        raise pytest.UsageError(f"pytest {pytest.__version__} ignores pytest-xdist's --dist loadgroup groups: install "
+                                f"the versions of constraints.txt (pytest<9.2)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that share the slow GGUF import run on one worker,
     so that it is made once."""

@@ -1,6 +1,8 @@
 """Runs okd_scale's trainer and dumps what the tests check: the loss history and the teacher's weights.
 
-In-process: `run_and_dump(cfg)`. Distributed: `torchrun --nproc_per_node 2 tests/dist_worker.py CONFIG [k=v ...]`.
+In-process: `run_and_dump(cfg)`. Distributed: `torchrun --nproc_per_node 2 tests/dist_worker.py CONFIG [k=v ...]
+[--then CONFIG [k=v ...]] ...`: the runs one after another in one process group (one launch for several runs: a
+rank's start-up, about 10 s of CPU, is most of a tiny run's cost).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ if __name__ == "__main__":
     def worker() -> int:
         from okd_scale.train import EXIT_STOPPED
 
-        return EXIT_STOPPED if run_and_dump(load_config(sys.argv[1], sys.argv[2:]))["stopped_by"] else 0
+        runs = [[]]
+        for arg in sys.argv[1:]:
+            runs.append([]) if arg == "--then" else runs[-1].append(arg)
+        stopped = [run_and_dump(load_config(run[0], run[1:]))["stopped_by"] for run in runs]
+        return EXIT_STOPPED if any(stopped) else 0
 
     run_and_exit(worker)

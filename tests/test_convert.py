@@ -25,7 +25,8 @@ RUNS = {"1proc-zero2": (1, "ds_configs/student_zero2.json"), "1proc-zero3": (1, 
 
 class Runs(dict):
     """okd runs of 4 steps, one per (processes, student ZeRO stage), and one with a tied-embedding student
-    under ZeRO-3 ("tied-zero3", 2 processes): run name -> output directory, each trained on first use."""
+    under ZeRO-3 ("tied-zero3", 2 processes): run name -> output directory, trained on first use together with the
+    other runs of its number of processes (one launch)."""
 
     def __init__(self, base: Path, pair: Path, tokenizer):
         super().__init__()
@@ -33,16 +34,17 @@ class Runs(dict):
         tiny.make_llama(base / "tied_student", tokenizer, num_layers=2, hidden=32, seed=5, tie=True)
 
     def __missing__(self, name: str) -> Path:
-        nproc, student_config = {**RUNS, "tied-zero3": (2, "ds_configs/student_zero3.json")}[name]
-        cfg = write_config(self.base / f"{name}.yaml", self.pair, "okd", deepspeed={"student_config": student_config})
-        extra = [f"model.student={self.base / 'tied_student'}"] if name.startswith("tied") else []
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={self.base / name}", "train.max_steps=4",
-               "data.eval_file=null", *extra]
-        proc = subprocess.run(cmd, env=tiny.subprocess_env(nproc), capture_output=True, text=True, timeout=600,
-                              cwd=ROOT)
+        every = {**RUNS, "tied-zero3": (2, "ds_configs/student_zero3.json")}
+        nproc = every[name][0]
+        names = [n for n, (procs, _) in every.items() if procs == nproc and n not in self]
+        runs = []
+        for n in names:
+            cfg = write_config(self.base / f"{n}.yaml", self.pair, "okd", deepspeed={"student_config": every[n][1]})
+            extra = [f"model.student={self.base / 'tied_student'}"] if n.startswith("tied") else []
+            runs.append([cfg, f"output_dir={self.base / n}", "train.max_steps=4", "data.eval_file=null", *extra])
+        proc = tiny.launch_runs(runs, nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        self[name] = self.base / name
+        self.update({n: self.base / n for n in names})
         return self[name]
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from tiny import ROOT, assert_same_runs, clean_env, write_config
+from tiny import assert_same_runs, write_config
 
 PLACEMENTS = ("blocks", "head", "temperature")
 
@@ -313,16 +311,12 @@ def test_head_placement_with_zero3_and_vocab_shards(tmp_path, pair):
     vocab_shards=1 (the joint objective, whose teacher-side divergence and CE take the sharded path of their own;
     the decoupled one shares the blocks placement's, tested in test_train)."""
     for objective in ("joint",):
-        for shards in (1, 2):
-            name = f"{objective}{shards}"
-            cfg = write_config(tmp_path / f"{name}.yaml", pair, "okd",
-                               deepspeed={"teacher_config": "ds_configs/teacher_zero3_offload.json"})
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / name}",
-                   f"loss.vocab_shards={shards}", "loss.chunk_size=9", "data.eval_file=null",
-                   "online.placement=head", f"online.objective={objective}", "online.drift_every=2"]
-            proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-4000:]
+        cfg = write_config(tmp_path / f"{objective}.yaml", pair, "okd",
+                           deepspeed={"teacher_config": "ds_configs/teacher_zero3_offload.json"})
+        proc = tiny.launch_runs([[cfg, f"output_dir={tmp_path / f'{objective}{shards}'}", f"loss.vocab_shards={shards}",
+                                  "loss.chunk_size=9", "data.eval_file=null", "online.placement=head",
+                                  f"online.objective={objective}", "online.drift_every=2"] for shards in (1, 2)])
+        assert proc.returncode == 0, proc.stderr[-4000:]
         assert_same_runs(tmp_path / f"{objective}1", tmp_path / f"{objective}2", rtol=1e-4)
         history = json.loads((tmp_path / f"{objective}2" / "report.json").read_text())["history"]
         assert history[2]["teacher/drift"] > 0

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from okd_scale import plan
-from tiny import ROOT, assert_same_runs, clean_env, write_config
+import tiny
+from tiny import ROOT, assert_same_runs, write_config
 
 GIB = plan.GIB
 OFFLOAD = "ds_configs/teacher_zero3_offload.json"
@@ -187,15 +188,11 @@ def test_each_placement_trains_as_zero3_offload_two_processes(tmp_path, pair, me
     runs = [("offload", OFFLOAD, []), ("auto", "auto", []), ("zero3", "ds_configs/teacher_zero3.json", [])]
     if method == "okd":
         runs.append(("offload_ckpt", OFFLOAD, CHECKPOINTED))
-    for name, path, extra in runs:
-        cfg = write_config(tmp_path / f"{name}.yaml", pair, method)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / name}",
-               f"deepspeed.teacher_config={path}", "data.eval_file=null", *PAPER[method], *extra]
-        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        if name == "auto":
-            assert "teacher placement: replica" in proc.stderr
+    proc = tiny.launch_runs([[write_config(tmp_path / f"{name}.yaml", pair, method), f"output_dir={tmp_path / name}",
+                              f"deepspeed.teacher_config={path}", "data.eval_file=null", *PAPER[method], *extra]
+                             for name, path, extra in runs])  # one launch, the runs one after another
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "teacher placement: replica" in proc.stderr  # logged by the auto run only
     for name, *_ in runs[1:]:
         assert_same_runs(tmp_path / "offload", tmp_path / name, rtol=1e-4)
 

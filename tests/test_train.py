@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 import tiny
 from okd_scale.methods import METHODS
-from tiny import ROOT, assert_same_runs, clean_env, comparable, write_config
+from tiny import assert_same_runs, comparable, write_config
 
 
 def student_ce(model_dir: Path, data_file: Path, tokenizer) -> float:
@@ -85,26 +83,30 @@ def test_same_seed_same_losses(tmp_path, pair):
     assert runs[0] == runs[1]
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, pair):
+    """Every method trained on 2 processes, one run after another in one launch: (its directory, the launch)."""
+    d = tmp_path_factory.mktemp("two_processes")
+    zero3 = [write_config(d / "zero3.yaml", pair, "okd", deepspeed={"student_config": "ds_configs/student_zero3.json"}),
+             f"output_dir={d / 'out-okd-zero3-student'}"]
+    return d, tiny.launch_runs([[write_config(d / f"{method}.yaml", pair, method)] for method in METHODS] + [zero3])
+
+
+@pytest.mark.xdist_group("two_processes")
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes(tmp_path, pair, tokenizer, method):
-    cfg = write_config(tmp_path / "cfg.yaml", pair, method)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), str(cfg)]
-    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
+def test_two_processes(two_process_runs, pair, tokenizer, method):
+    d, proc = two_process_runs
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = check_run(tmp_path / f"out-{method}", pair, method, tokenizer)
+    report = check_run(d / f"out-{method}", pair, method, tokenizer)
     assert report["metrics"]["world_size"] == 2
 
 
-def test_two_processes_zero3_student(tmp_path, pair, tokenizer):
+@pytest.mark.xdist_group("two_processes")
+def test_two_processes_zero3_student(two_process_runs, pair, tokenizer):
     """ZeRO-3 student: trains, and its consolidated export loads in transformers and improved."""
-    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd",
-                       deepspeed={"student_config": "ds_configs/student_zero3.json"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), str(cfg)]
-    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    d, proc = two_process_runs
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_run(tmp_path / "out-okd", pair, "okd", tokenizer)
+    check_run(d / "out-okd-zero3-student", pair, "okd", tokenizer)
 
 
 def test_gradient_accumulation_is_a_global_batch_mean(tmp_path, pair):
@@ -235,14 +237,11 @@ def test_vocab_shards_on_two_processes_equal_unsharded(tmp_path, pair):
     uneven rows gathered) trains exactly as vocab_shards=1 on 2 ranks. (The teacher is pinned to ZeRO-3 with
     offload: Adam magnifies float-order noise in a LoRA A entry whose gradient is near zero, 3.7e-6 there
     and 1.5e-5 with the replica's ZeRO-1 optimizer, over this test's 1e-5.)"""
-    for shards in (1, 2):
-        cfg = write_config(tmp_path / f"cfg{shards}.yaml", pair, "okd",
-                           deepspeed={"teacher_config": "ds_configs/teacher_zero3_offload.json"})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tests" / "dist_worker.py"), str(cfg), f"output_dir={tmp_path / f'shards{shards}'}",
-               f"loss.vocab_shards={shards}", "loss.chunk_size=9", "data.eval_file=null"]
-        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = write_config(tmp_path / "cfg.yaml", pair, "okd",
+                       deepspeed={"teacher_config": "ds_configs/teacher_zero3_offload.json"})
+    proc = tiny.launch_runs([[cfg, f"output_dir={tmp_path / f'shards{shards}'}", f"loss.vocab_shards={shards}",
+                              "loss.chunk_size=9", "data.eval_file=null"] for shards in (1, 2)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_runs(tmp_path / "shards1", tmp_path / "shards2", rtol=1e-4)
 
 

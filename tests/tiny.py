@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from tools.bench.big_teacher import CHATML, SPECIAL  # noqa: F401 (CHATML: the tests' template too)
@@ -168,6 +170,15 @@ def write_config(path: Path, pair: Path, method: str, **sections) -> Path:
         cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def launch_runs(runs: list[list[str]], nproc: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`runs` (each a config path and its key=value overrides) one after another in one torchrun launch of
+    tests/dist_worker.py on `nproc` processes."""
+    args = [a for i, run in enumerate(runs) for a in (["--then"] if i else []) + [str(x) for x in run]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "dist_worker.py"), *args]
+    return subprocess.run(cmd, env=subprocess_env(nproc), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def clean_env(**extra) -> dict:
