@@ -19,6 +19,7 @@ from okd_scale.config import LLAMA_TARGETS
 from tiny import ROOT, write_config
 
 TOOL = ROOT / "tools" / "convert_to_hf.py"
+pytestmark = pytest.mark.xdist_group("convert_runs")  # the module's runs are trained once, on one worker
 RUNS = {"1proc-zero2": (1, "ds_configs/student_zero2.json"), "1proc-zero3": (1, "ds_configs/student_zero3.json"),
         "2proc-zero2": (2, "ds_configs/student_zero2.json"), "2proc-zero3": (2, "ds_configs/student_zero3.json")}
 

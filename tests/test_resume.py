@@ -339,6 +339,7 @@ def _assert_same_outputs(a: Path, b: Path, what: str = "") -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight_okd")  # one worker computes the shared run
 def test_chaos_three_kills_then_the_same_weights(straight_okd, tmp_path):
     """okd on 2 processes, a rank killed (SIGKILL) three times at random moments (at a step's start, after its
     backward, after its optimizer step, in the middle of writing a checkpoint), the same command run again after
@@ -365,6 +366,7 @@ def test_chaos_three_kills_then_the_same_weights(straight_okd, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight_okd")  # one worker computes the shared run
 def test_sigterm_to_the_launcher(straight_okd, tmp_path):
     """A job runs the trainer under torchrun or under the `deepspeed` launcher, and maps the launcher's status to 75
     when output_dir/stopped.json says the run stopped on a signal (README). SIGTERM to torchrun, or to `deepspeed`'s

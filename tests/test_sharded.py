@@ -137,6 +137,7 @@ def _tol(case: dict) -> dict:
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.xdist_group("sharded_results")  # one worker spawns the 2 ranks for every case
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_sharded_equals_dense(sharded_results, index):
     case = CASES[index]
