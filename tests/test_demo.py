@@ -55,6 +55,8 @@ def test_demo_pipeline_tiny(tmp_path, smollm2_import):
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     assert metrics["eval/teacher_ce"] < metrics["eval/student_ce"]
     assert (out / "run" / "tensorboard").is_dir() and any((out / "run" / "tensorboard").iterdir())
+    # the launcher sets LOCAL_SIZE, so DeepSpeed's CPU all-reduce made a shared-memory segment per rank: removed at exit
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env['MASTER_PORT']}_*"))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(str(out / "run" / "student"))
