@@ -103,7 +103,6 @@ def set_default_timeout(timeout: datetime.timedelta) -> None:
         distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-
 def remove_shm_segment() -> None:
     """Remove this rank's shared-memory segment of DeepSpeed's CPU all-reduce (shm_comm, set up where the launcher
     sets LOCAL_SIZE to the world size), which DeepSpeed never unlinks: 66 MiB of RAM per rank left in /dev/shm by
