@@ -47,7 +47,10 @@ if __name__ == "__main__":
 
         runs = [[]]
         for arg in sys.argv[1:]:
-            runs.append([]) if arg == "--then" else runs[-1].append(arg)
+            if arg == "--then":
+                runs.append([])
+            else:
+                runs[-1].append(arg)
         stopped = [run_and_dump(load_config(run[0], run[1:]))["stopped_by"] for run in runs]
         return EXIT_STOPPED if any(stopped) else 0
 

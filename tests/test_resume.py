@@ -46,23 +46,18 @@ def _assert_same(a: Path, b: Path) -> None:
             assert torch.equal(wa[k], wb[k]), f"{name}: {k}"
 
 
-def _torchrun(cfg: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(ROOT / "tests" / "dist_worker.py"), str(cfg), *overrides]
-
-
 def test_stop_by_signal_then_resume_equals_uninterrupted_two_processes(tmp_path, pair):
     """okd, 2 processes, gradient accumulation: SIGUSR1 mid-run makes every rank finish its step,
     checkpoint and exit 75; the same command resumes and ends bitwise where an uninterrupted run ends."""
     cfg = write_config(tmp_path / "cfg.yaml", pair, "okd")
     common = ["train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.max_steps=8",
               "data.eval_file=null"]
-    straight = subprocess.run(_torchrun(cfg, f"output_dir={tmp_path / 'straight'}", *common),
+    straight = subprocess.run(tiny.worker_command([[cfg, f"output_dir={tmp_path / 'straight'}", *common]]),
                               env=tiny.subprocess_env(2), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "stopped"
-    cmd = _torchrun(cfg, f"output_dir={out}", *common)
+    cmd = tiny.worker_command([[cfg, f"output_dir={out}", *common]])
     proc = subprocess.Popen(cmd, env=tiny.subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "log_history.jsonl").is_file() and len(_rows(out)) >= 2):
@@ -272,8 +267,8 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, pair):
 
     def run(out: Path, *extra: str, fault: str = "") -> subprocess.CompletedProcess:
         env = tiny.subprocess_env(2, **({"OKD_SCALE_FAULT": fault} if fault else {}))
-        return subprocess.run(_torchrun(cfg, f"output_dir={out}", *common, *extra), env=env, capture_output=True,
-                              text=True, timeout=600)
+        return subprocess.run(tiny.worker_command([[cfg, f"output_dir={out}", *common, *extra]]), env=env,
+                              capture_output=True, text=True, timeout=600)
 
     clean, nan = run(tmp_path / "clean", "train.max_steps=2"), run(tmp_path / "nan", "train.max_steps=3",
                                                                      fault="nan_batch@3@1")

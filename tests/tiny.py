@@ -172,13 +172,18 @@ def write_config(path: Path, pair: Path, method: str, **sections) -> Path:
     return path
 
 
-def launch_runs(runs: list[list[str]], nproc: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`runs` (each a config path and its key=value overrides) one after another in one torchrun launch of
-    tests/dist_worker.py on `nproc` processes."""
+def worker_command(runs: list[list], nproc: int = 2) -> list[str]:
+    """The torchrun command of tests/dist_worker.py on `nproc` processes for `runs` (each a config path and its
+    key=value overrides), one after another in one launch."""
     args = [a for i, run in enumerate(runs) for a in (["--then"] if i else []) + [str(x) for x in run]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "dist_worker.py"), *args]
-    return subprocess.run(cmd, env=subprocess_env(nproc), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(ROOT / "tests" / "dist_worker.py"), *args]
+
+
+def launch_runs(runs: list[list], nproc: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`runs` launched once (worker_command), to the end."""
+    return subprocess.run(worker_command(runs, nproc), env=subprocess_env(nproc), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
 
 
 def clean_env(**extra) -> dict:
