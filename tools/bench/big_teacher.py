@@ -200,7 +200,7 @@ def measure(args, method: str, placement: str, out: Path) -> dict:
     base = sum(metrics["base_memory_gib_per_rank"]) * GIB
     return {"method": method, "placement": placement if placement != "auto" else f"auto: {chosen.name}",
             "step_s": run["step_s"], "tokens_per_s": run["tokens_per_s"], "run_s": run["run_s"],
-            "node_peak_gib": sampler.peak_rss / GIB, "node_base_gib": sum(metrics["base_memory_gib_per_rank"]),
+            "node_peak_gib": sampler.peak_rss / GIB, "node_base_gib": base / GIB,
             "node_peak_anon_gib": sampler.peak_anon / GIB,
             "rank_rss_file_gib": [(rss / GIB, shared / GIB) for _, (rss, shared) in sorted(sampler.rank_peak.items())],
             "rank_peak_gib": metrics["peak_memory_gib_per_rank"],
