@@ -52,3 +52,32 @@ def test_bench_peers_refuses_bad_flag_values():
     proc = subprocess.run([sys.executable, "-m", "tools.bench.peers", "--new-tokens", "0"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--new-tokens must be a positive integer, got 0" in proc.stderr
+
+
+def test_summarise_repeats_gives_medians_ranges_and_paired_ratios():
+    from tools.bench.peers import summarise, table
+
+    def row(method, label, step, tps, peak, ratio=None, pair=None):
+        return {"method": method, "label": label, "step_s": step, "tokens_per_s": tps, "tokens_per_step": 100.0,
+                "peak_gib_per_rank": peak, "ratio": ratio, "pairs_with": pair, "precision": "fp32", "nproc": 2}
+
+    repeats = [[row("trl_gkd", "TRL GKD lmbda=0", 2.0, 50.0, [1.0, 1.5]),
+                row("kd", "okd_scale kd", 1.0, 100.0, [0.5, 0.7], 2.0, "trl_gkd"),
+                row("okd", "okd_scale okd", 1.5, 80.0, [0.6, 0.6], 1.6, "trl_gkd")],
+               [row("trl_gkd", "TRL GKD lmbda=0", 4.0, 25.0, [1.2, 1.4]),
+                row("kd", "okd_scale kd", 2.0, 75.0, [0.4, 0.9], 3.0, "trl_gkd"),
+                row("okd", "okd_scale okd", 2.0, 60.0, [0.6, 0.6], 2.4, "trl_gkd")],
+               [row("trl_gkd", "TRL GKD lmbda=0", 3.0, 40.0, [1.1, 1.1]),
+                row("kd", "okd_scale kd", 4.0, 60.0, [0.5, 0.5], 1.5, "trl_gkd"),
+                row("okd", "okd_scale okd", 4.4, 50.0, [0.6, 0.6], 1.25, "trl_gkd")]]
+    rows = summarise(repeats)
+    trl, kd, okd = rows
+    assert trl["step_s"] == 3.0 and trl["step_s_range"] == (2.0, 4.0) and trl["ratio"] is None
+    assert kd["tokens_per_s"] == 75.0 and kd["tokens_per_s_range"] == (60.0, 100.0)
+    assert kd["ratio"] == 2.0 and kd["ratio_range"] == (1.5, 3.0)  # the repeats' own ratios, not 75 / 40
+    assert trl["peak_gib_per_rank"] == [1.2, 1.5] and kd["peak_gib_per_rank"] == [0.5, 0.9]
+    assert [r["step_s"] for r in kd["repeats"]] == [1.0, 2.0, 4.0]
+    text = table(rows)
+    assert "| okd_scale kd | fp32 | 2 | 2.000 (1.000-4.000) | 75 (60-100) | 100 | 0.50/0.90 | 2.00 (1.50-3.00) |" in text
+    # okd / kd step time: 1.5, 1.0, 1.1 within the repeats; their median, not 2.0 / 2.0
+    assert "okd_scale okd / kd step time = 1.10 (target <= 1.25): PASS" in text

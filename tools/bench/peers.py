@@ -44,6 +44,10 @@ so the sampled lengths can be compared. Peak memory per rank at the end of the r
 allocated on a GPU, the peak RSS on CPU (which includes an offloaded teacher). The last column is the
 tokens/s over that of the TRL run the row pairs with (kd, okd: lmbda=0; sgo: lmbda=1).
 
+`--repeat N` runs the five N times, one after another (so that a slow spell of a shared machine falls on every
+row alike), each repeat in DIR/repeat<k>/; each cell is then the median over the repeats with its range
+(min-max), a ratio taken within each repeat first, and the peak memory per rank is the largest of the repeats.
+
 Targets: okd_scale kd >= 1.2x TRL GKD's tokens/s (lmbda=0); sgo >= 1.2x TRL GKD's tokens/s (lmbda=1);
 okd <= 1.25x kd's step time.
 
@@ -199,15 +203,41 @@ def run_trl(name: str, args, cfg, out: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------- the table
 
+MEDIANS = ("step_s", "tokens_per_s", "tokens_per_step", "ratio")
+
+
+def summarise(repeats: list[list[dict]]) -> list[dict]:
+    """One row per run from the same run of every repeat: the median of each of MEDIANS with its (min, max) as
+    `<key>_range`, the largest peak memory per rank, and the repeats' own rows under `repeats`."""
+    rows = []
+    for same in zip(*repeats):
+        row = {**same[0], "repeats": list(same),
+               "peak_gib_per_rank": [max(g) for g in zip(*(r["peak_gib_per_rank"] for r in same))]}
+        for key in MEDIANS:
+            values = [r[key] for r in same]
+            if None not in values:
+                row[key], row[f"{key}_range"] = statistics.median(values), (min(values), max(values))
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """`row[key]` in `fmt`, with its range when it has one from several repeats."""
+    lo, hi = row.get(f"{key}_range", (row[key], row[key]))
+    text = format(row[key], fmt)
+    return text if len(row.get("repeats", [])) < 2 else f"{text} ({format(lo, fmt)}-{format(hi, fmt)})"
+
+
 def table(results: list[dict]) -> str:
-    """The markdown table of `results` (each with its label, precision, nproc and pair ratio), then the targets."""
+    """The markdown table of `results` (each with its label, precision, nproc and pair ratio; with several repeats,
+    medians and ranges), then the targets."""
     head = ["trainer / method", "precision", "nproc", "step s (median)", "tokens/s", "tokens/step", "peak GiB/rank",
             "tokens/s x TRL pair"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["label"], r["precision"], str(r["nproc"]), f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
+        cells = [r["label"], r["precision"], str(r["nproc"]), _cell(r, "step_s", ".3f"), _cell(r, "tokens_per_s", ".0f"),
                  f"{r['tokens_per_step']:.0f}", "/".join(f"{g:.2f}" for g in r["peak_gib_per_rank"]),
-                 "-" if r["ratio"] is None else f"{r['ratio']:.2f}"]
+                 "-" if r["ratio"] is None else _cell(r, "ratio", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     by = {r["method"]: r for r in results}
     kd, okd, sgo = by.get("kd"), by.get("okd"), by.get("sgo")
@@ -218,8 +248,9 @@ def table(results: list[dict]) -> str:
     if sgo:
         checks.append(f"okd_scale sgo / TRL GKD lmbda=1 tokens/s = {sgo['ratio']:.2f} (target >= 1.2): "
                       f"{'PASS' if sgo['ratio'] >= 1.2 else 'FAIL'}")
-    if okd and kd:
-        ratio = okd["step_s"] / kd["step_s"]
+    if okd and kd:  # within each repeat, then the median
+        ratio = statistics.median(o["step_s"] / k["step_s"] for o, k in zip(okd.get("repeats", [okd]),
+                                                                            kd.get("repeats", [kd])))
         checks.append(f"okd_scale okd / kd step time = {ratio:.2f} (target <= 1.25): "
                       f"{'PASS' if ratio <= 1.25 else 'FAIL'}")
     return "\n".join(lines + [""] + checks)
@@ -239,6 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per sequence (TRL lmbda=1, sgo)")
     p.add_argument("--bf16", action="store_true", help="every run in bf16 (default: fp32)")
+    p.add_argument("--repeat", type=int, default=1, help="run the five N times: medians and ranges")
     p.add_argument("--teacher-config", default=DeepSpeedArgs().teacher_config,
                    help="okd_scale's deepspeed.teacher_config (default: okd_scale's, %(default)s)")
     p.add_argument("--out", help="run directory (default: a temporary one)")
@@ -248,7 +280,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
-    for flag in ("steps", "warmup", "nproc", "batch_size", "max_length", "new_tokens"):
+    for flag in ("steps", "warmup", "nproc", "batch_size", "max_length", "new_tokens", "repeat"):
         if getattr(args, flag) < (0 if flag == "warmup" else 1):
             p.error(f"--{flag.replace('_', '-')} must be a {'non-negative' if flag == 'warmup' else 'positive'} "
                     f"integer, got {getattr(args, flag)}")
@@ -267,17 +299,22 @@ def main(argv=None) -> int:
     args.divergence, args.sgo_new_tokens = "fkl", args.new_tokens
     extra = SAME_LOSS + (["train.profile_phases=false"] if has_config_key("train.profile_phases") else [])
     precision = "bf16" if args.bf16 else "fp32"
-    results = []
-    for name, label, pair in RUNS:
-        print(f"bench_peers: {label} ...", file=sys.stderr, flush=True)
-        r = run_trl(name, args, cfg, out) if name in TRL_LMBDA else run_method(name, args, out, extra)
-        paired = next((x for x in results if x["method"] == pair), None)
-        r.update(label=label, trainer="trl" if name in TRL_LMBDA else "okd_scale", precision=precision,
-                 nproc=args.nproc, pairs_with=pair,
-                 ratio=r["tokens_per_s"] / paired["tokens_per_s"] if paired else None)
-        results.append(r)
+    repeats = []
+    for k in range(args.repeat):
+        results, where = [], out / f"repeat{k + 1}" if args.repeat > 1 else out
+        for name, label, pair in RUNS:
+            print(f"bench_peers: {label}{f' (repeat {k + 1}/{args.repeat})' if args.repeat > 1 else ''} ...",
+                  file=sys.stderr, flush=True)
+            r = run_trl(name, args, cfg, where) if name in TRL_LMBDA else run_method(name, args, where, extra)
+            paired = next((x for x in results if x["method"] == pair), None)
+            r.update(label=label, trainer="trl" if name in TRL_LMBDA else "okd_scale", precision=precision,
+                     nproc=args.nproc, pairs_with=pair,
+                     ratio=r["tokens_per_s"] / paired["tokens_per_s"] if paired else None)
+            results.append(r)
+        repeats.append(results)
+    results = summarise(repeats)
     print(f"\n{args.nproc} processes, {args.batch_size} sequences/process of at most {args.max_length} tokens, "
-          f"{args.steps} measured steps after {args.warmup}, forward KL, {args.new_tokens} new tokens on sampling "
+          f"{args.steps} measured steps after {args.warmup}, {args.repeat} repeat(s), forward KL, {args.new_tokens} new tokens on sampling "
           f"runs, {precision}; device {results[0]['device']}\n")
     print(table(results))
     if args.json:
