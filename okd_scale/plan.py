@@ -33,7 +33,9 @@ Model states (ZeRO paper accounting, Adam), bytes per parameter:
     The teacher's frozen base has parameters only; grads and optimizer states are the online module's.
     ZeRO stage >= 1 divides optimizer states by N, >= 2 also gradients, 3 also parameters (partitions
     rounded up). Offload to CPU moves the partitioned ones to CPU memory: per node G partitions; offload
-    to NVMe moves the teacher's partitioned parameters to NVMe (its online module's states stay in CPU memory).
+    to NVMe moves the teacher's partitioned parameters to NVMe (its online module's states stay in CPU memory),
+    through pinned swap buffers in CPU memory: offload_param.buffer_count * buffer_size elements (DeepSpeed's
+    defaults 5 * 1e8) in the compute dtype per rank.
 Without an online module (kd, sgo) the teacher has no trainable parameters and keeps no activations.
 Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation", bf16):
     per block s*b*h*(34 + 5*a*s/h) bytes; --flash-attention drops the 5*a*s/h term (no stored a*s^2
@@ -45,8 +47,10 @@ Activations per micro-batch (Korthikanti et al. 2022, "Reducing Activation Recom
 Working sets:
     ZeRO-3 gathered parameters, for each ZeRO-3 engine, in the compute dtype: DeepSpeed keeps gathered parameters
     resident up to stage3_max_live_parameters (MAX_LIVE_PARAMETERS, its default 1e9) when they will be used again
-    soon (the backward after the forward, the next step's forward), so min(that, the engine's parameters), and at
-    least 2 (prefetch) * the largest layer (a block or the V*h embedding).
+    within stage3_max_reuse_distance (the backward after the forward, the next step's forward), so min(that, the
+    engine's parameters), and at least 2 (prefetch) * the largest layer (a block or the V*h embedding); with
+    stage3_max_reuse_distance 0 (teacher_zero3_nvme.json) a module's parameters are released after each use, so
+    the 2 largest layers.
     Teacher lm_head copy: V*h in the compute dtype (the trainer gathers it once per rank) when the
     teacher is ZeRO-3 and the student is not (the hidden-state loss path).
     Student under ZeRO-3 (the logits loss path): teacher and student logits at the response positions
@@ -131,12 +135,28 @@ class ModelShape:
         return text + (f" [{self.note}]" if self.note else "")
 
 
+MAX_REUSE_DISTANCE = 10 ** 9  # DeepSpeed's zero_optimization.stage3_max_reuse_distance default
+SWAP_BUFFER_NUMEL = 5 * 10 ** 8  # DeepSpeed's offload_param buffer_count (5) * buffer_size (1e8) defaults
+
+
 @dataclass
 class EngineSpec:
-    """How one DeepSpeed engine runs: ZeRO stage and offload target."""
+    """How one DeepSpeed engine runs: ZeRO stage, offload target, and the ZeRO-3 settings the plan reads."""
 
     zero: int
     offload: str = "none"  # "cpu" | "nvme" | "none"
+    max_reuse_distance: int = MAX_REUSE_DISTANCE  # zero_optimization.stage3_max_reuse_distance
+    swap_buffer_numel: int = SWAP_BUFFER_NUMEL  # offload_param buffer_count * buffer_size (NVMe swap buffers)
+
+
+def engine_spec(ds_config: dict) -> EngineSpec:
+    """The EngineSpec of a DeepSpeed config (its parameters' offload; DeepSpeed's defaults where a key is unset)."""
+    zero = ds_config.get("zero_optimization", {})
+    offload = zero.get("offload_param", {})
+    return EngineSpec(zero_stage(ds_config), offload_device(ds_config, "offload_param"),
+                      max_reuse_distance=int(float(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))),
+                      swap_buffer_numel=int(float(offload.get("buffer_count", 5))) * int(float(offload.get("buffer_size",
+                                                                                                        1e8))))
 
 
 @dataclass
@@ -354,10 +374,18 @@ def largest_layer(shape: ModelShape) -> int:
 MAX_LIVE_PARAMETERS = 10 ** 9  # DeepSpeed's zero_optimization.stage3_max_live_parameters default
 
 
-def gathered_params(shape: ModelShape) -> int:
+def gathered_params(shape: ModelShape, engine: EngineSpec = EngineSpec(3)) -> int:
     """Parameters a ZeRO-3 engine keeps gathered at its peak: up to stage3_max_live_parameters of the model, at
-    least two of its largest layers (the one in use and the one prefetched)."""
+    least two of its largest layers (the one in use and the one prefetched); only those two when
+    stage3_max_reuse_distance is 0 (nothing kept for reuse)."""
+    if engine.max_reuse_distance == 0:
+        return 2 * largest_layer(shape)
     return max(2 * largest_layer(shape), min(MAX_LIVE_PARAMETERS, shape.params))
+
+
+def _gathered_bound(engine: EngineSpec) -> str:
+    return ("2 largest layers: stage3_max_reuse_distance 0" if engine.max_reuse_distance == 0
+            else "up to stage3_max_live_parameters")
 
 
 def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reached: int,
@@ -372,6 +400,9 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
               "optimizer states": "teacher optimizer states (online module)"}
     for kind, it in t_states.items():
         items.append(Item(labels[kind], it.gpu, it.cpu_node, key=f"teacher {kind}"))
+    if cfg.teacher.offload == "nvme":
+        items.append(Item("teacher NVMe swap buffers (offload_param buffer_count x buffer_size, pinned)",
+                          cpu_node=cfg.teacher.swap_buffer_numel * db * c.gpus_per_node, key="teacher swap buffers"))
     ckpt = cfg.module.gradient_checkpointing and reached > 0
     below = reached < teacher.layers and not ckpt  # checkpointed: the recomputed block bounds the forward's too
     if not reached:
@@ -385,8 +416,8 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                                            flash=cfg.flash_attention, transient_block=below),
                       key="teacher activations"))
     if cfg.teacher.zero == 3:
-        items.append(Item("teacher ZeRO-3 gathered parameters (up to stage3_max_live_parameters)",
-                          gpu=gathered_params(teacher) * db, key="teacher gathered layers"))
+        items.append(Item("teacher ZeRO-3 gathered parameters (" + _gathered_bound(cfg.teacher) + ")",
+                          gpu=gathered_params(teacher, cfg.teacher) * db, key="teacher gathered layers"))
     hidden_path = cfg.student.zero < 3
     if cfg.teacher.zero == 3 and hidden_path:
         items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy"))
@@ -398,8 +429,8 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                                            checkpointing=cfg.activation_checkpointing, flash=cfg.flash_attention),
                       key="student activations"))
     if cfg.student.zero == 3:
-        items.append(Item("student ZeRO-3 gathered parameters (up to stage3_max_live_parameters)",
-                          gpu=gathered_params(student) * db, key="student gathered layers"))
+        items.append(Item("student ZeRO-3 gathered parameters (" + _gathered_bound(cfg.student) + ")",
+                          gpu=gathered_params(student, cfg.student) * db, key="student gathered layers"))
         items.append(Item("logits at response positions + grads (ZeRO-3 student)",
                           gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits"))
     vocab = max(teacher.vocab, student.vocab)
@@ -472,14 +503,14 @@ class Placement:
     what: str
 
 
-# in order of preference: the fastest that fits wins
+# in order of preference: the fastest that fits wins; each engine is engine_spec of its DeepSpeed config (a test checks)
 PLACEMENTS = (
     Placement("replica", EngineSpec(1), "ds_configs/teacher_replica.json",
               "a whole frozen replica per rank (only the online module's optimizer states partitioned)"),
     Placement("zero3", EngineSpec(3), "ds_configs/teacher_zero3.json", "ZeRO-3 partitioned over the devices"),
     Placement("zero3_offload_cpu", EngineSpec(3, "cpu"), "ds_configs/teacher_zero3_offload.json",
               "ZeRO-3 with its parameters offloaded to CPU memory"),
-    Placement("zero3_offload_nvme", EngineSpec(3, "nvme"), "ds_configs/teacher_zero3_nvme.json",
+    Placement("zero3_offload_nvme", EngineSpec(3, "nvme", max_reuse_distance=0), "ds_configs/teacher_zero3_nvme.json",
               "ZeRO-3 with its parameters offloaded to NVMe (deepspeed.nvme_path)"),
 )
 
@@ -720,9 +751,19 @@ def _online(method: str) -> bool:
     return METHODS[method].online
 
 
+def teacher_engine(zero: int, offload: str, given: Optional[EngineSpec] = None) -> EngineSpec:
+    """The teacher's EngineSpec for a ZeRO stage and offload: `given` (a run config's teacher DeepSpeed config) when
+    it has them, else the shipped placement's that has them, else DeepSpeed's defaults."""
+    for spec in ([given] if given else []) + [p.engine for p in PLACEMENTS]:
+        if (spec.zero, spec.offload) == (zero, offload):
+            return spec
+    return EngineSpec(zero, offload)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The Settings the flags give; the teacher's engine as given (ZeRO-3 and no offload by default)."""
-    teacher = EngineSpec(3 if args.teacher_zero is None else args.teacher_zero, args.teacher_offload or "none")
+    teacher = teacher_engine(3 if args.teacher_zero is None else args.teacher_zero, args.teacher_offload or "none",
+                             getattr(args, "teacher_engine", None))
     module = dataclasses.replace(args.online_module, **{key: getattr(args, dest) for dest, key in ONLINE_FLAGS.items()})
     return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
                     cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib),
@@ -765,9 +806,8 @@ def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
                **{k: getattr(s, k) for k in ("seq_len", "micro_batch", "grad_accum", "dtype", "chunk_size",
                                              "activation_checkpointing")})
     if ds.teacher_config != "auto":
-        teacher_ds = ds_config(ds.teacher_config)
-        out["teacher_zero"] = zero_stage(teacher_ds)
-        out["teacher_offload"] = offload_device(teacher_ds, "offload_param")
+        spec = engine_spec(ds_config(ds.teacher_config))
+        out.update(teacher_zero=spec.zero, teacher_offload=spec.offload, teacher_engine=spec)
     return out
 
 

@@ -435,3 +435,62 @@ def test_zero3_gathered_parameters_follow_max_live_parameters():
     cfg = plan.Settings(seq_len=128, micro_batch=1, teacher=plan.EngineSpec(3), dtype="fp32")
     got = plan.make_plan(small, small, cfg).item("teacher gathered layers").gpu
     assert got == small.params * 4
+
+
+def test_placements_engines_are_their_shipped_configs():
+    """Each placement's EngineSpec is what engine_spec reads from its shipped DeepSpeed config, so the plan of a
+    placement follows the file the trainer then runs."""
+    import json
+
+    from okd_scale import plan
+    from okd_scale.config import resolve_path
+
+    for p in plan.PLACEMENTS:
+        assert plan.engine_spec(json.loads(resolve_path(p.ds_config).read_text())) == p.engine, p.name
+
+
+def test_nvme_swap_buffers_and_no_reuse_gathered_parameters():
+    """NVMe offload adds DeepSpeed's pinned swap buffers (offload_param buffer_count x buffer_size elements per rank,
+    in the compute dtype) to host memory, and a ZeRO-3 engine with stage3_max_reuse_distance 0 keeps only two of
+    its largest layers gathered."""
+    from okd_scale import plan
+
+    teacher, student = plan.shape_from_count(int(7e9)), plan.shape_from_count(int(135e6))
+    nvme = next(p.engine for p in plan.PLACEMENTS if p.name == "zero3_offload_nvme")
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        cfg = plan.Settings(dtype=dtype, teacher=nvme, cluster=plan.Cluster(1, 4))
+        p = plan.make_plan(teacher, student, cfg)
+        assert p.item("teacher swap buffers").cpu_node == 5 * 10 ** 8 * size * 4
+        assert p.item("teacher gathered layers").gpu == 2 * plan.largest_layer(teacher) * size
+    own = plan.engine_spec({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "buffer_count": 3,
+                                                                               "buffer_size": 2e8}}})
+    assert (own.zero, own.offload, own.swap_buffer_numel, own.max_reuse_distance) == (3, "nvme", 6 * 10 ** 8,
+                                                                                      plan.MAX_REUSE_DISTANCE)
+    p = plan.make_plan(teacher, student, plan.Settings(dtype="fp32", teacher=own, cluster=plan.Cluster(1, 2)))
+    assert p.item("teacher swap buffers").cpu_node == 6 * 10 ** 8 * 4 * 2
+    assert p.item("teacher gathered layers").gpu == plan.gathered_params(teacher) * 4 == plan.MAX_LIVE_PARAMETERS * 4
+    no_nvme = plan.make_plan(teacher, student, plan.Settings(teacher=plan.EngineSpec(3, "cpu")))
+    assert all(i.key != "teacher swap buffers" for i in no_nvme.items)
+
+
+def test_a_run_configs_teacher_config_reaches_the_plan(tmp_path, pair):
+    """`okd plan --config` with an explicit teacher DeepSpeed config plans with that file's NVMe buffers and reuse
+    distance; the flags alone take the shipped NVMe config's."""
+    import json
+
+    from okd_scale import plan
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0,
+                                "offload_param": {"device": "nvme", "nvme_path": "auto", "buffer_count": 4,
+                                                  "buffer_size": 1e8}}}
+    (tmp_path / "t.json").write_text(json.dumps(ds))
+    parser = plan.build_parser()
+    parser.set_defaults(**plan.defaults_from_config(str(ROOT / "configs" / "demo.yaml"), [
+        f"model.teacher={pair / 'teacher'}", f"model.student={pair / 'student'}",
+        f"data.train_file={pair / 'train.jsonl'}", "data.eval_file=null",
+        f"deepspeed.teacher_config={tmp_path / 't.json'}", "deepspeed.nvme_path=/nvme"]))
+    engine = plan.settings_from_args(parser.parse_args([])).teacher
+    assert (engine.offload, engine.swap_buffer_numel, engine.max_reuse_distance) == ("nvme", 4 * 10 ** 8, 0)
+    flags = plan.settings_from_args(plan.build_parser().parse_args(["--teacher-params", "7e9", "--student-params",
+                                                                    "1e9", "--teacher-offload", "nvme"])).teacher
+    assert flags == next(p.engine for p in plan.PLACEMENTS if p.name == "zero3_offload_nvme")
