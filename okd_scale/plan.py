@@ -153,10 +153,10 @@ def engine_spec(ds_config: dict) -> EngineSpec:
     """The EngineSpec of a DeepSpeed config (its parameters' offload; DeepSpeed's defaults where a key is unset)."""
     zero = ds_config.get("zero_optimization", {})
     offload = zero.get("offload_param", {})
+    buffers = int(float(offload.get("buffer_count", 5))) * int(float(offload.get("buffer_size", 1e8)))
     return EngineSpec(zero_stage(ds_config), offload_device(ds_config, "offload_param"),
                       max_reuse_distance=int(float(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))),
-                      swap_buffer_numel=int(float(offload.get("buffer_count", 5))) * int(float(offload.get("buffer_size",
-                                                                                                        1e8))))
+                      swap_buffer_numel=buffers)
 
 
 @dataclass

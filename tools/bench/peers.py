@@ -235,7 +235,8 @@ def table(results: list[dict]) -> str:
             "tokens/s x TRL pair"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["label"], r["precision"], str(r["nproc"]), _cell(r, "step_s", ".3f"), _cell(r, "tokens_per_s", ".0f"),
+        cells = [r["label"], r["precision"], str(r["nproc"]), _cell(r, "step_s", ".3f"),
+                 _cell(r, "tokens_per_s", ".0f"),
                  f"{r['tokens_per_step']:.0f}", "/".join(f"{g:.2f}" for g in r["peak_gib_per_rank"]),
                  "-" if r["ratio"] is None else _cell(r, "ratio", ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -314,8 +315,8 @@ def main(argv=None) -> int:
         repeats.append(results)
     results = summarise(repeats)
     print(f"\n{args.nproc} processes, {args.batch_size} sequences/process of at most {args.max_length} tokens, "
-          f"{args.steps} measured steps after {args.warmup}, {args.repeat} repeat(s), forward KL, {args.new_tokens} new tokens on sampling "
-          f"runs, {precision}; device {results[0]['device']}\n")
+          f"{args.steps} measured steps after {args.warmup}, {args.repeat} repeat(s), forward KL, "
+          f"{args.new_tokens} new tokens on sampling runs, {precision}; device {results[0]['device']}\n")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
