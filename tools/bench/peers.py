@@ -257,6 +257,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [""] + checks)
 
 
+def run_all(args, cfg, out: Path, extra: list[str], precision: str, k: int) -> list[dict]:
+    """Repeat k's five runs in `out`, in RUNS' order: their rows, each with its label and pair ratio."""
+    results = []
+    for name, label, pair in RUNS:
+        print(f"bench_peers: {label}{f' (repeat {k + 1}/{args.repeat})' if args.repeat > 1 else ''} ...",
+              file=sys.stderr, flush=True)
+        r = run_trl(name, args, cfg, out) if name in TRL_LMBDA else run_method(name, args, out, extra)
+        paired = next((x for x in results if x["method"] == pair), None)
+        r.update(label=label, trainer="trl" if name in TRL_LMBDA else "okd_scale", precision=precision,
+                 nproc=args.nproc, pairs_with=pair,
+                 ratio=r["tokens_per_s"] / paired["tokens_per_s"] if paired else None)
+        results.append(r)
+    return results
+
+
 def main(argv=None) -> int:
     # heavy (torch): imported when the command runs, not when the module is imported
     from okd_scale.config import ConfigError, DeepSpeedArgs
@@ -300,19 +315,8 @@ def main(argv=None) -> int:
     args.divergence, args.sgo_new_tokens = "fkl", args.new_tokens
     extra = SAME_LOSS + (["train.profile_phases=false"] if has_config_key("train.profile_phases") else [])
     precision = "bf16" if args.bf16 else "fp32"
-    repeats = []
-    for k in range(args.repeat):
-        results, where = [], out / f"repeat{k + 1}" if args.repeat > 1 else out
-        for name, label, pair in RUNS:
-            print(f"bench_peers: {label}{f' (repeat {k + 1}/{args.repeat})' if args.repeat > 1 else ''} ...",
-                  file=sys.stderr, flush=True)
-            r = run_trl(name, args, cfg, where) if name in TRL_LMBDA else run_method(name, args, where, extra)
-            paired = next((x for x in results if x["method"] == pair), None)
-            r.update(label=label, trainer="trl" if name in TRL_LMBDA else "okd_scale", precision=precision,
-                     nproc=args.nproc, pairs_with=pair,
-                     ratio=r["tokens_per_s"] / paired["tokens_per_s"] if paired else None)
-            results.append(r)
-        repeats.append(results)
+    repeats = [run_all(args, cfg, out / f"repeat{k + 1}" if args.repeat > 1 else out, extra, precision, k)
+               for k in range(args.repeat)]
     results = summarise(repeats)
     print(f"\n{args.nproc} processes, {args.batch_size} sequences/process of at most {args.max_length} tokens, "
           f"{args.steps} measured steps after {args.warmup}, {args.repeat} repeat(s), forward KL, "
