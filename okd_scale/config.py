@@ -20,6 +20,8 @@ _ALIASES = {"lambda": "lmbda"}  # YAML keys that are Python keywords
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_TARGETS = ["q_proj", "v_proj"]  # the paper's online LoRA: attention query and value
+MAX_MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's largest M_MMAP_THRESHOLD on 64-bit hosts
+OFFLOAD_MMAP_THRESHOLD = 65536  # train.malloc_mmap_threshold's null when a model's parameters are offloaded
 
 
 def first_line(e: BaseException) -> str:
@@ -86,6 +88,12 @@ class TrainArgs:
     max_bad_steps: int = arg(10, "stop after more than N consecutive steps skipped for non-finite losses or "
                                  "gradients")
     ddp_timeout: int = arg(1800, "seconds a rank waits for the others before the one that died or hangs is named")
+    malloc_mmap_threshold: Optional[int] = arg(None, "host allocations of at least this many bytes are mapped on "
+                                                     "their own and given back to the system when freed (glibc's "
+                                                     "M_MMAP_THRESHOLD, up to 33554432): less resident host memory, "
+                                                     "some step time on a CPU; null: 65536 when a model's parameters "
+                                                     "are offloaded (ZeRO-3 to CPU or NVMe), else glibc's own; 0: "
+                                                     "glibc's own, which keeps freed blocks for reuse")
 
 
 @dataclass
@@ -464,6 +472,9 @@ def _check_ranges(cfg: RunConfig, origin: str) -> None:
                    ("train.eval_every", t.eval_every), ("data.eval_rouge_examples", cfg.data.eval_rouge_examples)]:
         check(v >= 0, origin, key, "an integer >= 0", v)
     check(t.ddp_timeout >= 1, origin, "train.ddp_timeout", "an integer >= 1 (seconds)", t.ddp_timeout)
+    check(t.malloc_mmap_threshold is None or 0 <= t.malloc_mmap_threshold <= MAX_MMAP_THRESHOLD, origin,
+          "train.malloc_mmap_threshold", f"null or an integer in [0, {MAX_MMAP_THRESHOLD}] (bytes)",
+          t.malloc_mmap_threshold)
     if t.keep_best:
         check(bool(cfg.data.eval_file), origin, "data.eval_file", "a validation file when train.keep_best is true",
               cfg.data.eval_file)

@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import models, plan
-from .config import ConfigError, RunConfig, offload_device, online_learning_rate, resolve_path, zero_stage
+from .config import (OFFLOAD_MMAP_THRESHOLD, ConfigError, RunConfig, offload_device, online_learning_rate, resolve_path,
+                     zero_stage)
 from .methods import method_of
 
 log = logging.getLogger("okd_scale")
@@ -233,6 +234,16 @@ def ds_configs_for(cfg: RunConfig, world_size: int) -> tuple[Optional[dict], dic
                                   with_optimizer=method_of(cfg).online, origin_key="deepspeed.teacher_config",
                                   **common)
     return teacher, student
+
+
+def malloc_mmap_threshold(cfg: RunConfig, *ds_configs: Optional[dict]) -> int:
+    """train.malloc_mmap_threshold with its null resolved: OFFLOAD_MMAP_THRESHOLD when one of the engines' DeepSpeed
+    configs offloads parameters (host memory then holds the models' partitions and swap buffers), else 0 (glibc's
+    own threshold)."""
+    if cfg.train.malloc_mmap_threshold is not None:
+        return cfg.train.malloc_mmap_threshold
+    offloaded = any(c is not None and offload_device(c, "offload_param") != "none" for c in ds_configs)
+    return OFFLOAD_MMAP_THRESHOLD if offloaded else 0
 
 
 def vocab_shard_group(shards: int, rank: int, world: int):

@@ -1,6 +1,7 @@
 """The process: joining and leaving the process group, exiting with a status, and sums over ranks."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import socket
@@ -12,6 +13,20 @@ import torch
 
 from .config import ConfigError, first_line
 from .watchdog import RESUME_HINT, RankFailure
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def set_malloc_mmap_threshold(nbytes: int) -> bool:
+    """From now on, host allocations of at least `nbytes` are mapped on their own and unmapped when freed (glibc's
+    mallopt M_MMAP_THRESHOLD, which also stops glibc raising the threshold as blocks are freed). False where the
+    C library has no such setting."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
 
 
 def free_port() -> int:

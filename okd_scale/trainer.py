@@ -73,6 +73,11 @@ def build(cfg: RunConfig, rank: int, world: int):
     data.check_one_batch(len(examples), world, t.per_device_train_batch_size, cfg.data.train_file,
                          "train.per_device_train_batch_size")  # before seqkd generates for them
     ds_teacher, ds_student = engines.ds_configs_for(cfg, world)
+    threshold = engines.malloc_mmap_threshold(cfg, ds_teacher, ds_student)
+    if threshold:  # before the models: their freed host blocks go back to the system
+        applied = process.set_malloc_mmap_threshold(threshold)
+        log.info("host allocations of %d bytes or more mapped on their own%s", threshold,
+                 "" if applied else ": not applied, this C library has no mallopt M_MMAP_THRESHOLD")
     if method.teacher_data:
         frozen = lambda: engines.teacher_engine(cfg, ds_teacher, tokenizer, online=False)  # noqa: E731
         with REQUEST.deferred():  # a stop ends generation after its batch, the responses so far kept

@@ -81,6 +81,8 @@ def test_valid_config_and_overrides(tmp_path, assets):
     (lambda c: None, ["online.learning_rate=half"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
     (lambda c: None, ["online.learning_rate=-1e-4"], '"online.learning_rate" must be a number >= 0, or ratio:R'),
     (lambda c: None, ["online.warmup_steps=-1"], '"online.warmup_steps" must be null or an integer >= 0'),
+    (lambda c: None, ["train.malloc_mmap_threshold=67108864"],
+     '"train.malloc_mmap_threshold" must be null or an integer in [0, 33554432] (bytes), got 67108864'),
 ])
 def test_bad_config_names_the_key(tmp_path, assets, mutate, overrides, message):
     cfg = base(assets)

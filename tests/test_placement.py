@@ -156,6 +156,55 @@ def test_nvme_offload_needs_a_path():
         "zero_optimization"]["stage"] == 0
 
 
+FREE_HALF = """
+import ctypes, sys
+from okd_scale import process
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+MIB = 2 ** 20
+anon = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon"))
+if sys.argv[1] != "0":
+    assert process.set_malloc_mmap_threshold(int(sys.argv[1]))
+big = libc.malloc(30 * MIB)
+libc.memset(big, 1, 30 * MIB)
+libc.free(big)  # glibc raises its own threshold to the largest mapped block freed: 1 MiB blocks now come from the heap
+before = anon()
+blocks = [libc.malloc(MIB) for _ in range(200)]
+for b in blocks:
+    libc.memset(b, 1, MIB)
+for b in blocks[::2]:  # holes between live blocks: no free top of the heap to give back
+    libc.free(b)
+print((anon() - before) / MIB)
+"""
+
+
+def test_an_offloaded_run_gives_freed_host_memory_back(tmp_path, pair):
+    """train.malloc_mmap_threshold: null is 65536 when a model's parameters are offloaded to CPU or NVMe, else glibc's
+    own (0); with it set, 100 of 200 1 MiB host blocks freed between live ones leave the process (glibc's own keeps
+    them resident)."""
+    from okd_scale.configure import load_config
+    from okd_scale.engines import ds_configs_for, malloc_mmap_threshold
+
+    def threshold(teacher_config: str, *more: str) -> int:
+        cfg = load_config(write_config(tmp_path / "run.yaml", pair, "okd"),
+                          [f"deepspeed.teacher_config={teacher_config}", "deepspeed.nvme_path=/local_nvme", *more])
+        return malloc_mmap_threshold(cfg, *ds_configs_for(cfg, world_size=1))
+
+    assert threshold(OFFLOAD) == threshold("ds_configs/teacher_zero3_nvme.json") == 65536
+    assert threshold("ds_configs/teacher_zero3.json") == threshold("ds_configs/teacher_replica.json") == 0
+    assert threshold(OFFLOAD, "train.malloc_mmap_threshold=0") == 0
+    assert threshold("ds_configs/teacher_zero3.json", "train.malloc_mmap_threshold=1048576") == 1048576
+    kept = {}
+    for setting in (0, 65536):
+        proc = subprocess.run([sys.executable, "-c", FREE_HALF, str(setting)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        kept[setting] = float(proc.stdout.split()[-1])
+    assert kept[0] > 190 and 90 < kept[65536] < 110, kept
+
+
 # the paper's OKD (its module on every block, at the student's rate); with checkpointed teacher blocks too
 PAPER = {"okd": ["online.num_blocks=null", "online.learning_rate=ratio:1", "loss.kd_ratio=1"], "kd": []}
 CHECKPOINTED = ["online.gradient_checkpointing=true"]

@@ -251,7 +251,7 @@ def parse_args(argv):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tolerance", type=float, default=0.15)
     p.add_argument("--config", default=str(bench.ROOT / "configs" / "demo.yaml"))
-    p.add_argument("--out", help="run directory (default: a temporary one)")
+    p.add_argument("--out", help="run directory, kept (default: a temporary one, removed at the end)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("overrides", nargs="*", help="more key=value for every run")
     args = p.parse_args(argv)
@@ -283,13 +283,14 @@ def main(argv=None) -> int:
     index = json.loads((root / name / "model.safetensors.index.json").read_text())
     teacher_bytes = index["metadata"]["total_size"]
     rate = disk_read_rate(root / name / sorted(set(index["weight_map"].values()))[0])
-    out = Path(args.out or tempfile.mkdtemp(prefix="big_teacher_"))
     rows = []
-    for placement in args.placements.split(","):
-        for method in args.methods.split(","):
-            print(f"big_teacher: {method} / {placement} ...", file=sys.stderr, flush=True)
-            rows.append(measure(args, method, placement, out))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="big_teacher_") as scratch:  # the runs' outputs, unless --out keeps them
+        out = Path(args.out or scratch)
+        for placement in args.placements.split(","):
+            for method in args.methods.split(","):
+                print(f"big_teacher: {method} / {placement} ...", file=sys.stderr, flush=True)
+                rows.append(measure(args, method, placement, out))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\nteacher {name}: {teacher_bytes / GIB:.2f} GiB of weights; {args.nproc} processes x {args.batch_size} "
           f"sequences of {args.max_length} tokens, {args.steps} steps, {'bf16' if args.bf16 else 'fp32'}; "
           f"disk read rate {rate / 2**20:.0f} MiB/s (O_DIRECT); {os.cpu_count()} cores\n")
