@@ -203,7 +203,8 @@ def teacher_placement(cfg: RunConfig, student_ds: dict) -> plan.PlacementChoice:
     stored = models.weight_bytes(cfg.model.teacher, t.bf16)  # what the safetensors headers hold, when they can be read
     if stored is not None:
         teacher = dataclasses.replace(teacher, params=stored // (2 if t.bf16 else 4))
-    cluster = plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB)
+    cluster = plan.Cluster(nodes, per_node, budget.device_bytes / plan.GIB, budget.host_bytes / plan.GIB,
+                           device_is_host=budget.device_is_host)
     settings = plan.run_settings(cfg, student_ds, cluster, flash_attention=get_accelerator().device_name() != "cpu")
     try:
         return plan.teacher_placement(teacher, shape(cfg.model.student), settings, budget)

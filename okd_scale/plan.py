@@ -59,6 +59,17 @@ Working sets:
     Loss: LOSS_CHUNK_BUFFERS = 6 float32 [chunk, V] buffers (chunk = min(--chunk-size, s*b); the two
     models' logits, their log-softmaxes, the elementwise term and its gradient), plus on the
     hidden-state path the float32 V*h gradient accumulator of the student's lm_head.
+    Gradient buckets of a ZeRO-1/2 engine with trainable parameters (contiguous_gradients, DeepSpeed's default):
+    reduce_bucket_size elements, twice with overlap_comm, in the compute dtype (ZeRO-1: float32, the shipped
+    grad_accum_dtype), allocated for its backward; on the CPU accelerator (--accelerator cpu) only the pages its
+    gradients fill are resident: min(that, its trainable parameters).
+Phases: the items live at once are those of one phase of the step, and a total is the largest phase's sum:
+    teacher forward   model states, swap buffers, teacher activations, the teacher's gathered layers;
+    student backward  model states, swap buffers, teacher activations, the student's forward, loss and backward
+                      (activations, gathered layers, logits, loss buffers, the teacher lm_head copy, the
+                      student's gradient buckets);
+    online backward   model states, swap buffers, teacher activations, the teacher's gathered layers and
+                      gradient buckets.
 Step-time floor, per optimizer step, T = s*b*grad_accum*N tokens (N_student, N_teacher, N_block:
 parameter counts of the student, the teacher and one teacher block):
     FLOPs = 6*N_student*T (student forward + backward) + 2*N_teacher*T (teacher forward)
@@ -136,6 +147,7 @@ class ModelShape:
 
 
 MAX_REUSE_DISTANCE = 10 ** 9  # DeepSpeed's zero_optimization.stage3_max_reuse_distance default
+REDUCE_BUCKET_SIZE = 5 * 10 ** 8  # DeepSpeed's zero_optimization.reduce_bucket_size default
 SWAP_BUFFER_NUMEL = 5 * 10 ** 8  # DeepSpeed's offload_param buffer_count (5) * buffer_size (1e8) defaults
 
 
@@ -147,6 +159,15 @@ class EngineSpec:
     offload: str = "none"  # "cpu" | "nvme" | "none"
     max_reuse_distance: int = MAX_REUSE_DISTANCE  # zero_optimization.stage3_max_reuse_distance
     swap_buffer_numel: int = SWAP_BUFFER_NUMEL  # offload_param buffer_count * buffer_size (NVMe swap buffers)
+    bucket_numel: Optional[int] = None  # ZeRO-1/2 gradient buckets: reduce_bucket_size (x2 with overlap_comm),
+    # 0 without contiguous_gradients; None: DeepSpeed's defaults for the stage (REDUCE_BUCKET_SIZE; ZeRO-3: 0)
+
+    @property
+    def grad_buckets(self) -> int:
+        """Elements of the engine's gradient reduction buckets."""
+        if self.bucket_numel is not None:
+            return self.bucket_numel
+        return REDUCE_BUCKET_SIZE if self.zero in (1, 2) else 0
 
 
 def engine_spec(ds_config: dict) -> EngineSpec:
@@ -154,9 +175,14 @@ def engine_spec(ds_config: dict) -> EngineSpec:
     zero = ds_config.get("zero_optimization", {})
     offload = zero.get("offload_param", {})
     buffers = int(float(offload.get("buffer_count", 5))) * int(float(offload.get("buffer_size", 1e8)))
-    return EngineSpec(zero_stage(ds_config), offload_device(ds_config, "offload_param"),
+    stage = zero_stage(ds_config)
+    buckets = None
+    if stage in (1, 2) and any(k in zero for k in ("reduce_bucket_size", "overlap_comm", "contiguous_gradients")):
+        buckets = (int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET_SIZE))) * (2 if zero.get("overlap_comm")
+                   else 1) if zero.get("contiguous_gradients", True) else 0)
+    return EngineSpec(stage, offload_device(ds_config, "offload_param"),
                       max_reuse_distance=int(float(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))),
-                      swap_buffer_numel=buffers)
+                      swap_buffer_numel=buffers, bucket_numel=buckets)
 
 
 @dataclass
@@ -167,6 +193,7 @@ class Cluster:
     gpus_per_node: int = 8
     gpu_mem_gib: float = 80.0
     cpu_mem_gib: float = 512.0
+    device_is_host: bool = False  # DeepSpeed's CPU accelerator: only the pages a rank writes are resident
 
     @property
     def gpus(self) -> int:
@@ -193,14 +220,18 @@ class Settings:
     chunk_size: int = 1024
 
 
+PHASES = ("teacher forward", "student backward", "online backward")  # of one step, in order
+
+
 @dataclass
 class Item:
-    """One memory item: bytes on each GPU and bytes of CPU memory on each node."""
+    """One memory item: bytes on each GPU and bytes of CPU memory on each node, and the phases it is live in."""
 
     name: str
     gpu: int = 0
     cpu_node: int = 0
     key: str = ""  # a stable name to look the item up by (Plan.item); defaults to `name`
+    phases: tuple[str, ...] = PHASES
 
     def __post_init__(self):
         self.key = self.key or self.name
@@ -218,13 +249,21 @@ class Plan:
     flops_per_step: float
     step_time_s: float
 
+    def phase_totals(self, where: str) -> dict[str, int]:
+        """Each phase's sum of the items live in it, on "gpu" (per GPU) or "cpu_node" (per node)."""
+        return {ph: sum(getattr(i, where) for i in self.items if ph in i.phases) for ph in PHASES}
+
+    def peak_phase(self, where: str) -> str:
+        totals = self.phase_totals(where)
+        return max(PHASES, key=totals.__getitem__)
+
     @property
     def gpu_total(self) -> int:
-        return sum(i.gpu for i in self.items)
+        return max(self.phase_totals("gpu").values())
 
     @property
     def cpu_node_total(self) -> int:
-        return sum(i.cpu_node for i in self.items)
+        return max(self.phase_totals("cpu_node").values())
 
     @property
     def gpu_fits(self) -> bool:
@@ -390,8 +429,9 @@ def _gathered_bound(engine: EngineSpec) -> str:
 
 def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reached: int,
                  n_online: int) -> list[Item]:
-    """Per-GPU and per-node CPU bytes of every item, teacher first."""
+    """Per-GPU and per-node CPU bytes of every item, teacher first, with the phases each is live in."""
     c, dt, db = cfg.cluster, cfg.dtype, DTYPE_BYTES[cfg.dtype]
+    forward, student_bwd, online_bwd = PHASES
     s, b = cfg.seq_len, cfg.micro_batch
     items = []
     t_states = model_states(teacher.params + n_online, n_online, dt, cfg.teacher, c)
@@ -417,29 +457,50 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                       key="teacher activations"))
     if cfg.teacher.zero == 3:
         items.append(Item("teacher ZeRO-3 gathered parameters (" + _gathered_bound(cfg.teacher) + ")",
-                          gpu=gathered_params(teacher, cfg.teacher) * db, key="teacher gathered layers"))
+                          gpu=gathered_params(teacher, cfg.teacher) * db, key="teacher gathered layers",
+                          phases=(forward, online_bwd)))
+    if n_online:
+        items += _buckets("teacher", cfg.teacher, n_online, dt, c, (online_bwd,))
     hidden_path = cfg.student.zero < 3
     if cfg.teacher.zero == 3 and hidden_path:
-        items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy"))
+        items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy",
+                          phases=(student_bwd,)))
     for kind, it in model_states(student.params, student.params, dt, cfg.student, c).items():
         items.append(Item(f"student {kind}", it.gpu, it.cpu_node))
+    items += _buckets("student", cfg.student, student.params, dt, c, (student_bwd,))
     ckpt = " (checkpointed)" if cfg.activation_checkpointing else ""
     items.append(Item(f"student activations{ckpt}",
                       gpu=activation_bytes(student, s, b, dt, kept_blocks=student.layers,
                                            checkpointing=cfg.activation_checkpointing, flash=cfg.flash_attention),
-                      key="student activations"))
+                      key="student activations", phases=(student_bwd,)))
     if cfg.student.zero == 3:
         items.append(Item("student ZeRO-3 gathered parameters (" + _gathered_bound(cfg.student) + ")",
-                          gpu=gathered_params(student, cfg.student) * db, key="student gathered layers"))
+                          gpu=gathered_params(student, cfg.student) * db, key="student gathered layers",
+                          phases=(student_bwd,)))
         items.append(Item("logits at response positions + grads (ZeRO-3 student)",
-                          gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits"))
+                          gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits",
+                          phases=(student_bwd,)))
     vocab = max(teacher.vocab, student.vocab)
     loss = LOSS_CHUNK_BUFFERS * min(cfg.chunk_size, s * b) * vocab * 4
     if hidden_path:
         loss += student.vocab * student.hidden * 4
     items.append(Item("loss buffers (logit chunks" + (" + fp32 lm_head grad)" if hidden_path else ")"), gpu=loss,
-                      key="loss buffers"))
+                      key="loss buffers", phases=(student_bwd,)))
     return items
+
+
+def _buckets(model: str, engine: EngineSpec, trainable: int, dtype: str, cluster: Cluster,
+             phases: tuple[str, ...]) -> list[Item]:
+    """A ZeRO-1/2 engine's gradient buckets during its backward: [] when it has none."""
+    numel = engine.grad_buckets if engine.zero in (1, 2) else 0
+    if cluster.device_is_host:
+        numel = min(numel, trainable)
+    if not numel:
+        return []
+    name = f"{model} gradient buckets (ZeRO-{engine.zero} reduce_bucket_size" + (
+        ", the pages its gradients fill)" if cluster.device_is_host else ")")
+    return [Item(name, gpu=numel * (4 if engine.zero == 1 else DTYPE_BYTES[dtype]), key=f"{model} gradient buckets",
+                 phases=phases)]
 
 
 # --------------------------------------------------------------------------- step time
@@ -638,16 +699,19 @@ def render(plan: Plan) -> str:
         f"- student: {plan.student.describe()}; {_engine(cfg.student)}",
         f"- {run}",
         "",
-        "| item | per GPU | CPU per node |",
-        "|---|---:|---:|",
+        "| item | per GPU | CPU per node | live during |",
+        "|---|---:|---:|---|",
     ]
     for it in plan.items:
-        lines.append(f"| {it.name} | {fmt_bytes(it.gpu)} | {fmt_bytes(it.cpu_node)} |")
-    lines.append(f"| **total** | **{fmt_bytes(plan.gpu_total)}** | **{fmt_bytes(plan.cpu_node_total)}** |")
+        live = "the whole step" if it.phases == PHASES else ", ".join(it.phases)
+        lines.append(f"| {it.name} | {fmt_bytes(it.gpu)} | {fmt_bytes(it.cpu_node)} | {live} |")
+    lines.append(f"| **total** (the largest phase) | **{fmt_bytes(plan.gpu_total)}** | "
+                 f"**{fmt_bytes(plan.cpu_node_total)}** | {plan.peak_phase('gpu')} |")
     lines += [
         "",
-        "- the totals are what the run allocates; the rank that loads a checkpoint also maps its safetensors files, "
-        "whose resident pages are page cache the kernel drops under pressure (not counted)",
+        "- a phase's items are live at once; the totals are the largest phase's, what the run allocates; the rank "
+        "that loads a checkpoint also maps its safetensors files, whose resident pages are page cache the kernel "
+        "drops under pressure (not counted)",
         "- " + _verdict(plan.gpu_total, c.gpu_mem_gib, [(i.name, i.gpu) for i in plan.items], "GPU per GPU"),
         "- " + _verdict(plan.cpu_node_total, c.cpu_mem_gib, [(i.name, i.cpu_node) for i in plan.items],
                         "CPU per node"),
@@ -721,6 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--cpu-mem-gib", type=POS_FLOAT, default=512.0, help="CPU memory per node")
     k.add_argument("--peak-tflops", type=POS_FLOAT, default=989.0, help="peak per GPU (989: H100 bf16 dense)")
     k.add_argument("--mfu", type=FRACTION, default=1.0, help="assumed utilisation in (0, 1]; 1 gives the floor")
+    k.add_argument("--accelerator", default="cuda", help="DeepSpeed's accelerator name; cpu: the devices are the "
+                   "nodes' host memory, where only the pages a rank writes are resident")
     z = p.add_argument_group("DeepSpeed")
     z.add_argument("--teacher-zero", type=int, choices=(0, 1, 2, 3),
                    help="teacher ZeRO stage (default: chosen with the offload, as deepspeed.teacher_config: auto does)")
@@ -754,10 +820,20 @@ def _online(method: str) -> bool:
 def teacher_engine(zero: int, offload: str, given: Optional[EngineSpec] = None) -> EngineSpec:
     """The teacher's EngineSpec for a ZeRO stage and offload: `given` (a run config's teacher DeepSpeed config) when
     it has them, else the shipped placement's that has them, else DeepSpeed's defaults."""
-    for spec in ([given] if given else []) + [p.engine for p in PLACEMENTS]:
-        if (spec.zero, spec.offload) == (zero, offload):
-            return spec
-    return EngineSpec(zero, offload)
+    return _matching(zero, offload, ([given] if given else []) + [p.engine for p in PLACEMENTS])
+
+
+def student_engine(zero: int, offload: str, given: Optional[EngineSpec] = None) -> EngineSpec:
+    """The student's EngineSpec: `given` (a run config's student DeepSpeed config) when it has this stage and
+    offload, else the shipped ds_configs/student_zero<stage>.json's buckets, else DeepSpeed's defaults."""
+    shipped = resolve_path(f"ds_configs/student_zero{zero}.json")
+    specs = ([given] if given else []) + ([dataclasses.replace(engine_spec(json.loads(shipped.read_text())),
+                                                               offload=offload)] if shipped.exists() else [])
+    return _matching(zero, offload, specs)
+
+
+def _matching(zero: int, offload: str, specs: list[EngineSpec]) -> EngineSpec:
+    return next((spec for spec in specs if (spec.zero, spec.offload) == (zero, offload)), EngineSpec(zero, offload))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -766,9 +842,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                              getattr(args, "teacher_engine", None))
     module = dataclasses.replace(args.online_module, **{key: getattr(args, dest) for dest, key in ONLINE_FLAGS.items()})
     return Settings(seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
-                    cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib),
+                    cluster=Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.cpu_mem_gib,
+                                    device_is_host=args.accelerator == "cpu"),
                     teacher=teacher, online=_online(args.method),
-                    student=EngineSpec(args.student_zero, args.student_offload), module=module, dtype=args.dtype,
+                    student=student_engine(args.student_zero, args.student_offload,
+                                           getattr(args, "student_engine", None)), module=module, dtype=args.dtype,
                     peak_tflops=args.peak_tflops, mfu=args.mfu, activation_checkpointing=args.activation_checkpointing,
                     flash_attention=args.flash_attention, chunk_size=args.chunk_size)
 
@@ -781,7 +859,7 @@ def run_settings(cfg: RunConfig, student_ds: dict, cluster: Cluster, flash_atten
     return Settings(
         seq_len=cfg.data.max_length, micro_batch=t.per_device_train_batch_size,
         grad_accum=t.gradient_accumulation_steps, dtype="bf16" if t.bf16 else "fp32", cluster=cluster,
-        student=EngineSpec(zero_stage(student_ds), "cpu" if offload == "cpu" else "none"),
+        student=dataclasses.replace(engine_spec(student_ds), offload="cpu" if offload == "cpu" else "none"),
         online=method_of(cfg).online, module=cfg.online,
         activation_checkpointing=t.gradient_checkpointing, chunk_size=cfg.loss.chunk_size,
         flash_attention=flash_attention)
@@ -801,7 +879,7 @@ def defaults_from_config(path: str, overrides: Sequence[str]) -> dict:
 
     s = run_settings(cfg, ds_config(ds.student_config), Cluster(), flash_attention=False)
     out = dict(teacher=cfg.model.teacher, student=cfg.model.student, method=cfg.method, nvme_path=ds.nvme_path,
-               student_zero=s.student.zero, student_offload=s.student.offload,
+               student_zero=s.student.zero, student_offload=s.student.offload, student_engine=s.student,
                online_module=s.module, **{dest: getattr(s.module, key) for dest, key in ONLINE_FLAGS.items()},
                **{k: getattr(s, k) for k in ("seq_len", "micro_batch", "grad_accum", "dtype", "chunk_size",
                                              "activation_checkpointing")})
@@ -825,7 +903,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = settings_from_args(args)
     try:
         if args.teacher_zero is None and args.teacher_offload is None:
-            budget = Budget(int(args.gpu_mem_gib * GIB), int(args.cpu_mem_gib * GIB), nvme_path=args.nvme_path)
+            budget = Budget(int(args.gpu_mem_gib * GIB), int(args.cpu_mem_gib * GIB),
+                            device_is_host=args.accelerator == "cpu", nvme_path=args.nvme_path)
             try:
                 choice = teacher_placement(teacher, student, settings, budget)
                 plan, placement = choice.plan, f"- {choice.summary()}"

@@ -336,7 +336,7 @@ def test_cli_prints_a_table_and_a_verdict(capsys):
     res = _cli(*common)
     assert res.returncode == 0, res.stderr
     assert "| item | per GPU | CPU per node |" in res.stdout
-    assert "| **total** |" in res.stdout
+    assert "| **total** (the largest phase) |" in res.stdout
     assert "overall: FITS" in res.stdout
     assert plan.main([*common, "--gpu-mem-gib", "8"]) == 0
     small = capsys.readouterr().out
@@ -494,3 +494,69 @@ def test_a_run_configs_teacher_config_reaches_the_plan(tmp_path, pair):
     flags = plan.settings_from_args(plan.build_parser().parse_args(["--teacher-params", "7e9", "--student-params",
                                                                     "1e9", "--teacher-offload", "nvme"])).teacher
     assert flags == next(p.engine for p in plan.PLACEMENTS if p.name == "zero3_offload_nvme")
+
+
+def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair):
+    """A ZeRO-1/2 engine's gradient buckets in the plan are the buffers its real optimizer allocates for a
+    backward (the shipped student_zero2.json: two of reduce_bucket_size with overlap_comm), and engine_spec reads
+    any zero_optimization as DeepSpeed's own config does (its defaults where a key is unset)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from okd_scale.configure import load_config
+    from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
+    from okd_scale.process import init_distributed
+    from okd_scale.scorers import make_scorer
+    from okd_scale.trainer import build
+
+    for zero in ({"stage": 2}, {"stage": 1}, {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 3e7},
+                 {"stage": 1, "reduce_bucket_size": 2e6}, {"stage": 2, "contiguous_gradients": False}):
+        ds = DeepSpeedZeroConfig(**zero)
+        expected = ds.reduce_bucket_size * (2 if ds.overlap_comm else 1) if ds.contiguous_gradients else 0
+        assert plan.engine_spec({"zero_optimization": zero}).grad_buckets == expected, zero
+    assert plan.engine_spec({"zero_optimization": {"stage": 3}}).grad_buckets == 0
+
+    cfg = load_config(tiny.write_config(tmp_path / "cfg.yaml", pair, "kd"), ["train.per_device_train_batch_size=2"])
+    init_distributed()
+    tokenizer, loader, _, teacher, student = build(cfg, 0, 1)
+    optimizer, allocated = student.optimizer, []
+    setup = optimizer.setup_buckets
+
+    def record():  # the buffers setup_buckets allocates for a backward (it is called again for every gradient)
+        fresh = not optimizer.ready_for_gradients
+        setup()
+        if fresh:
+            allocated.append([b.numel() for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer])
+
+    optimizer.setup_buckets = record
+    batch = next(iter(loader))
+    ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
+                      num_tokens=loss_normaliser(float(targets(batch)[1].sum()), 1, 1), vocab_size=len(tokenizer),
+                      scorer=make_scorer(cfg, teacher, student, len(tokenizer), 0, 1))
+    kd_step(batch, ctx)
+    student_ds = json.loads((ROOT / "okd_scale" / "ds_configs" / "student_zero2.json").read_text())
+    spec = plan.student_engine(2, "none")
+    assert spec == dataclasses.replace(plan.engine_spec(student_ds), offload="none")
+    assert allocated == [[5 * 10 ** 8, 5 * 10 ** 8]] and spec.grad_buckets == sum(allocated[0])
+    trainable = sum(p.numel() for p in student.module.parameters() if p.requires_grad)
+    for host, numel in ((False, spec.grad_buckets), (True, trainable)):  # on the host: the pages its gradients fill
+        settings = plan.Settings(dtype="fp32", student=spec, cluster=plan.Cluster(1, 1, device_is_host=host))
+        p = plan.make_plan(plan.read_shape(pair / "teacher"), plan.read_shape(pair / "student"), settings)
+        assert p.item("student gradient buckets").gpu == numel * 4
+
+
+def test_totals_are_the_largest_phase():
+    """Items live in different phases of the step are not summed: a frozen teacher's gathered layers (its forward)
+    and the student's activations, loss buffers and gradient buckets (its backward) never meet, and the total is the
+    larger phase's sum; the online module's backward gathers the teacher's layers again, beside its activations."""
+    teacher, student = plan.shape_from_count(int(7e9)), plan.shape_from_count(int(1e9))
+    for online in (False, True):
+        p = plan.make_plan(teacher, student, plan.Settings(teacher=plan.EngineSpec(3), online=online))
+        totals = p.phase_totals("gpu")
+        states = sum(i.gpu for i in p.items if i.phases == plan.PHASES)
+        gathered = p.item("teacher gathered layers").gpu
+        backward = sum(p.item(k).gpu for k in ("teacher lm_head copy", "student gradient buckets",
+                                              "student activations", "loss buffers"))
+        assert totals["teacher forward"] == states + gathered
+        assert totals["student backward"] == states + backward
+        assert totals["online backward"] == states + gathered  # a ZeRO-3 teacher: no gradient buckets
+        assert p.gpu_total == max(totals.values()) < sum(i.gpu for i in p.items)

@@ -206,7 +206,8 @@ def assert_same_runs(a: Path, b: Path, rtol: float) -> None:
     for x, y in zip(comparable(ra["history"]), comparable(rb["history"]), strict=True):
         assert x.keys() == y.keys()
         for key in x:
-            assert x[key] == pytest.approx(y[key], rel=rtol, abs=1e-8), (key, x[key], y[key])  # abs: a drift KL near 0
+            # abs: a KL near 0 (the drift) moves by about sqrt(KL) x the logits' float32 noise (1e-6) between two paths
+            assert x[key] == pytest.approx(y[key], rel=rtol, abs=5e-8), (key, x[key], y[key])
     for name in ("student/model.safetensors", "teacher_after.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         for key in wa:

@@ -48,7 +48,10 @@ def planned(args, method: str, overrides: list[str]):
             *(["train.bf16=true"] if args.bf16 else []), *args.overrides, *variant, *overrides]
     parser = plan.build_parser()
     parser.set_defaults(**plan.defaults_from_config(str(args.config), keys))
-    a = parser.parse_args(["--nodes", "1", "--gpus-per-node", str(args.nproc)])
+    from deepspeed.accelerator import get_accelerator
+
+    a = parser.parse_args(["--nodes", "1", "--gpus-per-node", str(args.nproc),
+                           "--accelerator", get_accelerator().device_name()])
     return plan.make_plan(plan.read_shape(a.teacher), plan.read_shape(a.student), plan.settings_from_args(a))
 
 

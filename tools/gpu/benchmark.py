@@ -219,17 +219,18 @@ def plan_row(pair: Pair, method: str, teacher: Path, student: Path, row: dict, t
     try:
         # heavy (torch): imported when the stage runs
         from okd_scale import plan
-        from okd_scale.config import offload_device, zero_stage
 
         if t_cfg == "auto" or "replica" in Path(t_cfg).name:
             spec = plan.EngineSpec(1)
         else:
             teacher_ds = json.loads(Path(t_cfg).read_text())
-            spec = plan.EngineSpec(zero_stage(teacher_ds), offload_device(teacher_ds, "offload_param"))
+            spec = plan.engine_spec(teacher_ds)
         accel = accelerator()
-        gpu_gib = accel.total_memory() / 2**30 if accel.device_name() != "cpu" else 1e6
-        settings = plan.Settings(seq_len=pair.seq, micro_batch=pair.batch, cluster=plan.Cluster(1, 1, gpu_gib, 1e6),
-                                 teacher=spec, student=plan.EngineSpec(2), online=method == "okd",
+        on_host = accel.device_name() == "cpu"
+        gpu_gib = 1e6 if on_host else accel.total_memory() / 2**30
+        settings = plan.Settings(seq_len=pair.seq, micro_batch=pair.batch,
+                                 cluster=plan.Cluster(1, 1, gpu_gib, 1e6, device_is_host=on_host),
+                                 teacher=spec, student=plan.student_engine(2, "none"), online=method == "okd",
                                  dtype="bf16" if bf16 else "fp32",
                                  flash_attention=accel.device_name() != "cpu")  # SDPA's fused kernels on a GPU
         p = plan.make_plan(plan.read_shape(teacher), plan.read_shape(student), settings)
