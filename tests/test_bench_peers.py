@@ -82,3 +82,30 @@ def test_summarise_repeats_gives_medians_ranges_and_paired_ratios():
     assert kd_row in text
     # okd / kd step time: 1.5, 1.0, 1.1 within the repeats; their median, not 2.0 / 2.0
     assert "okd_scale okd / kd step time = 1.10 (target <= 1.25): PASS" in text
+
+
+def test_cells_keep_each_run_and_a_second_invocation_runs_only_the_missing(tmp_path):
+    """--cells: a finished run's row is kept as repeat<k>/<run>.json; the same flags read it back instead of running
+    again; other flags are refused with the cell's path, not mixed in."""
+    import argparse
+
+    from tools.bench.peers import cached_run
+
+    args = argparse.Namespace(cells=str(tmp_path / "cells"), nproc=1, steps=10, warmup=2, batch_size=8,
+                              max_length=512, new_tokens=128, bf16=False, teacher_config="auto", overrides=[],
+                              teacher="/x/teacher", student="/x/student", data="/y/rows.jsonl")
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"method": "kd", "step_s": 1.5 * len(calls)}
+
+    assert cached_run(args, "kd", 0, run) == {"method": "kd", "step_s": 1.5}
+    cell = json.loads((tmp_path / "cells" / "repeat1" / "kd.json").read_text())
+    assert cell["settings"]["max_length"] == 512 and cell["row"]["step_s"] == 1.5 and cell["date"]
+    assert cached_run(args, "kd", 0, run) == {"method": "kd", "step_s": 1.5} and len(calls) == 1
+    assert cached_run(args, "kd", 1, run) == {"method": "kd", "step_s": 3.0} and len(calls) == 2  # repeat 2: runs
+    args.max_length = 128
+    with pytest.raises(SystemExit, match=r"repeat1/kd\.json was measured with .*'max_length': 512"):
+        cached_run(args, "kd", 0, run)
+    assert len(calls) == 2

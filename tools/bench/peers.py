@@ -47,6 +47,8 @@ tokens/s over that of the TRL run the row pairs with (kd, okd: lmbda=0; sgo: lmb
 `--repeat N` runs the five N times, one after another (so that a slow spell of a shared machine falls on every
 row alike), each repeat in DIR/repeat<k>/; each cell is then the median over the repeats with its range
 (min-max), a ratio taken within each repeat first, and the peak memory per rank is the largest of the repeats.
+`--cells DIR` keeps each run's row in DIR/repeat<k>/<run>.json (with the flags, the commit and the date) as soon
+as it finishes, so that a long comparison spans sessions: run again with the same flags, only the missing runs run.
 
 Targets: okd_scale kd >= 1.2x TRL GKD's tokens/s (lmbda=0); sgo >= 1.2x TRL GKD's tokens/s (lmbda=1);
 okd <= 1.25x kd's step time.
@@ -257,13 +259,47 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [""] + checks)
 
 
+SETTINGS = ("nproc", "steps", "warmup", "batch_size", "max_length", "new_tokens", "bf16", "teacher_config")
+
+
+def cell_settings(args) -> dict:
+    """What a cell's numbers depend on besides the code: the flags, the models' and rows' file names, the overrides."""
+    return {**{key: getattr(args, key) for key in SETTINGS}, "overrides": list(args.overrides),
+            **{key: Path(getattr(args, key)).name for key in ("teacher", "student", "data")}}
+
+
+def cached_run(args, name: str, k: int, run) -> dict:
+    """`run()`'s row, kept as the cell --cells/repeat<k+1>/<name>.json when --cells is given: a cell already there
+    (a previous, interrupted invocation's, with the same settings) is read instead of run again."""
+    if not args.cells:
+        return run()
+    path = Path(args.cells) / f"repeat{k + 1}" / f"{name}.json"
+    want = cell_settings(args)
+    if path.exists():
+        cell = json.loads(path.read_text())
+        if cell.get("settings") != want:
+            raise SystemExit(f"bench_peers: {path} was measured with {cell.get('settings')}, not {want}: "
+                             "remove it or give another --cells")
+        print(f"bench_peers: {path} kept", file=sys.stderr, flush=True)
+        return cell["row"]
+    row = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    cell = {"settings": want, "row": row, "commit": commit.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=2))
+    tmp.replace(path)
+    return row
+
+
 def run_all(args, cfg, out: Path, extra: list[str], precision: str, k: int) -> list[dict]:
     """Repeat k's five runs in `out`, in RUNS' order: their rows, each with its label and pair ratio."""
     results = []
     for name, label, pair in RUNS:
         print(f"bench_peers: {label}{f' (repeat {k + 1}/{args.repeat})' if args.repeat > 1 else ''} ...",
               file=sys.stderr, flush=True)
-        r = run_trl(name, args, cfg, out) if name in TRL_LMBDA else run_method(name, args, out, extra)
+        r = dict(cached_run(args, name, k, lambda: run_trl(name, args, cfg, out) if name in TRL_LMBDA
+                            else run_method(name, args, out, extra)))
         paired = next((x for x in results if x["method"] == pair), None)
         r.update(label=label, trainer="trl" if name in TRL_LMBDA else "okd_scale", precision=precision,
                  nproc=args.nproc, pairs_with=pair,
@@ -291,6 +327,8 @@ def main(argv=None) -> int:
                    help="okd_scale's deepspeed.teacher_config (default: okd_scale's, %(default)s)")
     p.add_argument("--out", help="run directory (default: a temporary one)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--cells", help="a directory that keeps each run's row (repeat<k>/<run>.json) as it finishes; "
+                   "an interrupted invocation given the same directory and flags runs only what is missing")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one process of a TRL run: its spec file
     p.add_argument("overrides", nargs="*", help="more key=value for okd_scale's runs")
     args = p.parse_args(argv)
