@@ -164,10 +164,10 @@ class EngineSpec:
 
     @property
     def grad_buckets(self) -> int:
-        """Elements of the engine's gradient reduction buckets."""
-        if self.bucket_numel is not None:
-            return self.bucket_numel
-        return REDUCE_BUCKET_SIZE if self.zero in (1, 2) else 0
+        """Elements of the engine's gradient reduction buckets (ZeRO-1/2 only)."""
+        if self.zero not in (1, 2):
+            return 0
+        return REDUCE_BUCKET_SIZE if self.bucket_numel is None else self.bucket_numel
 
 
 def engine_spec(ds_config: dict) -> EngineSpec:
@@ -492,7 +492,7 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
 def _buckets(model: str, engine: EngineSpec, trainable: int, dtype: str, cluster: Cluster,
              phases: tuple[str, ...]) -> list[Item]:
     """A ZeRO-1/2 engine's gradient buckets during its backward: [] when it has none."""
-    numel = engine.grad_buckets if engine.zero in (1, 2) else 0
+    numel = engine.grad_buckets
     if cluster.device_is_host:
         numel = min(numel, trainable)
     if not numel:

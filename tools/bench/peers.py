@@ -282,13 +282,13 @@ def cached_run(args, name: str, k: int, run) -> dict:
                              "remove it or give another --cells")
         print(f"bench_peers: {path} kept", file=sys.stderr, flush=True)
         return cell["row"]
+    from okd_scale.checkpoint import write_atomic
+    from tools.proof.cells import git_commit
+
     row = run()
     path.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    cell = {"settings": want, "row": row, "commit": commit.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cell, indent=2))
-    tmp.replace(path)
+    cell = {"settings": want, "row": row, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_atomic(path, json.dumps(cell, indent=2))
     return row
 
 

@@ -232,7 +232,7 @@ def plan_row(pair: Pair, method: str, teacher: Path, student: Path, row: dict, t
                                  cluster=plan.Cluster(1, 1, gpu_gib, 1e6, device_is_host=on_host),
                                  teacher=spec, student=plan.student_engine(2, "none"), online=method == "okd",
                                  dtype="bf16" if bf16 else "fp32",
-                                 flash_attention=accel.device_name() != "cpu")  # SDPA's fused kernels on a GPU
+                                 flash_attention=not on_host)  # SDPA's fused kernels on a GPU
         p = plan.make_plan(plan.read_shape(teacher), plan.read_shape(student), settings)
         planned = p.gpu_total / 2**30
         return {"plan_gib": planned, "plan_pct": 100.0 * planned / row["peak_gib"] if row.get("peak_gib") else None}
