@@ -43,3 +43,22 @@ def test_bench_methods_refuses_unknown_methods():
     proc = subprocess.run([sys.executable, "-m", "tools.bench.methods", "--methods", "okd,ppo"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--methods: unknown ['ppo']" in proc.stderr and "okd_head" in proc.stderr
+
+
+@pytest.mark.slow
+def test_each_run_is_fresh_where_an_earlier_one_finished(tmp_path, pair):
+    """A run directory that already holds a finished run (a benchmark invoked again on the same --out) is measured
+    anew, not resumed from its last checkpoint with the earlier run's step times."""
+    cmd = [sys.executable, "-m", "tools.bench.methods", "--teacher", str(pair / "teacher"),
+           "--student", str(pair / "student"), "--data", str(pair / "train.jsonl"), "--nproc", "1",
+           "--methods", "sft", "--steps", "2", "--warmup", "0", "--batch-size", "2", "--max-length", "48",
+           "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "bench.json"),
+           f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run = tmp_path / "runs" / "sft"
+        rows = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "time/step_s" in r] == [1, 2]
+        assert not (run / "from_the_first_run").exists()
+        (run / "from_the_first_run").write_text("")

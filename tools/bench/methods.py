@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def bench_rows(data: str, needed: int, out: Path, parser) -> str:
 
 
 def run_method(method: str, args, out: Path, extra: list[str] = ()) -> dict:
-    """One method's run in `out/method`, with `extra` overrides after args.overrides; its measured rows and metrics."""
+    """One method's fresh run in `out/method` (whatever is there is removed first: the trainer would resume it), with
+    `extra` overrides after args.overrides; its measured rows and metrics."""
+    shutil.rmtree(out / method, ignore_errors=True)
     variant = earlier_okd().get(method, [])
     overrides = [f"method={'okd' if variant else method}", f"model.teacher={args.teacher}",
                  f"model.student={args.student}", f"data.train_file={args.data}", "data.eval_file=null",
