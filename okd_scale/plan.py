@@ -57,17 +57,23 @@ Working sets:
     and their gradients, 2*s*b*(V_teacher + V_student)*dtype bytes (every token a response token: an
     upper bound).
     Loss: LOSS_CHUNK_BUFFERS = 6 float32 [chunk, V] buffers (chunk = min(--chunk-size, s*b); the two
-    models' logits, their log-softmaxes, the elementwise term and its gradient), plus on the
-    hidden-state path the float32 V*h gradient accumulator of the student's lm_head.
+    models' logits, their log-softmaxes, the elementwise term and its gradient), in a 16-bit compute dtype
+    LOSS_CHUNK_COPIES = 3 more [chunk, V] in that dtype (the two models' logits before the float32 cast and
+    the student's logit gradient after it), with an online module the teacher's logit gradient once in
+    float32 and once in the compute dtype; plus on the hidden-state path the float32 V*h gradient
+    accumulator of the student's lm_head.
     Gradient buckets of a ZeRO-1/2 engine with trainable parameters (contiguous_gradients, DeepSpeed's default):
     reduce_bucket_size elements, twice with overlap_comm, in the compute dtype (ZeRO-1: float32, the shipped
     grad_accum_dtype), allocated for its backward; on the CPU accelerator (--accelerator cpu) only the pages its
     gradients fill are resident: min(that, its trainable parameters).
 Phases: the items live at once are those of one phase of the step, and a total is the largest phase's sum:
     teacher forward   model states, swap buffers, teacher activations, the teacher's gathered layers;
-    student backward  model states, swap buffers, teacher activations, the student's forward, loss and backward
-                      (activations, gathered layers, logits, loss buffers, the teacher lm_head copy, the
-                      student's gradient buckets);
+    loss              model states, swap buffers, teacher activations, the student's activations and gathered
+                      layers, logits, loss buffers, the teacher lm_head copy (the loss's chunks, forward and
+                      backward, end before any parameter gradient reaches an engine);
+    student backward  model states, swap buffers, teacher activations, the student's activations, gathered
+                      layers, logits, the teacher lm_head copy and its gradient buckets (DeepSpeed allocates them
+                      at the first parameter gradient, after the loss's chunks are freed);
     online backward   model states, swap buffers, teacher activations, the teacher's gathered layers and
                       gradient buckets.
 Step-time floor, per optimizer step, T = s*b*grad_accum*N tokens (N_student, N_teacher, N_block:
@@ -106,7 +112,8 @@ GIB = 2 ** 30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 # bytes per trainable parameter: (gradient, optimizer states)
 TRAIN_BYTES = {"bf16": (2, 12), "fp32": (4, 8)}
-LOSS_CHUNK_BUFFERS = 6
+LOSS_CHUNK_BUFFERS = 6  # float32 [chunk, V]
+LOSS_CHUNK_COPIES = 3  # [chunk, V] in a 16-bit compute dtype
 QWEN2_QKV_BIAS = {"qwen2"}
 QK_NORM_TYPES = {"qwen3"}
 EXACT_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -220,7 +227,7 @@ class Settings:
     chunk_size: int = 1024
 
 
-PHASES = ("teacher forward", "student backward", "online backward")  # of one step, in order
+PHASES = ("teacher forward", "loss", "student backward", "online backward")  # of one step, in order
 
 
 @dataclass
@@ -431,7 +438,7 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
                  n_online: int) -> list[Item]:
     """Per-GPU and per-node CPU bytes of every item, teacher first, with the phases each is live in."""
     c, dt, db = cfg.cluster, cfg.dtype, DTYPE_BYTES[cfg.dtype]
-    forward, student_bwd, online_bwd = PHASES
+    forward, loss_ph, student_bwd, online_bwd = PHASES
     s, b = cfg.seq_len, cfg.micro_batch
     items = []
     t_states = model_states(teacher.params + n_online, n_online, dt, cfg.teacher, c)
@@ -463,8 +470,8 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
         items += _buckets("teacher", cfg.teacher, n_online, dt, c, (online_bwd,))
     hidden_path = cfg.student.zero < 3
     if cfg.teacher.zero == 3 and hidden_path:
-        items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db, key="teacher lm_head copy",
-                          phases=(student_bwd,)))
+        items.append(Item("teacher lm_head copy", gpu=teacher.vocab * teacher.hidden * db,
+                          key="teacher lm_head copy"))  # read once, kept for the run
     for kind, it in model_states(student.params, student.params, dt, cfg.student, c).items():
         items.append(Item(f"student {kind}", it.gpu, it.cpu_node))
     items += _buckets("student", cfg.student, student.params, dt, c, (student_bwd,))
@@ -472,20 +479,21 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
     items.append(Item(f"student activations{ckpt}",
                       gpu=activation_bytes(student, s, b, dt, kept_blocks=student.layers,
                                            checkpointing=cfg.activation_checkpointing, flash=cfg.flash_attention),
-                      key="student activations", phases=(student_bwd,)))
+                      key="student activations", phases=(loss_ph, student_bwd)))
     if cfg.student.zero == 3:
         items.append(Item("student ZeRO-3 gathered parameters (" + _gathered_bound(cfg.student) + ")",
                           gpu=gathered_params(student, cfg.student) * db, key="student gathered layers",
-                          phases=(student_bwd,)))
+                          phases=(loss_ph, student_bwd)))
         items.append(Item("logits at response positions + grads (ZeRO-3 student)",
                           gpu=2 * s * b * (teacher.vocab + student.vocab) * db, key="response logits",
-                          phases=(student_bwd,)))
-    vocab = max(teacher.vocab, student.vocab)
-    loss = LOSS_CHUNK_BUFFERS * min(cfg.chunk_size, s * b) * vocab * 4
+                          phases=(loss_ph, student_bwd)))
+    copy = db if db < 4 else 0  # a 16-bit compute dtype's [chunk, V] before and after the float32 cast
+    per_row = LOSS_CHUNK_BUFFERS * 4 + LOSS_CHUNK_COPIES * copy + (4 + copy if n_online else 0)
+    loss = min(cfg.chunk_size, s * b) * max(teacher.vocab, student.vocab) * per_row
     if hidden_path:
         loss += student.vocab * student.hidden * 4
     items.append(Item("loss buffers (logit chunks" + (" + fp32 lm_head grad)" if hidden_path else ")"), gpu=loss,
-                      key="loss buffers", phases=(student_bwd,)))
+                      key="loss buffers", phases=(loss_ph,)))
     return items
 
 

@@ -496,12 +496,14 @@ def test_a_run_configs_teacher_config_reaches_the_plan(tmp_path, pair):
     assert flags == next(p.engine for p in plan.PLACEMENTS if p.name == "zero3_offload_nvme")
 
 
-def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair):
+def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair, monkeypatch):
     """A ZeRO-1/2 engine's gradient buckets in the plan are the buffers its real optimizer allocates for a
-    backward (the shipped student_zero2.json: two of reduce_bucket_size with overlap_comm), and engine_spec reads
-    any zero_optimization as DeepSpeed's own config does (its defaults where a key is unset)."""
+    backward (the shipped student_zero2.json: two of reduce_bucket_size with overlap_comm), allocated after the
+    loss's last chunk (the plan's "loss" and "student backward" phases do not meet), and engine_spec reads any
+    zero_optimization as DeepSpeed's own config does (its defaults where a key is unset)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+    from okd_scale import divergences
     from okd_scale.configure import load_config
     from okd_scale.methods import StepContext, kd_step, loss_normaliser, targets
     from okd_scale.process import init_distributed
@@ -518,16 +520,23 @@ def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair):
     cfg = load_config(tiny.write_config(tmp_path / "cfg.yaml", pair, "kd"), ["train.per_device_train_batch_size=2"])
     init_distributed()
     tokenizer, loader, _, teacher, student = build(cfg, 0, 1)
-    optimizer, allocated = student.optimizer, []
-    setup = optimizer.setup_buckets
+    optimizer, allocated, events = student.optimizer, [], []
+    setup, chunk_pass = optimizer.setup_buckets, divergences._chunk_pass
 
     def record():  # the buffers setup_buckets allocates for a backward (it is called again for every gradient)
         fresh = not optimizer.ready_for_gradients
         setup()
         if fresh:
             allocated.append([b.numel() for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer])
+            events.append("buckets")
+
+    def chunks(*args, **kwargs):  # one pass over the loss's chunks, its [chunk, V] buffers freed on return
+        out = chunk_pass(*args, **kwargs)
+        events.append("loss chunks")
+        return out
 
     optimizer.setup_buckets = record
+    monkeypatch.setattr(divergences, "_chunk_pass", chunks)
     batch = next(iter(loader))
     ctx = StepContext(cfg=cfg, student=student, teacher=teacher,
                       num_tokens=loss_normaliser(float(targets(batch)[1].sum()), 1, 1), vocab_size=len(tokenizer),
@@ -537,6 +546,7 @@ def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair):
     spec = plan.student_engine(2, "none")
     assert spec == dataclasses.replace(plan.engine_spec(student_ds), offload="none")
     assert allocated == [[5 * 10 ** 8, 5 * 10 ** 8]] and spec.grad_buckets == sum(allocated[0])
+    assert "loss chunks" in events and events[-1] == "buckets" and events.count("buckets") == 1, events
     trainable = sum(p.numel() for p in student.module.parameters() if p.requires_grad)
     for host, numel in ((False, spec.grad_buckets), (True, trainable)):  # on the host: the pages its gradients fill
         settings = plan.Settings(dtype="fp32", student=spec, cluster=plan.Cluster(1, 1, device_is_host=host))
@@ -545,18 +555,20 @@ def test_gradient_buckets_are_what_deepspeed_allocates(tmp_path, pair):
 
 
 def test_totals_are_the_largest_phase():
-    """Items live in different phases of the step are not summed: a frozen teacher's gathered layers (its forward)
-    and the student's activations, loss buffers and gradient buckets (its backward) never meet, and the total is the
-    larger phase's sum; the online module's backward gathers the teacher's layers again, beside its activations."""
+    """Items live in different phases of the step are not summed: a frozen teacher's gathered layers (its forward),
+    the loss buffers (the loss's chunks) and the student's gradient buckets (its backward) never meet, the student's
+    activations are live in the last two, and the total is the largest phase's sum; the online module's backward
+    gathers the teacher's layers again, beside its activations."""
     teacher, student = plan.shape_from_count(int(7e9)), plan.shape_from_count(int(1e9))
     for online in (False, True):
         p = plan.make_plan(teacher, student, plan.Settings(teacher=plan.EngineSpec(3), online=online))
         totals = p.phase_totals("gpu")
         states = sum(i.gpu for i in p.items if i.phases == plan.PHASES)
         gathered = p.item("teacher gathered layers").gpu
-        backward = sum(p.item(k).gpu for k in ("teacher lm_head copy", "student gradient buckets",
-                                              "student activations", "loss buffers"))
+        activations = p.item("student activations").gpu
+        assert p.item("teacher lm_head copy").phases == plan.PHASES  # read once, kept for the run
         assert totals["teacher forward"] == states + gathered
-        assert totals["student backward"] == states + backward
+        assert totals["loss"] == states + activations + p.item("loss buffers").gpu
+        assert totals["student backward"] == states + activations + p.item("student gradient buckets").gpu
         assert totals["online backward"] == states + gathered  # a ZeRO-3 teacher: no gradient buckets
         assert p.gpu_total == max(totals.values()) < sum(i.gpu for i in p.items)

@@ -48,9 +48,9 @@ class Pair:
 SMOLLM2_135M = Shape(30, 576, 9, 3, 1536, tie=True)
 PAIRS = [
     Pair("1B-class", Shape(24, 2048, 16, 4, 5632), Shape(12, 2048, 16, 4, 5632), 32000, "kd,okd,sft",
-         batch=8, seq=1024, warmup=2, steps=4, est_s=45.0),
+         batch=8, seq=1024, warmup=2, steps=4, est_s=60.0),
     Pair("demo-size", SMOLLM2_135M, Shape(6, 576, 9, 3, 1536, tie=True), 49152, "okd,kd,sgo,sft,seqkd",
-         batch=8, seq=512, warmup=2, steps=4, est_s=25.0),
+         batch=8, seq=512, warmup=2, steps=4, est_s=40.0),
 ]
 DRY_PAIRS = [
     Pair("1B-class (dry: tiny)", Shape(4, 64, 4, 2, 128), Shape(2, 64, 4, 2, 128), 512, "okd",
