@@ -490,8 +490,7 @@ def memory_items(teacher: ModelShape, student: ModelShape, cfg: Settings, reache
     copy = db if db < 4 else 0  # a 16-bit compute dtype's [chunk, V] before and after the float32 cast
     per_row = LOSS_CHUNK_BUFFERS * 4 + LOSS_CHUNK_COPIES * copy + (4 + copy if n_online else 0)
     loss = min(cfg.chunk_size, s * b) * max(teacher.vocab, student.vocab) * per_row
-    if hidden_path:
-        loss += student.vocab * student.hidden * 4
+    loss += student.vocab * student.hidden * 4 if hidden_path else 0
     items.append(Item("loss buffers (logit chunks" + (" + fp32 lm_head grad)" if hidden_path else ")"), gpu=loss,
                       key="loss buffers", phases=(loss_ph,)))
     return items
