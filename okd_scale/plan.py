@@ -66,16 +66,14 @@ Working sets:
     reduce_bucket_size elements, twice with overlap_comm, in the compute dtype (ZeRO-1: float32, the shipped
     grad_accum_dtype), allocated for its backward; on the CPU accelerator (--accelerator cpu) only the pages its
     gradients fill are resident: min(that, its trainable parameters).
-Phases: the items live at once are those of one phase of the step, and a total is the largest phase's sum:
-    teacher forward   model states, swap buffers, teacher activations, the teacher's gathered layers;
-    loss              model states, swap buffers, teacher activations, the student's activations and gathered
-                      layers, logits, loss buffers, the teacher lm_head copy (the loss's chunks, forward and
-                      backward, end before any parameter gradient reaches an engine);
-    student backward  model states, swap buffers, teacher activations, the student's activations, gathered
-                      layers, logits, the teacher lm_head copy and its gradient buckets (DeepSpeed allocates them
-                      at the first parameter gradient, after the loss's chunks are freed);
-    online backward   model states, swap buffers, teacher activations, the teacher's gathered layers and
-                      gradient buckets.
+Phases: the items live at once are those of one phase of the step, and a total is the largest phase's sum; model
+states, swap buffers, teacher activations and the teacher lm_head copy (read once) are live in every phase, and:
+    teacher forward   the teacher's gathered layers;
+    loss              the student's activations and gathered layers, logits, loss buffers (the loss's chunks,
+                      forward and backward, end before any parameter gradient reaches an engine);
+    student backward  the student's activations, gathered layers, logits and gradient buckets (DeepSpeed
+                      allocates them at the first parameter gradient, after the loss's chunks are freed);
+    online backward   the teacher's gathered layers and gradient buckets.
 Step-time floor, per optimizer step, T = s*b*grad_accum*N tokens (N_student, N_teacher, N_block:
 parameter counts of the student, the teacher and one teacher block):
     FLOPs = 6*N_student*T (student forward + backward) + 2*N_teacher*T (teacher forward)

@@ -54,7 +54,7 @@ def test_each_run_is_fresh_where_an_earlier_one_finished(tmp_path, pair):
            "--methods", "sft", "--steps", "2", "--warmup", "0", "--batch-size", "2", "--max-length", "48",
            "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "bench.json"),
            f"deepspeed.student_overrides={TORCH_ADAM_JSON}"]
-    for attempt in range(2):
+    for _ in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         run = tmp_path / "runs" / "sft"
